@@ -1,0 +1,1 @@
+//! The feature graph: config, decode, graph, worker orchestration (threads and processes), replay.

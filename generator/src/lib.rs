@@ -1,0 +1,1 @@
+//! Realistic event generator with labelled fraud patterns, to Kafka or files.

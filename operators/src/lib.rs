@@ -1,0 +1,1 @@
+//! Reusable dataflow pieces with no knowledge of our events: the Kafka source with exact per-partition progress, sliding windows and windowed aggregates.

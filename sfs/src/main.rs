@@ -1,0 +1,41 @@
+//! `sfs`: the one binary of the streaming feature store. Each subcommand is a
+//! thin call into its crate.
+
+use clap::{Parser, Subcommand};
+
+/// Streaming feature store with online inference.
+#[derive(Debug, Parser)]
+#[command(name = "sfs", version, about)]
+struct Cli {
+    /// Log as JSON lines instead of human-readable text.
+    #[arg(long, global = true, env = "SFS_LOG_JSON")]
+    log_json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Print the build version and exit.
+    Version,
+}
+
+fn init_tracing(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("SFS_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    init_tracing(cli.log_json);
+    match cli.command {
+        Command::Version => println!("sfs {}", env!("CARGO_PKG_VERSION")),
+    }
+    Ok(())
+}

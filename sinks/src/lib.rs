@@ -1,0 +1,1 @@
+//! Sinks: the exactly-once Redis online store, the offline training-row sink, and Kafka (dead letters).
