@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# `make test`: installs and starts what the tests need, runs the format check,
+# clippy with warnings denied and every unit and integration test, and stops
+# what it started (also on failure or interrupt).
+SERVICE=test
+source "$(dirname "$0")/lib.sh"
+cd "$SFS_ROOT"
+
+started=()
+cleanup() {
+  local rc=$?
+  for svc in "${started[@]}"; do bash "infra/$svc.sh" stop || true; done
+  exit $rc
+}
+trap cleanup EXIT INT TERM
+
+step() { echo; echo "==> $*"; }
+
+step "installing services and the Python venv"
+bash infra/kafka.sh install
+bash infra/redis.sh install
+bash infra/python.sh install
+
+for svc in kafka redis; do
+  if ! bash "infra/$svc.sh" status >/dev/null 2>&1; then
+    started+=("$svc")
+    bash "infra/$svc.sh" start
+  fi
+done
+
+export ORT_DYLIB_PATH="${ORT_DYLIB_PATH:-$(bash infra/python.sh ort-path)}"
+export SFS_VENV_PYTHON="$SFS_ROOT/.venv/bin/python"
+
+step "cargo fmt --check"
+cargo fmt --all -- --check
+
+step "cargo clippy -D warnings"
+cargo clippy --workspace --all-targets -- -D warnings
+
+step "cargo test"
+start=$(date +%s)
+cargo test --workspace --no-fail-fast -- --test-threads="${SFS_TEST_THREADS:-2}"
+echo
+echo "test: all checks passed in $(( $(date +%s) - start )) s of tests"
