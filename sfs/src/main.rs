@@ -18,6 +18,12 @@ struct Cli {
 enum Command {
     /// Print the build version and exit.
     Version,
+    /// Generate transactions, clicks and delayed fraud labels to Kafka or files.
+    Generate(generator::GenerateArgs),
+    /// Serve fraud and propensity scores over HTTP from the online store.
+    Serve(server::ServeArgs),
+    /// Run the streaming feature job: Kafka -> sliding-window features -> Redis.
+    Stream(dataflow::cli::StreamArgs),
 }
 
 fn init_tracing(json: bool) {
@@ -36,6 +42,9 @@ fn main() -> anyhow::Result<()> {
     init_tracing(cli.log_json);
     match cli.command {
         Command::Version => println!("sfs {}", env!("CARGO_PKG_VERSION")),
+        Command::Generate(args) => generator::run(args)?,
+        Command::Serve(args) => server::run(args)?,
+        Command::Stream(args) => dataflow::cli::run(args)?,
     }
     Ok(())
 }

@@ -1,0 +1,333 @@
+//! Open-loop load generator for `sfs serve` (bench/serve). Each connection is a
+//! thread with a fixed schedule: request i of the run is due at t0 + i/rate,
+//! spread round-robin over the connections. Latency is measured from the due
+//! time, not the send time, so a stalled server is charged for the requests it
+//! delayed (no coordinated omission). Prints one JSON line per rate and a
+//! summary line with the machine, commit and configuration.
+//!
+//! usage: serve-loadgen [--addr 127.0.0.1:8080] [--rates 1000,5000,10000]
+//!        [--duration-secs 10] [--connections 64] [--find-max]
+//!        [--seed-redis redis://127.0.0.1:6379 --key-prefix bench: --entities 10000]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+use schemas::features::{Entity, FeatureRow, Value};
+
+struct Args {
+    addr: SocketAddr,
+    rates: Vec<u64>,
+    duration: Duration,
+    connections: usize,
+    find_max: bool,
+    max_p99_ms: f64,
+    seed_redis: Option<String>,
+    key_prefix: String,
+    entities: usize,
+}
+
+fn parse_args() -> Args {
+    let mut a = Args {
+        addr: "127.0.0.1:8080".parse().expect("literal address"),
+        rates: vec![1000, 5000, 10000],
+        duration: Duration::from_secs(10),
+        connections: 64,
+        find_max: false,
+        max_p99_ms: 10.0,
+        seed_redis: None,
+        key_prefix: "bench:".into(),
+        entities: 10_000,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let mut val = || it.next().unwrap_or_else(|| panic!("{flag} needs a value"));
+        match flag.as_str() {
+            "--addr" => a.addr = val().parse().expect("--addr host:port"),
+            "--rates" => {
+                a.rates = val()
+                    .split(',')
+                    .map(|r| r.trim().parse().expect("--rates n,n"))
+                    .collect()
+            }
+            "--duration-secs" => {
+                a.duration = Duration::from_secs_f64(val().parse().expect("--duration-secs"))
+            }
+            "--connections" => a.connections = val().parse().expect("--connections"),
+            "--find-max" => a.find_max = true,
+            "--max-p99-ms" => a.max_p99_ms = val().parse().expect("--max-p99-ms"),
+            "--seed-redis" => a.seed_redis = Some(val()),
+            "--key-prefix" => a.key_prefix = val(),
+            "--entities" => a.entities = val().parse().expect("--entities"),
+            other => panic!("unknown flag {other}"),
+        }
+    }
+    a
+}
+
+/// Writes `n` card and user rows with the shared encoding.
+fn seed(url: &str, prefix: &str, n: usize) -> redis::RedisResult<()> {
+    let mut conn = redis::Client::open(url)?.get_connection()?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64);
+    for chunk in (0..n).collect::<Vec<_>>().chunks(1000) {
+        let mut pipe = redis::pipe();
+        for &i in chunk {
+            let mean = 1000.0 + (i % 97) as f64 * 100.0;
+            let card = FeatureRow {
+                entity: Entity::Card,
+                id: format!("card-{i}"),
+                as_of_ms: now,
+                values: Entity::Card
+                    .features()
+                    .iter()
+                    .map(|f| match f.name {
+                        "amount_mean_24h" => Value::Float(mean),
+                        "amount_std_24h" => Value::Float(mean / 3.0),
+                        "last_txn_time" => Value::Int(now - (i as i64 % 3600) * 1000),
+                        _ => Value::Int((i % 7) as i64 + 1),
+                    })
+                    .collect(),
+            };
+            let user = FeatureRow {
+                entity: Entity::User,
+                id: format!("user-{i}"),
+                as_of_ms: now,
+                values: Entity::User
+                    .features()
+                    .iter()
+                    .map(|_| Value::Int((i % 11) as i64))
+                    .collect(),
+            };
+            for row in [card, user] {
+                let fields: Vec<(&str, String)> = row.encode_fields();
+                pipe.hset_multiple(row.entity.key(prefix, &row.id), &fields)
+                    .ignore();
+            }
+        }
+        pipe.query::<()>(&mut conn)?;
+    }
+    Ok(())
+}
+
+fn request_bytes(i: usize, entities: usize) -> Vec<u8> {
+    let e = (i * 7919) % entities.max(1);
+    let body = format!(
+        r#"{{"card_id":"card-{e}","user_id":"user-{e}","amount_minor":{},"country":"DE","channel":"pos"}}"#,
+        500 + (i * 37) % 20_000
+    );
+    format!(
+        "POST /score/fraud HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
+
+/// Reads one response; returns its status.
+fn read_response(reader: &mut BufReader<TcpStream>, line: &mut String) -> std::io::Result<u16> {
+    line.clear();
+    reader.read_line(line)?;
+    let status = line.get(9..12).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let mut len = 0usize;
+    loop {
+        line.clear();
+        if reader.read_line(line)? == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        if line == "\r\n" {
+            break;
+        }
+        if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+            len = v.trim().parse().unwrap_or(0);
+        }
+    }
+    let mut body = vec![0u8; len];
+    reader.read_exact(&mut body)?;
+    Ok(status)
+}
+
+struct Outcome {
+    latencies_ns: Vec<u64>,
+    errors: u64,
+    late_sends: u64,
+}
+
+fn run_rate(args: &Args, rate: u64) -> serde_json::Value {
+    let total = (rate as f64 * args.duration.as_secs_f64()) as usize;
+    let conns = args.connections.max(1);
+    let interval = Duration::from_secs_f64(1.0 / rate as f64);
+    let t0 = Instant::now() + Duration::from_millis(200);
+    let threads: Vec<_> = (0..conns)
+        .map(|c| {
+            let (addr, entities) = (args.addr, args.entities);
+            std::thread::spawn(move || {
+                let stream = TcpStream::connect(addr).expect("connecting to the server");
+                stream.set_nodelay(true).expect("nodelay");
+                let mut writer = stream.try_clone().expect("cloning the socket");
+                let mut reader = BufReader::new(stream);
+                let mut line = String::new();
+                let requests: Vec<Vec<u8>> = (0..64)
+                    .map(|k| request_bytes(k * conns + c, entities))
+                    .collect();
+                let mut out = Outcome {
+                    latencies_ns: Vec::with_capacity(total / conns + 1),
+                    errors: 0,
+                    late_sends: 0,
+                };
+                let mut i = c;
+                while i < total {
+                    let due = t0 + interval * i as u32;
+                    let now = Instant::now();
+                    if due > now {
+                        std::thread::sleep(due - now);
+                    } else if now - due > Duration::from_millis(1) {
+                        out.late_sends += 1;
+                    }
+                    let ok = writer
+                        .write_all(&requests[(i / conns) % requests.len()])
+                        .and_then(|()| read_response(&mut reader, &mut line));
+                    let latency = Instant::now().saturating_duration_since(due);
+                    match ok {
+                        Ok(200) => out.latencies_ns.push(latency.as_nanos() as u64),
+                        Ok(_) => out.errors += 1,
+                        Err(_) => {
+                            out.errors += 1;
+                            break;
+                        }
+                    }
+                    i += conns;
+                }
+                out
+            })
+        })
+        .collect();
+    let mut lat = Vec::with_capacity(total);
+    let (mut errors, mut late) = (0, 0);
+    for t in threads {
+        let o = t.join().expect("load thread");
+        lat.extend(o.latencies_ns);
+        errors += o.errors;
+        late += o.late_sends;
+    }
+    let elapsed = t0.elapsed().as_secs_f64();
+    lat.sort_unstable();
+    let pct = |p: f64| {
+        if lat.is_empty() {
+            f64::NAN
+        } else {
+            lat[((lat.len() as f64 * p).ceil() as usize).clamp(1, lat.len()) - 1] as f64 / 1e6
+        }
+    };
+    let achieved = lat.len() as f64 / elapsed;
+    serde_json::json!({
+        "offered_rps": rate,
+        "achieved_rps": (achieved * 10.0).round() / 10.0,
+        "requests": total,
+        "ok": lat.len(),
+        "errors": errors,
+        "sends_over_1ms_late": late,
+        "p50_ms": pct(0.50),
+        "p90_ms": pct(0.90),
+        "p99_ms": pct(0.99),
+        "p999_ms": pct(0.999),
+        "max_ms": pct(1.0),
+    })
+}
+
+fn machine() -> serde_json::Value {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo").ok().and_then(|s| {
+        s.lines()
+            .find(|l| l.starts_with("model name"))
+            .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned())
+    });
+    serde_json::json!({
+        "cores": std::thread::available_parallelism().map_or(0, |n| n.get()),
+        "cpu": cpu,
+        "os": std::env::consts::OS,
+    })
+}
+
+fn commit() -> Option<String> {
+    let out = std::process::Command::new("git")
+        .args(["rev-parse", "--short", "HEAD"])
+        .output()
+        .ok()?;
+    Some(String::from_utf8_lossy(&out.stdout).trim().to_owned()).filter(|s| !s.is_empty())
+}
+
+fn main() {
+    let args = parse_args();
+    if let Some(url) = &args.seed_redis {
+        seed(url, &args.key_prefix, args.entities).expect("seeding Redis");
+        eprintln!(
+            "seeded {} cards and users under {}",
+            args.entities, args.key_prefix
+        );
+    }
+    let config = serde_json::json!({
+        "addr": args.addr.to_string(),
+        "duration_secs": args.duration.as_secs_f64(),
+        "connections": args.connections,
+        "entities": args.entities,
+        "route": "/score/fraud",
+    });
+    let header = serde_json::json!({"bench": "serve", "machine": machine(), "commit": commit(), "config": config});
+    let mut results = Vec::new();
+    for &rate in &args.rates {
+        let r = run_rate(&args, rate);
+        println!(
+            "{}",
+            serde_json::json!({"bench": "serve", "kind": "rate", "result": r})
+        );
+        results.push(r);
+    }
+    let mut max_sustainable = None;
+    if args.find_max {
+        // Double, then bisect, the offered rate while the server keeps up:
+        // >= 98% of the offered rate answered and p99 under --max-p99-ms.
+        let keeps_up = |r: &serde_json::Value| {
+            r["errors"] == 0
+                && r["achieved_rps"].as_f64().unwrap_or(0.0)
+                    >= 0.98 * r["offered_rps"].as_f64().unwrap_or(1.0)
+                && r["p99_ms"].as_f64().is_some_and(|p| p <= args.max_p99_ms)
+        };
+        let (mut lo, mut hi) = (0u64, 0u64);
+        let mut rate = args.rates.iter().copied().max().unwrap_or(1000);
+        for _ in 0..10 {
+            let r = run_rate(&args, rate);
+            println!(
+                "{}",
+                serde_json::json!({"bench": "serve", "kind": "search", "result": r})
+            );
+            if keeps_up(&r) {
+                lo = rate;
+                if hi == 0 {
+                    rate *= 2;
+                } else {
+                    rate = (lo + hi) / 2;
+                }
+            } else {
+                hi = rate;
+                rate = (lo + hi) / 2;
+            }
+            if hi > 0 && hi - lo <= hi / 10 {
+                break;
+            }
+        }
+        max_sustainable = Some(lo);
+    }
+    println!(
+        "{}",
+        serde_json::json!({
+            "bench": "serve",
+            "kind": "summary",
+            "machine": header["machine"],
+            "commit": header["commit"],
+            "config": header["config"],
+            "results": results,
+            "max_sustainable_rps": max_sustainable,
+            "max_sustainable_rule": format!(">= 98% answered, no errors, p99 <= {} ms", args.max_p99_ms),
+        })
+    );
+}

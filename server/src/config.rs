@@ -1,0 +1,159 @@
+//! Server configuration: a typed TOML file, with command-line overrides.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// Everything `sfs serve` can be told. Defaults run locally.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServeConfig {
+    /// Address of the scoring API.
+    pub listen: SocketAddr,
+    /// Optional separate address for `/metrics` (it is always on `listen` too).
+    pub metrics_listen: Option<SocketAddr>,
+    /// Redis URL of the online store.
+    pub redis_url: String,
+    /// Prefix of every Redis key (`{prefix}card:{id}`).
+    pub key_prefix: String,
+    /// Deadline of one Redis round trip, after which the request fails with 503.
+    pub redis_deadline_ms: u64,
+    /// Timeout of one attempt to (re)connect to Redis.
+    pub redis_connect_timeout_ms: u64,
+    /// Consecutive Redis failures that open the circuit breaker.
+    pub breaker_failure_threshold: u32,
+    /// How long the breaker stays open before it lets one probe request through.
+    pub breaker_cooldown_ms: u64,
+    /// Model registry folder: `{models_dir}/{name}/{version}/model.onnx + metadata.json`.
+    pub models_dir: PathBuf,
+    /// How often the registry is polled for a newer version.
+    pub model_poll_ms: u64,
+    /// libonnxruntime to load; when unset, `ORT_DYLIB_PATH`, then `.venv`.
+    pub ort_dylib_path: Option<PathBuf>,
+    /// ONNX Runtime sessions per model (requests run on whichever is free).
+    pub model_sessions: usize,
+    /// Largest accepted request body.
+    pub max_body_bytes: usize,
+    /// Log one `score computed` line every this many scored requests (0: never).
+    pub log_sample_every: u64,
+    /// How long SIGTERM waits for in-flight requests before it exits anyway.
+    pub drain_timeout_ms: u64,
+    /// Tokio worker threads (0: one per core).
+    pub worker_threads: usize,
+}
+
+impl Default for ServeConfig {
+    fn default() -> Self {
+        ServeConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            metrics_listen: None,
+            redis_url: "redis://127.0.0.1:6379".into(),
+            key_prefix: schemas::features::DEFAULT_KEY_PREFIX.into(),
+            redis_deadline_ms: 25,
+            redis_connect_timeout_ms: 100,
+            breaker_failure_threshold: 5,
+            breaker_cooldown_ms: 500,
+            models_dir: PathBuf::from("models"),
+            model_poll_ms: 1000,
+            ort_dylib_path: None,
+            model_sessions: 2,
+            max_body_bytes: 16 * 1024,
+            log_sample_every: 1000,
+            drain_timeout_ms: 10_000,
+            worker_threads: 0,
+        }
+    }
+}
+
+impl ServeConfig {
+    /// Reads a TOML file; missing fields keep their defaults.
+    pub fn from_file(path: &Path) -> anyhow::Result<ServeConfig> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| anyhow::anyhow!("reading config {}: {e}", path.display()))?;
+        toml::from_str(&text).map_err(|e| anyhow::anyhow!("parsing config {}: {e}", path.display()))
+    }
+}
+
+/// `sfs serve`: the scoring server.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ServeArgs {
+    /// TOML config file (see server/serve.example.toml).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Address to listen on, overriding the config.
+    #[arg(long)]
+    pub listen: Option<SocketAddr>,
+    /// Separate address for /metrics, overriding the config.
+    #[arg(long)]
+    pub metrics_listen: Option<SocketAddr>,
+    /// Redis URL, overriding the config.
+    #[arg(long, env = "REDIS_URL")]
+    pub redis_url: Option<String>,
+    /// Redis key prefix, overriding the config.
+    #[arg(long)]
+    pub key_prefix: Option<String>,
+    /// Model registry folder, overriding the config.
+    #[arg(long)]
+    pub models_dir: Option<PathBuf>,
+    /// libonnxruntime path, overriding the config (else ORT_DYLIB_PATH).
+    #[arg(long)]
+    pub ort_dylib_path: Option<PathBuf>,
+}
+
+impl ServeArgs {
+    /// The config file (or defaults) with the flags applied.
+    pub fn resolve(&self) -> anyhow::Result<ServeConfig> {
+        let ServeArgs {
+            config,
+            listen,
+            metrics_listen,
+            redis_url,
+            key_prefix,
+            models_dir,
+            ort_dylib_path,
+        } = self.clone();
+        let mut cfg = match config {
+            Some(path) => ServeConfig::from_file(&path)?,
+            None => ServeConfig::default(),
+        };
+        if let Some(v) = listen {
+            cfg.listen = v;
+        }
+        if metrics_listen.is_some() {
+            cfg.metrics_listen = metrics_listen;
+        }
+        if let Some(v) = redis_url {
+            cfg.redis_url = v;
+        }
+        if let Some(v) = key_prefix {
+            cfg.key_prefix = v;
+        }
+        if let Some(v) = models_dir {
+            cfg.models_dir = v;
+        }
+        if ort_dylib_path.is_some() {
+            cfg.ort_dylib_path = ort_dylib_path;
+        }
+        Ok(cfg)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_shipped_example_config_parses() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("serve.example.toml");
+        let cfg = ServeConfig::from_file(&path).unwrap();
+        assert_eq!(cfg.key_prefix, "sfs:");
+        assert_eq!(cfg.listen.port(), 8080);
+    }
+
+    #[test]
+    fn unknown_fields_are_rejected() {
+        let err = toml::from_str::<ServeConfig>("listen_port = 1").unwrap_err();
+        assert!(err.to_string().contains("listen_port"), "{err}");
+    }
+}

@@ -1,0 +1,224 @@
+//! The server's Prometheus metrics, registered once; every label set is bounded.
+
+use std::time::Duration;
+
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, linear_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+use crate::breaker::BreakerState;
+
+/// The routes, as a bounded label.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum Route {
+    score_fraud,
+    score_propensity,
+    features,
+    health,
+    ready,
+    metrics,
+    models,
+    other,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub route: Route,
+    pub status: u16,
+}
+
+/// How a Redis call ended.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum RedisOutcome {
+    ok,
+    error,
+    timeout,
+    /// Not sent: the circuit breaker is open.
+    rejected,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RedisLabels {
+    pub outcome: RedisOutcome,
+}
+
+/// Which model (name) and kind (onnx or rules) scored.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ModelLabels {
+    pub model: &'static str,
+    pub kind: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EntityLabels {
+    pub entity: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReloadLabels {
+    pub model: &'static str,
+    pub outcome: &'static str,
+}
+
+type Hist<L> = Family<L, Histogram, fn() -> Histogram>;
+
+fn latency_histogram() -> Histogram {
+    // 50 µs .. ~1.6 s.
+    Histogram::new(exponential_buckets(0.00005, 2.0, 16))
+}
+
+fn score_histogram() -> Histogram {
+    Histogram::new(linear_buckets(0.05, 0.05, 20))
+}
+
+/// All metrics of the server.
+pub struct Metrics {
+    pub registry: Registry,
+    requests: Hist<RequestLabels>,
+    redis: Hist<RedisLabels>,
+    model: Hist<ModelLabels>,
+    scores: Hist<ModelLabels>,
+    cold_starts: Family<EntityLabels, Counter>,
+    breaker_state: Gauge,
+    breaker_transitions: Counter,
+    reloads: Family<ReloadLabels, Counter>,
+    model_version: Family<ModelLabels, Gauge>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("sfs_serve");
+        let requests: Hist<RequestLabels> = Family::new_with_constructor(latency_histogram);
+        let redis: Hist<RedisLabels> = Family::new_with_constructor(latency_histogram);
+        let model: Hist<ModelLabels> = Family::new_with_constructor(latency_histogram);
+        let scores: Hist<ModelLabels> = Family::new_with_constructor(score_histogram);
+        let cold_starts = Family::<EntityLabels, Counter>::default();
+        let breaker_state = Gauge::default();
+        let breaker_transitions = Counter::default();
+        let reloads = Family::<ReloadLabels, Counter>::default();
+        let model_version = Family::<ModelLabels, Gauge>::default();
+        registry.register(
+            "request_duration_seconds",
+            "HTTP request latency by route and status",
+            requests.clone(),
+        );
+        registry.register(
+            "redis_duration_seconds",
+            "Redis round-trip latency by outcome",
+            redis.clone(),
+        );
+        registry.register(
+            "model_duration_seconds",
+            "Model inference latency",
+            model.clone(),
+        );
+        registry.register(
+            "score",
+            "Distribution of the scores returned",
+            scores.clone(),
+        );
+        registry.register(
+            "cold_starts",
+            "Requests scored with cold-start defaults, by entity",
+            cold_starts.clone(),
+        );
+        registry.register(
+            "breaker_state",
+            "Redis circuit breaker: 0 closed, 1 half-open, 2 open",
+            breaker_state.clone(),
+        );
+        registry.register(
+            "breaker_transitions",
+            "Changes of the breaker state",
+            breaker_transitions.clone(),
+        );
+        registry.register(
+            "model_reloads",
+            "Model loads from the registry by outcome",
+            reloads.clone(),
+        );
+        registry.register(
+            "model_version",
+            "Version of the active model (0: rule-based fallback)",
+            model_version.clone(),
+        );
+        Metrics {
+            registry,
+            requests,
+            redis,
+            model,
+            scores,
+            cold_starts,
+            breaker_state,
+            breaker_transitions,
+            reloads,
+            model_version,
+        }
+    }
+
+    pub fn request(&self, route: Route, status: u16, elapsed: Duration) {
+        self.requests
+            .get_or_create(&RequestLabels { route, status })
+            .observe(elapsed.as_secs_f64());
+    }
+
+    pub fn redis(&self, outcome: RedisOutcome, elapsed: Duration) {
+        self.redis
+            .get_or_create(&RedisLabels { outcome })
+            .observe(elapsed.as_secs_f64());
+    }
+
+    pub fn scored(&self, model: &'static str, kind: &'static str, score: f32, elapsed: Duration) {
+        let labels = ModelLabels { model, kind };
+        self.model
+            .get_or_create(&labels)
+            .observe(elapsed.as_secs_f64());
+        self.scores.get_or_create(&labels).observe(f64::from(score));
+    }
+
+    pub fn cold_start(&self, entity: &'static str) {
+        self.cold_starts
+            .get_or_create(&EntityLabels { entity })
+            .inc();
+    }
+
+    pub fn breaker(&self, state: BreakerState) {
+        self.breaker_state.set(state as i64);
+        self.breaker_transitions.inc();
+    }
+
+    pub fn reload(&self, model: &'static str, outcome: &'static str) {
+        self.reloads
+            .get_or_create(&ReloadLabels { model, outcome })
+            .inc();
+    }
+
+    pub fn active_model(&self, model: &'static str, kind: &'static str, version: u32) {
+        for k in ["onnx", "rules"] {
+            let gauge = self
+                .model_version
+                .get_or_create(&ModelLabels { model, kind: k });
+            gauge.set(if k == kind { i64::from(version) } else { -1 });
+        }
+    }
+
+    /// The text exposition format.
+    pub fn encode(&self) -> String {
+        let mut out = String::with_capacity(16 * 1024);
+        // Writing into a String cannot fail.
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("encoding into a String");
+        out
+    }
+}

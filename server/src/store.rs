@@ -1,0 +1,163 @@
+//! The online store client: card and user rows in one pipelined round trip,
+//! under a deadline and behind the circuit breaker.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use schemas::features::{Entity, FeatureRow};
+
+use crate::breaker::{Admit, Breaker, BreakerState};
+use crate::error::ApiError;
+use crate::features::USUAL_COUNTRY_FIELD;
+use crate::metrics::{Metrics, RedisOutcome};
+
+/// A decoded card row with its extra `usual_country` field.
+#[derive(Debug, Clone, Default)]
+pub struct Rows {
+    pub card: Option<FeatureRow>,
+    pub usual_country: Option<String>,
+    pub user: Option<FeatureRow>,
+}
+
+/// Reads feature rows from Redis.
+pub struct FeatureStore {
+    conn: ConnectionManager,
+    prefix: String,
+    deadline: Duration,
+    breaker: Breaker,
+}
+
+type Hash = HashMap<String, String>;
+
+impl FeatureStore {
+    /// Creates the client without connecting: the first request connects, so
+    /// the server starts (not ready) while Redis is down.
+    pub fn new(
+        url: &str,
+        prefix: &str,
+        deadline: Duration,
+        connect_timeout: Duration,
+        breaker: Breaker,
+    ) -> Result<FeatureStore, redis::RedisError> {
+        let client = redis::Client::open(url)?;
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(connect_timeout))
+            .set_response_timeout(Some(deadline))
+            .set_number_of_retries(1)
+            .set_min_delay(Duration::from_millis(5))
+            .set_max_delay(Duration::from_millis(50));
+        let conn = ConnectionManager::new_lazy_with_config(client, config)?;
+        Ok(FeatureStore {
+            conn,
+            prefix: prefix.to_owned(),
+            deadline,
+            breaker,
+        })
+    }
+
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    pub fn breaker_state(&self) -> BreakerState {
+        self.breaker.state()
+    }
+
+    /// Runs one Redis call under the breaker and the deadline.
+    async fn call<T, F>(&self, metrics: &Metrics, f: F) -> Result<T, ApiError>
+    where
+        F: std::future::Future<Output = redis::RedisResult<T>>,
+    {
+        if self.breaker.admit() == Admit::No {
+            metrics.redis(RedisOutcome::rejected, Duration::ZERO);
+            return Err(ApiError::StoreUnavailable);
+        }
+        let start = Instant::now();
+        let outcome = tokio::time::timeout(self.deadline, f).await;
+        let elapsed = start.elapsed();
+        let (result, label) = match outcome {
+            Ok(Ok(v)) => (Ok(v), RedisOutcome::ok),
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "redis call failed");
+                (Err(ApiError::StoreUnavailable), RedisOutcome::error)
+            }
+            Err(_) => (Err(ApiError::StoreUnavailable), RedisOutcome::timeout),
+        };
+        metrics.redis(label, elapsed);
+        let changed = if result.is_ok() {
+            self.breaker.success()
+        } else {
+            self.breaker.failure()
+        };
+        if let Some(state) = changed {
+            tracing::warn!(state = ?state, "redis circuit breaker changed state");
+            metrics.breaker(state);
+        }
+        result
+    }
+
+    /// The card row and, if `user_id` is given, the user row, in one round trip.
+    pub async fn rows(
+        &self,
+        metrics: &Metrics,
+        card_id: Option<&str>,
+        user_id: Option<&str>,
+    ) -> Result<Rows, ApiError> {
+        let mut pipe = redis::pipe();
+        if let Some(id) = card_id {
+            pipe.hgetall(Entity::Card.key(&self.prefix, id));
+        }
+        if let Some(id) = user_id {
+            pipe.hgetall(Entity::User.key(&self.prefix, id));
+        }
+        if card_id.is_none() && user_id.is_none() {
+            return Ok(Rows::default());
+        }
+        let mut conn = self.conn.clone();
+        let hashes: Vec<Hash> = self.call(metrics, pipe.query_async(&mut conn)).await?;
+        let mut hashes = hashes.into_iter();
+        let mut rows = Rows::default();
+        if let Some(id) = card_id {
+            let hash = hashes.next().unwrap_or_default();
+            rows.usual_country = hash.get(USUAL_COUNTRY_FIELD).cloned();
+            rows.card = decode(Entity::Card, id, &hash)?;
+        }
+        if let Some(id) = user_id {
+            rows.user = decode(Entity::User, id, &hashes.next().unwrap_or_default())?;
+        }
+        Ok(rows)
+    }
+
+    /// One row, for `GET /features/{entity}/{id}`.
+    pub async fn row(
+        &self,
+        metrics: &Metrics,
+        entity: Entity,
+        id: &str,
+    ) -> Result<Option<FeatureRow>, ApiError> {
+        let mut conn = self.conn.clone();
+        let key = entity.key(&self.prefix, id);
+        let hash: Hash = self
+            .call(metrics, async move {
+                redis::cmd("HGETALL").arg(key).query_async(&mut conn).await
+            })
+            .await?;
+        decode(entity, id, &hash)
+    }
+
+    /// Whether Redis answers a PING within the deadline (and the breaker lets it).
+    pub async fn ping(&self, metrics: &Metrics) -> bool {
+        let mut conn = self.conn.clone();
+        let pong: Result<String, _> = self
+            .call(metrics, async move {
+                redis::cmd("PING").query_async(&mut conn).await
+            })
+            .await;
+        pong.is_ok()
+    }
+}
+
+fn decode(entity: Entity, id: &str, hash: &Hash) -> Result<Option<FeatureRow>, ApiError> {
+    FeatureRow::decode(entity, id, hash).map_err(|e| ApiError::BadRow(e.to_string()))
+}

@@ -1,0 +1,276 @@
+//! `sfs stream` end to end against real Kafka and Redis: the generator's
+//! events through the job equal the oracle over the same events read back
+//! from Kafka; SIGKILLs at random moments change nothing; poison messages
+//! land in the dead-letter topic while valid traffic flows.
+
+mod stream_support;
+
+use std::collections::BTreeMap;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use dataflow::metrics::Metrics;
+use dataflow::GraphConfig;
+use rdkafka::message::Message;
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+use rdkafka::ClientConfig;
+use schemas::codec::Encoder;
+use schemas::{Channel, Txn};
+use stream_support::*;
+
+#[test]
+fn generated_events_through_kafka_and_the_job_equal_the_oracle() {
+    let topics = Topics::new("oracle");
+    generate(&topics, 4000, 7);
+    let prefix = format!("{}:", unique("oracle"));
+    let config = stream_config(&topics, &prefix, 2);
+    let summary = dataflow::worker::run(config, Metrics::new()).expect("the bounded job runs");
+    let frontier = summary
+        .progress
+        .expect("worker 0 recorded progress")
+        .frontier_ms;
+
+    let mut conn = redis();
+    assert_eq!(progress_frontier(&mut conn, &prefix), Some(frontier));
+    let (txns, clicks) = read_events(&topics);
+    assert!(
+        txns.len() > 300 && clicks.len() > 1000,
+        "{} txns, {} clicks",
+        txns.len(),
+        clicks.len()
+    );
+    let oracle = dataflow::oracle::rows_as_of(&txns, &clicks, &GraphConfig::default(), frontier);
+    assert!(oracle.len() > 50, "the oracle has rows");
+    assert_rows_match_oracle(&redis_rows(&mut conn, &prefix), &oracle, frontier);
+}
+
+fn txn(i: u64, base_ms: i64) -> Txn {
+    Txn {
+        event_id: format!("e{i}"),
+        card_id: format!("c{}", i % 17),
+        user_id: format!("u{}", i % 11),
+        merchant_id: format!("m{}", i % 5),
+        mcc: 5411,
+        amount_minor: 100 + (i as i64 * 37) % 5000,
+        currency: "EUR".into(),
+        country: if i % 3 == 0 { "DE".into() } else { "FR".into() },
+        channel: Channel::Ecom,
+        event_time: base_ms + i as i64 * 900,
+        device_id: None,
+        ip_country: None,
+    }
+}
+
+#[test]
+fn poison_messages_land_in_the_dead_letter_topic_while_valid_traffic_flows() {
+    let topics = Topics::new("poison");
+    let codec_topics = schemas::codec::Topics {
+        txn: topics.txn.clone(),
+        click: topics.click.clone(),
+        label: topics.label.clone(),
+    };
+    generator::output::ensure_topics(&brokers(), &codec_topics, 2, 1).unwrap();
+    let producer: BaseProducer = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .create()
+        .unwrap();
+    let encoder = Encoder::default();
+    let base = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+        - 3_600_000;
+    let mut invalid = txn(999, base);
+    invalid.amount_minor = -5;
+    let poison: Vec<(&str, Vec<u8>)> = vec![
+        ("unknown_format", b"\xffnot an event at all".to_vec()),
+        (
+            "unknown_schema_id",
+            vec![0, 0x7f, 0xff, 0xff, 0x01, 2, 4, 6],
+        ),
+        ("invalid", serde_json::to_vec(&invalid).unwrap()),
+    ];
+    for i in 0..300u64 {
+        let mut payload = Vec::new();
+        encoder.encode_avro(&txn(i, base), 2, &mut payload).unwrap();
+        let key = format!("c{}", i % 17);
+        producer
+            .send(
+                BaseRecord::to(&topics.txn)
+                    .key(&key)
+                    .payload(&payload)
+                    .partition((i % 2) as i32),
+            )
+            .unwrap();
+        if i % 100 == 50 {
+            let (_, bytes) = &poison[(i / 100) as usize];
+            producer
+                .send(
+                    BaseRecord::to(&topics.txn)
+                        .key(&key)
+                        .payload(bytes)
+                        .partition((i % 2) as i32),
+                )
+                .unwrap();
+        }
+    }
+    producer.flush(Duration::from_secs(10)).unwrap();
+
+    let prefix = format!("{}:", unique("poison"));
+    let summary = dataflow::worker::run(stream_config(&topics, &prefix, 2), Metrics::new())
+        .expect("the job runs");
+    let frontier = summary.progress.unwrap().frontier_ms;
+
+    let letters = read_all(&schemas::event::dlq_topic(&topics.txn));
+    assert_eq!(letters.len(), 3, "one dead letter per poison message");
+    let mut seen = BTreeMap::new();
+    for letter in &letters {
+        let h = headers(letter);
+        assert_eq!(h["sfs.source.topic"], topics.txn);
+        let offset: i64 = h["sfs.source.offset"].parse().unwrap();
+        let partition: i32 = h["sfs.source.partition"].parse().unwrap();
+        assert!(offset >= 0 && (0..2).contains(&partition));
+        assert!(!h["sfs.error.message"].is_empty());
+        seen.insert(h["sfs.error"].clone(), letter.payload().unwrap().to_vec());
+    }
+    assert_eq!(seen.get("unknown_format"), Some(&poison[0].1));
+    assert_eq!(seen.get("unknown_schema_id"), Some(&poison[1].1));
+    let invalid_reason = seen
+        .iter()
+        .find(|(_, p)| **p == poison[2].1)
+        .map(|(r, _)| r.clone())
+        .expect("invalid txn dead-lettered");
+    assert!(invalid_reason.contains("amount"), "{invalid_reason}");
+
+    // Valid traffic flowed around the poison.
+    let (txns, clicks) = read_events(&topics);
+    assert_eq!(txns.len(), 300);
+    let oracle = dataflow::oracle::rows_as_of(&txns, &clicks, &GraphConfig::default(), frontier);
+    assert_rows_match_oracle(&redis_rows(&mut redis(), &prefix), &oracle, frontier);
+}
+
+fn spawn_job(topics: &Topics, prefix: &str) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_sfs"))
+        .args(["stream", "--until-end", "-w", "2", "--metrics-listen", ""])
+        .args([
+            "--txn-topic",
+            &topics.txn,
+            "--click-topic",
+            &topics.click,
+            "--key-prefix",
+            prefix,
+        ])
+        .args(["--group-id", &format!("{prefix}group")])
+        .env("KAFKA_BROKERS", brokers())
+        .env("REDIS_URL", redis_url())
+        .env("SFS_LOG", "warn")
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("the sfs binary starts")
+}
+
+/// Polls every row under `prefix` and records any `_as_of` that went backwards.
+fn watch(
+    prefix: String,
+    stop: Arc<AtomicBool>,
+    regressions: Arc<Mutex<Vec<String>>>,
+) -> std::thread::JoinHandle<usize> {
+    std::thread::spawn(move || {
+        let mut conn = redis();
+        let mut highest: BTreeMap<String, i64> = BTreeMap::new();
+        let mut polls = 0;
+        while !stop.load(Ordering::Relaxed) {
+            let keys: Vec<String> = redis::cmd("KEYS")
+                .arg(format!("{prefix}card:*"))
+                .query(&mut conn)
+                .unwrap();
+            let user_keys: Vec<String> = redis::cmd("KEYS")
+                .arg(format!("{prefix}user:*"))
+                .query(&mut conn)
+                .unwrap();
+            for key in keys.into_iter().chain(user_keys) {
+                let as_of: Option<i64> = redis::cmd("HGET")
+                    .arg(&key)
+                    .arg("_as_of")
+                    .query(&mut conn)
+                    .unwrap();
+                if let Some(as_of) = as_of {
+                    let seen = highest.entry(key.clone()).or_insert(as_of);
+                    if as_of < *seen {
+                        regressions
+                            .lock()
+                            .unwrap()
+                            .push(format!("{key}: {seen} -> {as_of}"));
+                    }
+                    *seen = (*seen).max(as_of);
+                }
+            }
+            polls += 1;
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        polls
+    })
+}
+
+#[test]
+fn sigkill_at_random_moments_changes_nothing_and_no_row_regresses() {
+    let topics = Topics::new("exactly-once");
+    generate(&topics, 8000, 11);
+
+    // The uninterrupted run.
+    let reference = format!("{}:", unique("reference"));
+    let status = spawn_job(&topics, &reference).wait().unwrap();
+    assert!(status.success(), "uninterrupted run failed: {status}");
+
+    // The run killed again and again.
+    let prefix = format!("{}:", unique("killed"));
+    let stop = Arc::new(AtomicBool::new(false));
+    let regressions = Arc::new(Mutex::new(Vec::new()));
+    let watcher = watch(prefix.clone(), Arc::clone(&stop), Arc::clone(&regressions));
+    let mut conn = redis();
+    let mut seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos() as u64;
+    let mut frontiers_at_kill = Vec::new();
+    for _ in 0..6 {
+        seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        let delay = 200 + (seed >> 33) % 1500;
+        let mut child = spawn_job(&topics, &prefix);
+        std::thread::sleep(Duration::from_millis(delay));
+        let _ = child.kill(); // SIGKILL
+        let _ = child.wait();
+        frontiers_at_kill.push((delay, progress_frontier(&mut conn, &prefix)));
+    }
+    let status = spawn_job(&topics, &prefix).wait().unwrap();
+    assert!(status.success(), "final run failed: {status}");
+    stop.store(true, Ordering::Relaxed);
+    let polls = watcher.join().unwrap();
+    eprintln!("kills (delay ms, durable frontier): {frontiers_at_kill:?}; watcher polls: {polls}");
+
+    assert!(
+        regressions.lock().unwrap().is_empty(),
+        "rows went backwards: {:?}",
+        regressions.lock().unwrap()
+    );
+    let frontier = progress_frontier(&mut conn, &reference).unwrap();
+    assert_eq!(progress_frontier(&mut conn, &prefix), Some(frontier));
+    let expected = redis_rows(&mut conn, &reference);
+    let actual = redis_rows(&mut conn, &prefix);
+    assert_eq!(
+        actual.keys().collect::<Vec<_>>(),
+        expected.keys().collect::<Vec<_>>()
+    );
+    for (key, row) in &expected {
+        assert_eq!(actual[key].values, row.values, "row {key:?}");
+        assert!(actual[key].as_of_ms as u64 <= frontier);
+    }
+    // Both equal the oracle.
+    let (txns, clicks) = read_events(&topics);
+    let oracle = dataflow::oracle::rows_as_of(&txns, &clicks, &GraphConfig::default(), frontier);
+    assert_rows_match_oracle(&actual, &oracle, frontier);
+}

@@ -1,0 +1,256 @@
+//! Shared helpers of the `sfs stream` end-to-end tests (real Kafka and Redis).
+#![allow(dead_code)]
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use clap::Parser;
+use dataflow::config::StreamConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Headers, Message};
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use schemas::codec::Decoder;
+use schemas::features::{Entity, FeatureRow, Value};
+use schemas::{Click, Txn};
+
+pub fn brokers() -> String {
+    std::env::var("KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into())
+}
+
+pub fn redis_url() -> String {
+    std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
+/// A name no other run uses.
+pub fn unique(name: &str) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    format!("test-{name}-{}-{nanos}", std::process::id())
+}
+
+/// The test's topics.
+#[derive(Debug, Clone)]
+pub struct Topics {
+    pub txn: String,
+    pub click: String,
+    pub label: String,
+}
+
+impl Topics {
+    pub fn new(name: &str) -> Topics {
+        let base = unique(name);
+        Topics {
+            txn: format!("{base}.txn"),
+            click: format!("{base}.click"),
+            label: format!("{base}.label"),
+        }
+    }
+}
+
+#[derive(Parser)]
+struct GenerateCli {
+    #[command(flatten)]
+    args: generator::GenerateArgs,
+}
+
+/// Runs the generator into the test's topics (4 partitions each).
+pub fn generate(topics: &Topics, events: u64, seed: u64) {
+    let events = events.to_string();
+    let seed = seed.to_string();
+    let brokers = brokers();
+    let argv = [
+        "generate",
+        "--out",
+        "kafka",
+        "--no-progress",
+        "--brokers",
+        &brokers,
+        "--txn-topic",
+        &topics.txn,
+        "--click-topic",
+        &topics.click,
+        "--label-topic",
+        &topics.label,
+        "--events",
+        &events,
+        "--seed",
+        &seed,
+        "--users",
+        "300",
+        "--merchants",
+        "100",
+        "--items",
+        "200",
+        "--sim-rate",
+        "3",
+        "--start-time",
+        "now-3h",
+        "--partitions",
+        "4",
+        "--summary-json",
+    ];
+    let cli = GenerateCli::parse_from(argv);
+    generator::run(cli.args).expect("the generator writes to kafka");
+}
+
+/// Every record of `topic`, from the start to the high watermarks now.
+pub fn read_all(topic: &str) -> Vec<rdkafka::message::OwnedMessage> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .set("group.id", unique("reader"))
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    let timeout = Duration::from_secs(10);
+    let metadata = consumer.fetch_metadata(Some(topic), timeout).unwrap();
+    let partitions = metadata.topics()[0].partitions().len() as i32;
+    let mut tpl = TopicPartitionList::new();
+    let mut remaining = 0;
+    let mut ends = HashMap::new();
+    for p in 0..partitions {
+        let (low, high) = consumer.fetch_watermarks(topic, p, timeout).unwrap();
+        tpl.add_partition_offset(topic, p, Offset::Offset(low))
+            .unwrap();
+        remaining += high - low;
+        ends.insert(p, high);
+    }
+    consumer.assign(&tpl).unwrap();
+    let mut out = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while remaining > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "reading {topic} timed out"
+        );
+        if let Some(message) = consumer.poll(Duration::from_millis(100)) {
+            let message = message.unwrap();
+            if message.offset() < ends[&message.partition()] {
+                remaining -= 1;
+                out.push(message.detach());
+            }
+        }
+    }
+    out
+}
+
+/// The valid events of the topics, decoded as the job decodes them.
+pub fn read_events(topics: &Topics) -> (Vec<Txn>, Vec<Click>) {
+    let mut decoder = Decoder::default();
+    let txns = read_all(&topics.txn)
+        .iter()
+        .filter_map(|m| {
+            decoder
+                .decode_txn(m.payload()?, m.timestamp().to_millis().unwrap_or(0))
+                .ok()
+        })
+        .collect();
+    let clicks = read_all(&topics.click)
+        .iter()
+        .filter_map(|m| {
+            decoder
+                .decode_click(m.payload()?, m.timestamp().to_millis().unwrap_or(0))
+                .ok()
+        })
+        .collect();
+    (txns, clicks)
+}
+
+/// Headers of a message as strings.
+pub fn headers(message: &rdkafka::message::OwnedMessage) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    if let Some(headers) = message.headers() {
+        for header in headers.iter() {
+            let value = header
+                .value
+                .map(|v| String::from_utf8_lossy(v).into_owned())
+                .unwrap_or_default();
+            out.insert(header.key.to_owned(), value);
+        }
+    }
+    out
+}
+
+/// A bounded job over the test's topics and key prefix.
+pub fn stream_config(topics: &Topics, prefix: &str, workers: usize) -> StreamConfig {
+    let mut config = StreamConfig::default();
+    config.kafka.brokers = brokers();
+    config.kafka.group_id = format!("{prefix}group");
+    config.kafka.txn_topic = topics.txn.clone();
+    config.kafka.click_topic = topics.click.clone();
+    config.redis.url = redis_url();
+    config.redis.key_prefix = prefix.to_owned();
+    config.metrics.listen = String::new();
+    config.cluster.workers = workers;
+    config.cluster.until_end = true;
+    config
+}
+
+pub fn redis() -> redis::Connection {
+    redis::Client::open(redis_url())
+        .unwrap()
+        .get_connection()
+        .unwrap()
+}
+
+/// Every feature row under `prefix`.
+pub fn redis_rows(
+    conn: &mut redis::Connection,
+    prefix: &str,
+) -> BTreeMap<(Entity, String), FeatureRow> {
+    let mut rows = BTreeMap::new();
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{prefix}*"))
+        .query(conn)
+        .unwrap();
+    for key in keys {
+        let Some(rest) = key.strip_prefix(prefix) else {
+            continue;
+        };
+        let Some((entity, id)) = rest.split_once(':') else {
+            continue;
+        };
+        let Some(entity) = Entity::parse(entity) else {
+            continue;
+        };
+        let fields: HashMap<String, String> = redis::cmd("HGETALL").arg(&key).query(conn).unwrap();
+        if let Some(row) = FeatureRow::decode(entity, id, &fields).unwrap() {
+            rows.insert((entity, id.to_owned()), row);
+        }
+    }
+    rows
+}
+
+/// The stored progress frontier.
+pub fn progress_frontier(conn: &mut redis::Connection, prefix: &str) -> Option<u64> {
+    redis::cmd("HGET")
+        .arg(format!("{prefix}_progress"))
+        .arg("frontier_ms")
+        .query(conn)
+        .unwrap()
+}
+
+/// Asserts the stored rows are the oracle's rows as of `frontier`.
+pub fn assert_rows_match_oracle(
+    stored: &BTreeMap<(Entity, String), FeatureRow>,
+    oracle: &BTreeMap<(Entity, String), Vec<Value>>,
+    frontier: u64,
+) {
+    let stored_keys: Vec<_> = stored.keys().collect();
+    let oracle_keys: Vec<_> = oracle.keys().collect();
+    assert_eq!(
+        stored_keys.len(),
+        oracle_keys.len(),
+        "row count differs from the oracle's"
+    );
+    assert_eq!(stored_keys, oracle_keys);
+    for (key, values) in oracle {
+        let row = &stored[key];
+        assert_eq!(&row.values, values, "row {key:?}");
+        assert!(
+            row.as_of_ms as u64 <= frontier,
+            "row {key:?} is ahead of the frontier"
+        );
+    }
+}
