@@ -91,11 +91,17 @@ pub struct FeatureSpec {
 }
 
 const fn int(name: &'static str) -> FeatureSpec {
-    FeatureSpec { name, kind: ValueKind::Int }
+    FeatureSpec {
+        name,
+        kind: ValueKind::Int,
+    }
 }
 
 const fn float(name: &'static str) -> FeatureSpec {
-    FeatureSpec { name, kind: ValueKind::Float }
+    FeatureSpec {
+        name,
+        kind: ValueKind::Float,
+    }
 }
 
 /// Card features, from `txn.events` keyed by `card_id`. Money in minor units.
@@ -160,9 +166,18 @@ pub enum RowError {
     #[error("row {key} lacks field {field}")]
     MissingField { key: String, field: &'static str },
     #[error("row {key} field {field} is not a valid {kind:?}: {value:?}")]
-    BadValue { key: String, field: &'static str, kind: ValueKind, value: String },
+    BadValue {
+        key: String,
+        field: &'static str,
+        kind: ValueKind,
+        value: String,
+    },
     #[error("row {key} has feature-set version {found}, expected {expected}")]
-    Version { key: String, found: String, expected: u32 },
+    Version {
+        key: String,
+        found: String,
+        expected: u32,
+    },
 }
 
 /// The features of one entity as of a frontier time.
@@ -239,7 +254,12 @@ impl FeatureRow {
             };
             values.push(value.ok_or_else(|| bad(spec.name, spec.kind, raw))?);
         }
-        Ok(Some(FeatureRow { entity, id: id.to_owned(), as_of_ms, values }))
+        Ok(Some(FeatureRow {
+            entity,
+            id: id.to_owned(),
+            as_of_ms,
+            values,
+        }))
     }
 }
 
@@ -258,11 +278,19 @@ mod tests {
                 ValueKind::Float => Value::Float(*f.next().unwrap_or(&0.0)),
             })
             .collect();
-        FeatureRow { entity, id: "c-1".into(), as_of_ms, values }
+        FeatureRow {
+            entity,
+            id: "c-1".into(),
+            as_of_ms,
+            values,
+        }
     }
 
     fn as_map(row: &FeatureRow) -> HashMap<String, String> {
-        row.encode_fields().into_iter().map(|(k, v)| (k.to_owned(), v)).collect()
+        row.encode_fields()
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v))
+            .collect()
     }
 
     proptest! {
@@ -282,7 +310,10 @@ mod tests {
 
     #[test]
     fn an_empty_hash_is_a_missing_row() {
-        assert_eq!(FeatureRow::decode(Entity::Card, "x", &HashMap::new()), Ok(None));
+        assert_eq!(
+            FeatureRow::decode(Entity::Card, "x", &HashMap::new()),
+            Ok(None)
+        );
     }
 
     #[test]
@@ -293,7 +324,13 @@ mod tests {
         assert!(err.to_string().contains("amount_std_24h"), "{err}");
         fields.remove("txn_count_1m");
         let err = FeatureRow::decode(Entity::Card, "x", &fields).unwrap_err();
-        assert_eq!(err, RowError::MissingField { key: "sfs:card:x".into(), field: "txn_count_1m" });
+        assert_eq!(
+            err,
+            RowError::MissingField {
+                key: "sfs:card:x".into(),
+                field: "txn_count_1m"
+            }
+        );
     }
 
     #[test]
