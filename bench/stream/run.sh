@@ -1,0 +1,109 @@
+#!/usr/bin/env bash
+# Kafka -> `sfs stream` -> Redis, two measurements, one JSON line each:
+#  1. throughput: EVENTS generated events (max rate, historical time) read by a
+#     bounded job (`--until-end`, WORKERS workers): events/s over the job's wall time;
+#  2. freshness: RATE events/s generated live (event time = now) for SECONDS into
+#     an unbounded job (tick FRESH_TICK_MS, no lateness); p50/p99 of the job's
+#     sfs_sink_feature_freshness_seconds histogram (Kafka append -> Redis visible).
+# usage: bench/stream/run.sh [throughput|freshness|all]
+# env: EVENTS (2000000), WORKERS (2), RATE (20000), SECONDS (30), FRESH_TICK_MS (10),
+#      KAFKA_BROKERS, REDIS_URL
+set -euo pipefail
+ROOT="$(cd "$(dirname "$0")/../.." && pwd)"
+cd "$ROOT"
+MODE="${1:-all}"
+EVENTS="${EVENTS:-2000000}"
+WORKERS="${WORKERS:-2}"
+RATE="${RATE:-20000}"
+SECONDS_LIVE="${SECONDS:-30}"
+FRESH_TICK_MS="${FRESH_TICK_MS:-10}"
+BROKERS="${KAFKA_BROKERS:-127.0.0.1:9092}"
+REDIS="${REDIS_URL:-redis://127.0.0.1:6379}"
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/sfs/target}"
+export KAFKA_BROKERS="$BROKERS" REDIS_URL="$REDIS" SFS_LOG="${SFS_LOG:-warn}"
+
+bash infra/kafka.sh start >&2
+bash infra/redis.sh start >&2
+cargo build --release -q -p sfs >&2
+SFS="$CARGO_TARGET_DIR/release/sfs"
+
+emit() { # name config-json results-json
+  python3 - "$1" "$2" "$3" <<'PY'
+import json, os, platform, subprocess, sys
+name, config, results = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3])
+model = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), platform.processor())
+commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+dirty = bool(subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True).stdout.strip())
+print(json.dumps({"bench": name, "machine": {"nproc": os.cpu_count(), "model": model},
+                  "commit": commit + ("-dirty" if dirty else ""), "config": config, "results": results}))
+PY
+}
+
+topics() { echo "--txn-topic $1.txn --click-topic $1.click"; }
+
+throughput() {
+  local run="bench-stream-$(date +%s)"
+  "$SFS" generate --rate max --events "$EVENTS" --seed 1 --start-time 2024-01-01T00:00:00Z --sim-rate 2000 \
+    --partitions 4 --brokers "$BROKERS" $(topics "$run") --label-topic "$run.label" --no-progress --summary-json >/dev/null
+  local start end
+  start=$(date +%s.%N)
+  "$SFS" stream --until-end -w "$WORKERS" --metrics-listen "" $(topics "$run") --key-prefix "$run:" --group-id "$run" >/dev/null
+  end=$(date +%s.%N)
+  local rows
+  rows=$(redis-cli -u "$REDIS" --scan --pattern "$run:*" | wc -l)
+  emit stream-throughput \
+    "{\"events\": $EVENTS, \"workers\": $WORKERS, \"partitions\": 4, \"tick_ms\": 1000, \"format\": \"avro\", \"mode\": \"until-end\"}" \
+    "$(python3 -c "import json;e=$EVENTS;s=$end-$start;print(json.dumps({'events_per_sec': round(e/s), 'elapsed_secs': round(s,2), 'rows_in_redis': $rows}))")"
+  redis-cli -u "$REDIS" --scan --pattern "$run:*" | xargs -r -n 1000 redis-cli -u "$REDIS" del >/dev/null
+}
+
+freshness() {
+  local run="bench-fresh-$(date +%s)" port=18088
+  # Create the topics (one event), then start the job, then the live load.
+  "$SFS" generate --events 1 --start-time now --partitions 4 --brokers "$BROKERS" $(topics "$run") \
+    --label-topic "$run.label" --no-progress --summary-json >/dev/null
+  "$SFS" stream -w "$WORKERS" --metrics-listen "127.0.0.1:$port" $(topics "$run") --key-prefix "$run:" \
+    --group-id "$run" --tick-ms "$FRESH_TICK_MS" --allowed-lateness-ms 0 --idle-timeout-ms 200 >/dev/null &
+  local job=$!
+  sleep 3
+  "$SFS" generate --rate "$RATE" --speedup 1 --start-time now --events $((RATE * SECONDS_LIVE)) --seed 2 \
+    --partitions 4 --brokers "$BROKERS" $(topics "$run") --label-topic "$run.label" --linger-ms 1 \
+    --no-progress --summary-json >/dev/null
+  sleep 2
+  local metrics
+  metrics=$(curl -s "http://127.0.0.1:$port/metrics")
+  kill "$job"; wait "$job" 2>/dev/null || true
+  local results
+  results=$(python3 - "$metrics" <<'PY'
+import json, sys
+buckets, count = [], 0
+for line in sys.argv[1].splitlines():
+    if line.startswith("sfs_sink_feature_freshness_seconds_bucket"):
+        le = line.split('le="')[1].split('"')[0]
+        buckets.append((float("inf") if le == "+Inf" else float(le), float(line.rsplit(" ", 1)[1])))
+    elif line.startswith("sfs_sink_feature_freshness_seconds_count"):
+        count = float(line.rsplit(" ", 1)[1])
+def quantile(q):
+    target, prev_le, prev_n = q * count, 0.0, 0.0
+    for le, n in buckets:
+        if n >= target:
+            if le == float("inf"):
+                return prev_le
+            return prev_le + (le - prev_le) * ((target - prev_n) / max(n - prev_n, 1e-9))
+        prev_le, prev_n = le, n
+    return float("nan")
+print(json.dumps({"records": int(count), "p50_ms": round(quantile(0.5) * 1000, 1), "p99_ms": round(quantile(0.99) * 1000, 1)}))
+PY
+)
+  emit stream-freshness \
+    "{\"rate\": $RATE, \"seconds\": $SECONDS_LIVE, \"workers\": $WORKERS, \"partitions\": 4, \"tick_ms\": $FRESH_TICK_MS, \"allowed_lateness_ms\": 0, \"linger_ms\": 1}" \
+    "$results"
+  redis-cli -u "$REDIS" --scan --pattern "$run:*" | xargs -r -n 1000 redis-cli -u "$REDIS" del >/dev/null
+}
+
+case "$MODE" in
+  throughput) throughput ;;
+  freshness) freshness ;;
+  all) throughput; freshness ;;
+  *) echo "usage: $0 [throughput|freshness|all]" >&2; exit 2 ;;
+esac

@@ -1,0 +1,161 @@
+//! `sfs stream`: flags and environment over the TOML config.
+
+use std::path::PathBuf;
+
+use crate::config::StreamConfig;
+use crate::metrics::Metrics;
+
+/// Run the streaming feature job: Kafka -> features -> Redis.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct StreamArgs {
+    /// TOML config file (see config/stream.example.toml); flags and env override it.
+    #[arg(long, short = 'c', env = "SFS_STREAM_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Worker threads per process.
+    #[arg(short = 'w', long = "workers", env = "SFS_WORKERS")]
+    pub workers: Option<usize>,
+    /// Processes in the timely cluster.
+    #[arg(short = 'n', long = "processes", env = "SFS_PROCESSES")]
+    pub processes: Option<usize>,
+    /// This process's index in the cluster.
+    #[arg(short = 'p', long = "process", env = "SFS_PROCESS")]
+    pub process: Option<usize>,
+    /// File of host:port lines, one per process.
+    #[arg(long, env = "SFS_HOSTFILE")]
+    pub hostfile: Option<String>,
+    /// Kafka bootstrap servers.
+    #[arg(long, env = "KAFKA_BROKERS")]
+    pub brokers: Option<String>,
+    /// Consumer group for committed offsets.
+    #[arg(long, env = "SFS_GROUP_ID")]
+    pub group_id: Option<String>,
+    /// Topic of card transactions.
+    #[arg(long, env = "SFS_TXN_TOPIC")]
+    pub txn_topic: Option<String>,
+    /// Topic of browsing events.
+    #[arg(long, env = "SFS_CLICK_TOPIC")]
+    pub click_topic: Option<String>,
+    /// Redis URL.
+    #[arg(long, env = "REDIS_URL")]
+    pub redis_url: Option<String>,
+    /// Prefix of every Redis key written.
+    #[arg(long, env = "SFS_KEY_PREFIX")]
+    pub key_prefix: Option<String>,
+    /// Dataflow tick (ms); must divide 60000.
+    #[arg(long, env = "SFS_TICK_MS")]
+    pub tick_ms: Option<u64>,
+    /// Allowed lateness (ms).
+    #[arg(long, env = "SFS_ALLOWED_LATENESS_MS")]
+    pub allowed_lateness_ms: Option<u64>,
+    /// Idle-partition timeout (ms, 0 = never).
+    #[arg(long, env = "SFS_IDLE_TIMEOUT_MS")]
+    pub idle_timeout_ms: Option<u64>,
+    /// Address of /metrics (empty disables).
+    #[arg(long, env = "SFS_METRICS_LISTEN")]
+    pub metrics_listen: Option<String>,
+    /// Read up to the high watermarks captured at start, then exit (replay, tests).
+    #[arg(long, env = "SFS_UNTIL_END")]
+    pub until_end: bool,
+}
+
+impl StreamArgs {
+    /// The config file (or defaults) with every given flag applied.
+    pub fn resolve(&self) -> anyhow::Result<StreamConfig> {
+        let mut config = match &self.config {
+            Some(path) => StreamConfig::load(path)?,
+            None => StreamConfig::default(),
+        };
+        let StreamArgs {
+            config: _,
+            workers,
+            processes,
+            process,
+            hostfile,
+            brokers,
+            group_id,
+            txn_topic,
+            click_topic,
+            redis_url,
+            key_prefix,
+            tick_ms,
+            allowed_lateness_ms,
+            idle_timeout_ms,
+            metrics_listen,
+            until_end,
+        } = self.clone();
+        fn set<T>(target: &mut T, value: Option<T>) {
+            if let Some(v) = value {
+                *target = v;
+            }
+        }
+        set(&mut config.cluster.workers, workers);
+        set(&mut config.cluster.processes, processes);
+        set(&mut config.cluster.process, process);
+        set(&mut config.cluster.hostfile, hostfile);
+        set(&mut config.kafka.brokers, brokers);
+        set(&mut config.kafka.group_id, group_id);
+        set(&mut config.kafka.txn_topic, txn_topic);
+        set(&mut config.kafka.click_topic, click_topic);
+        set(&mut config.redis.url, redis_url);
+        set(&mut config.redis.key_prefix, key_prefix);
+        set(&mut config.time.tick_ms, tick_ms);
+        set(&mut config.time.allowed_lateness_ms, allowed_lateness_ms);
+        set(&mut config.time.idle_timeout_ms, idle_timeout_ms);
+        set(&mut config.metrics.listen, metrics_listen);
+        config.cluster.until_end |= until_end;
+        config.validate()?;
+        Ok(config)
+    }
+}
+
+/// `sfs stream`.
+pub fn run(args: StreamArgs) -> anyhow::Result<()> {
+    let config = args.resolve()?;
+    let metrics = Metrics::new();
+    if !config.metrics.listen.is_empty() {
+        let addr = offset_port(&config.metrics.listen, config.cluster.process)?;
+        metrics.serve(&addr)?;
+    }
+    let summary = crate::worker::run(config, metrics)?;
+    if let Some(progress) = summary.progress {
+        tracing::info!(frontier_ms = progress.frontier_ms, "stream job finished");
+        println!(
+            "{}",
+            serde_json::json!({ "frontier_ms": progress.frontier_ms, "partitions": progress.partitions.len() })
+        );
+    }
+    Ok(())
+}
+
+/// `host:port` with the port moved up by `by` (one metrics port per process).
+fn offset_port(addr: &str, by: usize) -> anyhow::Result<String> {
+    if by == 0 {
+        return Ok(addr.to_owned());
+    }
+    let (host, port) = addr
+        .rsplit_once(':')
+        .ok_or_else(|| anyhow::anyhow!("metrics address {addr} has no port"))?;
+    let port: u16 = port.parse()?;
+    Ok(format!("{host}:{}", port as usize + by))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_override_the_file() {
+        let args = StreamArgs {
+            workers: Some(4),
+            key_prefix: Some("t:".into()),
+            until_end: true,
+            ..Default::default()
+        };
+        let config = args.resolve().unwrap();
+        assert_eq!(config.cluster.workers, 4);
+        assert_eq!(config.redis.key_prefix, "t:");
+        assert!(config.cluster.until_end);
+        assert_eq!(config.kafka.txn_topic, "txn.events");
+        assert_eq!(offset_port("127.0.0.1:8088", 2).unwrap(), "127.0.0.1:8090");
+    }
+}

@@ -1,0 +1,197 @@
+//! Kafka payloads to events, with the schemas codec (Confluent Avro or
+//! JSON, validated). Failures become data: a [`DecodeFailure`] that the
+//! dead-letter sink writes to `<topic>.dlq` with its reason.
+
+use std::fmt;
+use std::time::Duration;
+
+use operators::kafka::SourceRecord;
+use schemas::codec::{DecodeError, Decoder};
+use schemas::{Click, Txn};
+
+/// An event of one of the input topics.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    Txn(Txn),
+    Click(Click),
+}
+
+/// Why a record did not decode: a stable reason code and the message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DecodeFailure {
+    /// Short stable code (`unknown_schema_id`, `json_syntax`, `invalid_amount`, ...).
+    pub reason: &'static str,
+    /// Human-readable detail.
+    pub message: String,
+}
+
+impl fmt::Display for DecodeFailure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl sinks::kafka::Reason for DecodeFailure {
+    fn code(&self) -> &'static str {
+        self.reason
+    }
+}
+
+impl From<DecodeError> for DecodeFailure {
+    fn from(e: DecodeError) -> Self {
+        DecodeFailure {
+            reason: e.reason(),
+            message: e.to_string(),
+        }
+    }
+}
+
+/// Decodes the records of the transaction and click topics.
+#[derive(Debug, Clone)]
+pub struct EventDecoder {
+    decoder: Decoder,
+    txn_topic: String,
+    click_topic: String,
+}
+
+impl EventDecoder {
+    pub fn new(decoder: Decoder, txn_topic: String, click_topic: String) -> Self {
+        EventDecoder {
+            decoder,
+            txn_topic,
+            click_topic,
+        }
+    }
+
+    /// The event and its event time (ms), or why not. A schema registry that
+    /// is unreachable is an infrastructure fault, not bad data: the decoder
+    /// retries (stalling this worker) rather than dead-lettering.
+    pub fn decode(&mut self, record: &SourceRecord<'_>) -> Result<(Event, i64), DecodeFailure> {
+        let Some(payload) = record.payload else {
+            return Err(DecodeFailure {
+                reason: "empty",
+                message: "record has no payload".into(),
+            });
+        };
+        // Validation bounds future event times by the record's Kafka
+        // timestamp, so a replay decides the same (the wall clock without one).
+        let now_ms = record
+            .timestamp_ms
+            .filter(|ts| *ts > 0)
+            .unwrap_or_else(wall_ms);
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let result = if record.topic == self.txn_topic {
+                self.decoder.decode_txn(payload, now_ms).map(|t| {
+                    let time = t.event_time;
+                    (Event::Txn(t), time)
+                })
+            } else if record.topic == self.click_topic {
+                self.decoder.decode_click(payload, now_ms).map(|c| {
+                    let time = c.event_time;
+                    (Event::Click(c), time)
+                })
+            } else {
+                return Err(DecodeFailure {
+                    reason: "unknown_topic",
+                    message: format!("no decoder for topic {}", record.topic),
+                });
+            };
+            match result {
+                Err(e) if e.is_retryable() => {
+                    tracing::warn!(error = %e, topic = record.topic, "schema registry unavailable, retrying");
+                    std::thread::sleep(backoff);
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+                other => return other.map_err(DecodeFailure::from),
+            }
+        }
+    }
+}
+
+fn wall_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use schemas::codec::Encoder;
+    use schemas::Channel;
+
+    fn record<'a>(topic: &'a str, payload: &'a [u8]) -> SourceRecord<'a> {
+        SourceRecord {
+            topic,
+            partition: 0,
+            offset: 7,
+            key: None,
+            payload: Some(payload),
+            timestamp_ms: Some(1_700_000_000_000),
+        }
+    }
+
+    fn txn() -> Txn {
+        Txn {
+            event_id: "e1".into(),
+            card_id: "c1".into(),
+            user_id: "u1".into(),
+            merchant_id: "m1".into(),
+            mcc: 5411,
+            amount_minor: 1234,
+            currency: "EUR".into(),
+            country: "DE".into(),
+            channel: Channel::Pos,
+            event_time: 1_699_999_999_000,
+            device_id: None,
+            ip_country: None,
+        }
+    }
+
+    fn decoder() -> EventDecoder {
+        EventDecoder::new(Decoder::default(), "t".into(), "c".into())
+    }
+
+    #[test]
+    fn avro_and_json_transactions_decode_with_their_event_time() {
+        let mut bytes = Vec::new();
+        Encoder::default()
+            .encode_avro(&txn(), 2, &mut bytes)
+            .unwrap();
+        let (event, time) = decoder().decode(&record("t", &bytes)).unwrap();
+        assert_eq!(event, Event::Txn(txn()));
+        assert_eq!(time, 1_699_999_999_000);
+        let json = serde_json::to_vec(&txn()).unwrap();
+        assert_eq!(
+            decoder().decode(&record("t", &json)).unwrap().0,
+            Event::Txn(txn())
+        );
+    }
+
+    #[test]
+    fn poison_payloads_fail_with_their_reason() {
+        let mut d = decoder();
+        assert_eq!(
+            d.decode(&record("t", b"\xff\xfegarbage"))
+                .unwrap_err()
+                .reason,
+            "unknown_format"
+        );
+        assert_eq!(
+            d.decode(&record("t", &[0, 0, 0, 0x7f, 0x01, 2]))
+                .unwrap_err()
+                .reason,
+            "unknown_schema_id"
+        );
+        let mut bad = txn();
+        bad.amount_minor = -5;
+        let json = serde_json::to_vec(&bad).unwrap();
+        let failure = d.decode(&record("t", &json)).unwrap_err();
+        assert_ne!(failure.reason, "json_syntax", "{failure}");
+        assert_eq!(
+            d.decode(&record("other", b"{}")).unwrap_err().reason,
+            "unknown_topic"
+        );
+    }
+}

@@ -1,0 +1,172 @@
+//! One worker's streaming job: Kafka source -> decode -> feature graph ->
+//! Redis sink, dead letters -> Kafka, and the progress stage.
+
+use std::collections::BTreeMap;
+
+use operators::kafka::{
+    KafkaSource, KafkaSourceConfig, OffsetCommitter, SourceError, TopicPartition,
+};
+use schemas::codec::Decoder;
+use schemas::features::DAY_MS;
+use sinks::kafka::DeadLetterSink;
+use sinks::redis::{
+    progress_stage, AppendTimes, ProgressRecord, ProgressStage, RedisSink, RedisSinkConfig,
+    RowWrite,
+};
+use timely::dataflow::operators::vec::Map;
+use timely::dataflow::operators::{Concat, OkErr};
+use timely::dataflow::{Scope, StreamVec};
+
+use crate::config::StreamConfig;
+use crate::decode::{Event, EventDecoder};
+use crate::metrics::Metrics;
+use crate::{build_features, GraphConfig};
+
+/// What every worker of a process shares, prepared once before the workers start.
+#[derive(Debug, Clone)]
+pub struct Prepared {
+    pub config: StreamConfig,
+    /// The progress record to resume from (`None`: a fresh start).
+    pub progress: Option<ProgressRecord>,
+    pub decoder: Decoder,
+    pub metrics: Metrics,
+}
+
+impl Prepared {
+    /// The sink configuration.
+    pub fn sink_config(&self) -> RedisSinkConfig {
+        let c = &self.config;
+        RedisSinkConfig {
+            url: c.redis.url.clone(),
+            key_prefix: c.redis.key_prefix.clone(),
+            feature_set_version: schemas::features::FEATURE_SET_VERSION,
+            rows_per_call: c.sink.rows_per_call,
+            calls_per_round_trip: c.sink.calls_per_round_trip,
+            backoff_initial_ms: c.sink.backoff_initial_ms,
+            backoff_max_ms: c.sink.backoff_max_ms,
+            timeout_ms: c.redis.timeout_ms,
+        }
+    }
+
+    /// The source configuration, resuming from the progress record.
+    pub fn source_config(&self) -> KafkaSourceConfig {
+        let c = &self.config;
+        let topics = vec![c.kafka.txn_topic.clone(), c.kafka.click_topic.clone()];
+        let mut source =
+            KafkaSourceConfig::new(c.kafka.brokers.clone(), c.kafka.group_id.clone(), topics);
+        source.clock = operators::kafka::ClockConfig {
+            tick_ms: c.time.tick_ms,
+            allowed_lateness_ms: c.time.allowed_lateness_ms,
+            late_limit_ms: (c.time.late_limit_ms > 0).then_some(c.time.late_limit_ms),
+        };
+        // Rows at F aggregate events in [F - 24h, F): replay those, plus slack.
+        source.resume_horizon_ms = DAY_MS as u64 + c.time.tick_ms + c.time.resume_slack_ms;
+        source.idle_timeout_ms = (c.time.idle_timeout_ms > 0).then_some(c.time.idle_timeout_ms);
+        source.bounded = c.cluster.until_end;
+        source.max_records_per_activation = c.kafka.max_records_per_activation;
+        source.poll_interval_ms = c.kafka.poll_interval_ms;
+        source.metadata_timeout_ms = c.kafka.metadata_timeout_ms;
+        source.start_from = c.kafka.start_from;
+        source.consumer_properties = c.kafka.consumer.clone();
+        if let Some(progress) = &self.progress {
+            source.resume = progress.resume_points();
+        }
+        source
+    }
+
+    /// Dead letters of offsets before these were delivered by a previous run.
+    fn delivered_dead_letters(&self) -> BTreeMap<TopicPartition, i64> {
+        self.progress
+            .iter()
+            .flat_map(|p| &p.partitions)
+            .map(|p| {
+                (
+                    TopicPartition::new(p.topic.clone(), p.partition),
+                    p.durable_offset,
+                )
+            })
+            .collect()
+    }
+}
+
+/// Why a worker could not build its dataflow.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    #[error("dead-letter producer: {0}")]
+    Producer(#[from] rdkafka::error::KafkaError),
+}
+
+/// Builds this worker's part of the job in `scope`.
+pub fn build<'scope>(
+    scope: Scope<'scope, u64>,
+    prepared: &Prepared,
+) -> Result<ProgressStage, BuildError> {
+    let config = &prepared.config;
+    let mut decoder = EventDecoder::new(
+        prepared.decoder.clone(),
+        config.kafka.txn_topic.clone(),
+        config.kafka.click_topic.clone(),
+    );
+    let output = scope.kafka_source(
+        prepared.source_config(),
+        prepared.metrics.source.clone(),
+        move |record| decoder.decode(record),
+    )?;
+    let append_times = AppendTimes::default();
+    {
+        let append_times = append_times.clone();
+        output
+            .handle
+            .observe(move |time, append_ms| append_times.record(time, append_ms));
+    }
+
+    // Splitting by value moves each event once; boxing would allocate per record.
+    #[allow(clippy::result_large_err)]
+    let (txns, clicks): (
+        StreamVec<'scope, u64, schemas::Txn>,
+        StreamVec<'scope, u64, schemas::Click>,
+    ) = output.data.ok_err(|event| match event {
+        Event::Txn(t) => Ok(t),
+        Event::Click(c) => Err(c),
+    });
+    let graph = GraphConfig {
+        tick_ms: config.time.tick_ms,
+    };
+    let rows = build_features(txns, clicks, &graph)
+        .map(|u| RowWrite::new(u.entity, u.id, u.row.as_deref()));
+
+    let sink_config = prepared.sink_config();
+    let floor = prepared.progress.as_ref().map_or(0, |p| p.frontier_ms);
+    let row_acks = rows.redis_sink(
+        &sink_config,
+        floor,
+        output.handle.clone(),
+        prepared.metrics.sink.clone(),
+    );
+    let producer = sinks::kafka::producer(&config.kafka.brokers, &config.kafka.producer)?;
+    let dlq_acks = output.errors.dead_letter_sink(
+        producer,
+        prepared.delivered_dead_letters(),
+        prepared.metrics.dead_letters.clone(),
+    );
+    let committer = if scope.index() == 0 {
+        Some(OffsetCommitter::new(
+            &config.kafka.brokers,
+            &config.kafka.group_id,
+        )?)
+    } else {
+        None
+    };
+    Ok(progress_stage(
+        output.marks,
+        row_acks.concat(dlq_acks),
+        &sink_config,
+        prepared.progress.clone(),
+        output.handle,
+        append_times,
+        committer,
+        prepared.metrics.sink.clone(),
+    ))
+}

@@ -1,0 +1,136 @@
+//! Runs the streaming job on a timely cluster: threads (`-w`) and processes
+//! (`-n`, `-p`, `--hostfile`).
+
+use std::time::Duration;
+
+use sinks::redis::{connect, load_function, read_progress, ProgressRecord};
+use timely::{CommunicationConfig, WorkerConfig};
+
+use crate::config::StreamConfig;
+use crate::metrics::Metrics;
+use crate::stream::{build, Prepared};
+
+/// What a finished (bounded) run reports.
+#[derive(Debug, Clone, Default)]
+pub struct RunSummary {
+    /// The progress record worker 0 wrote last, if this process hosts it.
+    pub progress: Option<ProgressRecord>,
+}
+
+/// Loads the Redis function and reads the progress record to resume from.
+pub fn prepare(config: &StreamConfig, metrics: Metrics) -> anyhow::Result<Prepared> {
+    let probe = Prepared {
+        config: config.clone(),
+        progress: None,
+        decoder: Default::default(),
+        metrics,
+    };
+    let sink = probe.sink_config();
+    let mut conn = connect(&sink)?;
+    load_function(&mut conn)?;
+    let mut progress = read_progress(&mut conn, &sink)?;
+    if let Some(p) = &progress {
+        if p.feature_set_version != sink.feature_set_version {
+            tracing::warn!(
+                found = p.feature_set_version,
+                expected = sink.feature_set_version,
+                "progress record is of another feature-set version: starting over"
+            );
+            progress = None;
+        } else {
+            tracing::info!(
+                frontier_ms = p.frontier_ms,
+                partitions = p.partitions.len(),
+                "resuming from progress record"
+            );
+        }
+    }
+    let decoder = schemas::codec::Decoder::new(schemas::registry::from_env());
+    Ok(Prepared {
+        progress,
+        decoder,
+        ..probe
+    })
+}
+
+fn timely_config(config: &StreamConfig) -> anyhow::Result<timely::Config> {
+    let c = &config.cluster;
+    let threads = c.workers.max(1);
+    let processes = c.processes.max(1);
+    let communication = if processes > 1 {
+        let addresses = if c.hostfile.is_empty() {
+            (0..processes)
+                .map(|p| format!("localhost:{}", 2101 + p))
+                .collect()
+        } else {
+            let text = std::fs::read_to_string(&c.hostfile)
+                .map_err(|e| anyhow::anyhow!("cannot read hostfile {}: {e}", c.hostfile))?;
+            let addresses: Vec<String> = text
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .map(String::from)
+                .collect();
+            anyhow::ensure!(
+                addresses.len() >= processes,
+                "hostfile {} lists {} hosts for {processes} processes",
+                c.hostfile,
+                addresses.len()
+            );
+            addresses
+        };
+        CommunicationConfig::Cluster {
+            threads,
+            process: c.process,
+            addresses,
+            report: false,
+            zerocopy: false,
+        }
+    } else if threads > 1 {
+        CommunicationConfig::Process(threads)
+    } else {
+        CommunicationConfig::Thread
+    };
+    Ok(timely::Config {
+        communication,
+        worker: WorkerConfig::default(),
+    })
+}
+
+/// Runs the job until it ends (bounded) or forever.
+pub fn run(config: StreamConfig, metrics: Metrics) -> anyhow::Result<RunSummary> {
+    config.validate()?;
+    let prepared = prepare(&config, metrics)?;
+    let timely = timely_config(&config)?;
+    tracing::info!(
+        workers = config.cluster.workers.max(1),
+        processes = config.cluster.processes.max(1),
+        process = config.cluster.process,
+        until_end = config.cluster.until_end,
+        "starting stream job"
+    );
+    let guards = timely::execute(
+        timely,
+        move |worker| -> Result<Option<ProgressRecord>, String> {
+            let prepared = prepared.clone();
+            let stage = worker
+                .dataflow::<u64, _, _>(|scope| build(scope, &prepared))
+                .map_err(|e| e.to_string())?;
+            while worker.has_dataflows() {
+                worker.step_or_park(Some(Duration::from_millis(20)));
+            }
+            Ok(stage.durable())
+        },
+    )
+    .map_err(|e| anyhow::anyhow!("timely: {e}"))?;
+    let mut summary = RunSummary::default();
+    for result in guards.join() {
+        let progress = result
+            .map_err(|e| anyhow::anyhow!("worker panicked: {e}"))?
+            .map_err(|e| anyhow::anyhow!(e))?;
+        if progress.is_some() {
+            summary.progress = progress;
+        }
+    }
+    Ok(summary)
+}

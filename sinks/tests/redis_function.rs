@@ -1,0 +1,126 @@
+//! The `sfs_apply` Redis function against a real Redis: compare-and-set on
+//! `_as_of`, deletes with tombstones, a forward-only progress record.
+
+use std::collections::HashMap;
+
+use operators::kafka::ResumePoint;
+use schemas::{Entity, FeatureRow, Value};
+use sinks::redis::{
+    apply, connect, load_function, read_progress, PartitionProgress, ProgressRecord,
+    RedisSinkConfig, RowWrite,
+};
+
+fn config(test: &str) -> RedisSinkConfig {
+    let url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+    let nonce = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    let mut config = RedisSinkConfig::new(url);
+    config.key_prefix = format!("test:{test}:{nonce}:");
+    config.rows_per_call = 2;
+    config
+}
+
+fn user_row(n: i64) -> Vec<Value> {
+    Entity::User
+        .features()
+        .iter()
+        .map(|_| Value::Int(n))
+        .collect()
+}
+
+fn stored(conn: &mut redis::Connection, config: &RedisSinkConfig, id: &str) -> Option<FeatureRow> {
+    let key = Entity::User.key(&config.key_prefix, id);
+    let fields: HashMap<String, String> = redis::cmd("HGETALL").arg(&key).query(conn).unwrap();
+    FeatureRow::decode(Entity::User, id, &fields).unwrap()
+}
+
+fn progress(frontier_ms: u64, offset: i64) -> ProgressRecord {
+    ProgressRecord {
+        frontier_ms,
+        feature_set_version: schemas::features::FEATURE_SET_VERSION,
+        partitions: vec![PartitionProgress {
+            topic: "t".into(),
+            partition: 0,
+            resume: ResumePoint {
+                offset,
+                watermark_ms: frontier_ms,
+                max_event_ms: Some(frontier_ms as i64),
+            },
+            durable_offset: offset,
+        }],
+    }
+}
+
+#[test]
+fn rows_only_move_forward_and_deletes_cannot_be_undone_by_a_replay() -> anyhow::Result<()> {
+    let config = config("cas");
+    let mut conn = connect(&config)?;
+    load_function(&mut conn)?;
+    load_function(&mut conn)?; // idempotent
+
+    let rows: Vec<RowWrite> = (0..5)
+        .map(|i| RowWrite::new(Entity::User, format!("u{i}"), Some(&user_row(i))))
+        .collect();
+    let applied = apply(&mut conn, &config, 2000, &rows, None)?;
+    assert_eq!((applied.written, applied.skipped), (5, 0));
+    let row = stored(&mut conn, &config, "u3").unwrap();
+    assert_eq!((row.as_of_ms, row.values[0]), (2000, Value::Int(3)));
+
+    // An older or equal frontier is skipped; a newer one wins.
+    let older = vec![RowWrite::new(
+        Entity::User,
+        "u3".into(),
+        Some(&user_row(99)),
+    )];
+    assert_eq!(apply(&mut conn, &config, 1000, &older, None)?.skipped, 1);
+    assert_eq!(apply(&mut conn, &config, 2000, &older, None)?.skipped, 1);
+    assert_eq!(
+        stored(&mut conn, &config, "u3").unwrap().values[0],
+        Value::Int(3)
+    );
+    assert_eq!(apply(&mut conn, &config, 3000, &older, None)?.written, 1);
+    assert_eq!(
+        stored(&mut conn, &config, "u3").unwrap().values[0],
+        Value::Int(99)
+    );
+
+    // A delete at 4000 leaves no row, and a replayed write at 3500 cannot bring it back.
+    let delete = vec![RowWrite::new(Entity::User, "u3".into(), None)];
+    assert_eq!(apply(&mut conn, &config, 4000, &delete, None)?.deleted, 1);
+    assert_eq!(stored(&mut conn, &config, "u3"), None);
+    assert_eq!(apply(&mut conn, &config, 3500, &older, None)?.skipped, 1);
+    assert_eq!(stored(&mut conn, &config, "u3"), None);
+    assert_eq!(apply(&mut conn, &config, 4500, &older, None)?.written, 1);
+    assert_eq!(stored(&mut conn, &config, "u3").unwrap().as_of_ms, 4500);
+    Ok(())
+}
+
+#[test]
+fn the_progress_record_only_moves_forward_and_prunes_tombstones() -> anyhow::Result<()> {
+    let config = config("progress");
+    let mut conn = connect(&config)?;
+    load_function(&mut conn)?;
+    assert_eq!(read_progress(&mut conn, &config)?, None);
+
+    let delete = vec![RowWrite::new(Entity::User, "gone".into(), None)];
+    assert!(apply(&mut conn, &config, 5000, &delete, Some(&progress(5000, 10)))?.progressed);
+    assert_eq!(read_progress(&mut conn, &config)?, Some(progress(5000, 10)));
+    let tombstones: u64 = redis::cmd("ZCARD")
+        .arg(config.tombstone_key())
+        .query(&mut conn)?;
+    assert_eq!(
+        tombstones, 0,
+        "a tombstone at the durable frontier can never win again"
+    );
+
+    assert!(!apply(&mut conn, &config, 4000, &[], Some(&progress(4000, 5)))?.progressed);
+    assert_eq!(
+        read_progress(&mut conn, &config)?.unwrap().frontier_ms,
+        5000
+    );
+    assert!(apply(&mut conn, &config, 6000, &[], Some(&progress(6000, 12)))?.progressed);
+    assert_eq!(read_progress(&mut conn, &config)?, Some(progress(6000, 12)));
+    Ok(())
+}
