@@ -198,11 +198,13 @@ impl App {
             card,
             usual_country,
             user,
+            frontier_ms,
         } = rows;
         let ctx = Context {
             card,
             usual_country,
             user,
+            frontier_ms,
             txn: TxnContext {
                 amount_minor: r.amount_minor,
                 country: r.country,
@@ -233,6 +235,7 @@ impl App {
         let now = now_ms();
         let ctx = Context {
             user: rows.user,
+            frontier_ms: rows.frontier_ms,
             txn: TxnContext {
                 time_ms: now,
                 ..Default::default()
@@ -276,11 +279,13 @@ impl App {
         for entity in &cold {
             metrics.cold_start(entity);
         }
+        // A stored row is exact as of the job's durable frontier even when it
+        // has not changed (and so not been rewritten) since its own `_as_of`.
         let as_of = ctx
             .card
             .iter()
             .chain(ctx.user.iter())
-            .map(|r| r.as_of_ms)
+            .map(|r| r.as_of_ms.max(ctx.frontier_ms.unwrap_or(i64::MIN)))
             .min();
         let decision = model.decide(score);
         let latency = start.elapsed();

@@ -94,6 +94,8 @@ pub struct Context {
     pub card: Option<FeatureRow>,
     pub usual_country: Option<String>,
     pub user: Option<FeatureRow>,
+    /// The stream job's durable frontier, when it has recorded one.
+    pub frontier_ms: Option<i64>,
     pub txn: TxnContext,
 }
 

@@ -18,12 +18,17 @@ pub struct Rows {
     pub card: Option<FeatureRow>,
     pub usual_country: Option<String>,
     pub user: Option<FeatureRow>,
+    /// The stream job's durable frontier (`{prefix}_progress` `frontier_ms`):
+    /// every row stored is exact as of it, including rows unchanged since
+    /// their own `_as_of`. `None` before the job has recorded progress.
+    pub frontier_ms: Option<i64>,
 }
 
 /// Reads feature rows from Redis.
 pub struct FeatureStore {
     conn: ConnectionManager,
     prefix: String,
+    progress_key: String,
     deadline: Duration,
     breaker: Breaker,
 }
@@ -51,6 +56,7 @@ impl FeatureStore {
         Ok(FeatureStore {
             conn,
             prefix: prefix.to_owned(),
+            progress_key: format!("{prefix}_progress"),
             deadline,
             breaker,
         })
@@ -97,7 +103,8 @@ impl FeatureStore {
         result
     }
 
-    /// The card row and, if `user_id` is given, the user row, in one round trip.
+    /// The card row, the user row (each if its id is given) and the job's
+    /// durable frontier, in one round trip.
     pub async fn rows(
         &self,
         metrics: &Metrics,
@@ -114,10 +121,25 @@ impl FeatureStore {
         if card_id.is_none() && user_id.is_none() {
             return Ok(Rows::default());
         }
+        pipe.hget(&self.progress_key, "frontier_ms");
         let mut conn = self.conn.clone();
-        let hashes: Vec<Hash> = self.call(metrics, pipe.query_async(&mut conn)).await?;
+        let (hashes, frontier): (Vec<Hash>, Option<i64>) = self
+            .call(metrics, async move {
+                let mut replies: Vec<redis::Value> = pipe.query_async(&mut conn).await?;
+                let frontier: Option<Option<i64>> =
+                    replies.pop().map(redis::from_redis_value).transpose()?;
+                let hashes = replies
+                    .into_iter()
+                    .map(redis::from_redis_value)
+                    .collect::<Result<_, _>>()?;
+                Ok((hashes, frontier.flatten()))
+            })
+            .await?;
         let mut hashes = hashes.into_iter();
-        let mut rows = Rows::default();
+        let mut rows = Rows {
+            frontier_ms: frontier,
+            ..Rows::default()
+        };
         if let Some(id) = card_id {
             let hash = hashes.next().unwrap_or_default();
             rows.usual_country = hash.get(USUAL_COUNTRY_FIELD).cloned();

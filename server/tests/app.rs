@@ -11,6 +11,46 @@ fn shipped_models() -> std::path::PathBuf {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn as_of_is_the_stream_frontier_for_rows_unchanged_since() {
+    let cfg = config("frontier", &shipped_models());
+    let app = build(&cfg).unwrap();
+    let now = now_ms();
+    write_row(
+        &cfg.redis_url,
+        &cfg.key_prefix,
+        &card_row("c1", now - 60_000, now - 90_000),
+        &[],
+    )
+    .await;
+    write_row(
+        &cfg.redis_url,
+        &cfg.key_prefix,
+        &user_row("u1", now - 30_000, 1),
+        &[],
+    )
+    .await;
+    let body = r#"{"card_id":"c1","user_id":"u1","amount_minor":100}"#;
+
+    // No progress record yet: the rows' own as_of.
+    let (_, scored) = call(&app, "POST", "/score/fraud", body).await;
+    assert_eq!(scored["as_of_ms"], now - 60_000, "{scored}");
+
+    // The job recorded a newer durable frontier: both rows are exact as of it.
+    let mut conn = redis(&cfg.redis_url).await;
+    let progress = format!("{}_progress", cfg.key_prefix);
+    let _: () = redis::cmd("HSET")
+        .arg(&progress)
+        .arg("frontier_ms")
+        .arg(now - 2_000)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let (_, scored) = call(&app, "POST", "/score/fraud", body).await;
+    assert_eq!(scored["as_of_ms"], now - 2_000, "{scored}");
+    assert!(scored["feature_age_ms"].as_i64().unwrap() >= 2_000);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fraud_scores_known_and_cold_start_entities() {
     let cfg = config("fraud", &shipped_models());
     let app = build(&cfg).unwrap();
