@@ -197,6 +197,7 @@ mod tests {
             card: Some(card_row(2000.0, 500.0, 1_000_000)),
             usual_country: Some("DE".into()),
             user: None,
+            frontier_ms: None,
             txn: TxnContext {
                 amount_minor: 5000,
                 country: Some("FR".into()),
