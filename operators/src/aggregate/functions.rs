@@ -1,0 +1,364 @@
+//! Single-window incremental aggregates: count, sum, moments (mean and
+//! population std), min, max, distinct count, last event time.
+//!
+//! Money is integer: sums of `i64` are kept in `i128` (sums of squares too), so
+//! a retraction cancels its insertion exactly and no rounding ever drifts.
+
+use std::collections::{HashMap, VecDeque};
+use std::hash::Hash;
+
+use crate::window::{key_hash, FxBuildHasher};
+
+/// An aggregate over the multiset of values in one window.
+///
+/// `retract` is called only for values inserted earlier, and values are
+/// retracted in the order they were inserted (FIFO), as sliding windows do;
+/// [`Min`] and [`Max`] rely on it. After every value has been retracted the
+/// aggregate equals its `Default`.
+pub trait Aggregate<V: ?Sized>: Default {
+    /// What the aggregate reports.
+    type Output: Clone + PartialEq;
+    /// `value` entered the window.
+    fn insert(&mut self, value: &V);
+    /// `value` left the window.
+    fn retract(&mut self, value: &V);
+    /// The current result.
+    fn value(&self) -> Self::Output;
+}
+
+/// Number of values.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Count(pub i64);
+
+impl<V: ?Sized> Aggregate<V> for Count {
+    type Output = i64;
+    #[inline]
+    fn insert(&mut self, _: &V) {
+        self.0 += 1;
+    }
+    #[inline]
+    fn retract(&mut self, _: &V) {
+        self.0 -= 1;
+    }
+    #[inline]
+    fn value(&self) -> i64 {
+        self.0
+    }
+}
+
+/// Exact sum of `i64` values (in `i128`).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Sum(pub i128);
+
+impl Aggregate<i64> for Sum {
+    type Output = i128;
+    #[inline]
+    fn insert(&mut self, value: &i64) {
+        self.0 += *value as i128;
+    }
+    #[inline]
+    fn retract(&mut self, value: &i64) {
+        self.0 -= *value as i128;
+    }
+    #[inline]
+    fn value(&self) -> i128 {
+        self.0
+    }
+}
+
+/// Count, exact sum and exact sum of squares of `i64` values: mean and
+/// population standard deviation without rounding drift.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Moments {
+    /// Number of values.
+    pub count: i64,
+    /// Sum of the values.
+    pub sum: i128,
+    /// Sum of the squares of the values.
+    pub sum_squares: i128,
+}
+
+impl Moments {
+    /// The moments of `values`, computed from scratch.
+    pub fn of(values: impl IntoIterator<Item = i64>) -> Moments {
+        let mut m = Moments::default();
+        values.into_iter().for_each(|v| m.insert(&v));
+        m
+    }
+
+    /// The mean, `None` for no values.
+    pub fn mean(&self) -> Option<f64> {
+        (self.count > 0).then(|| self.sum as f64 / self.count as f64)
+    }
+
+    /// The population standard deviation, `None` for no values. Computed as
+    /// `sqrt(n * sum_sq - sum^2) / n` from exact integers, so identical values
+    /// give exactly 0 and the result depends only on the multiset.
+    pub fn population_std(&self) -> Option<f64> {
+        (self.count > 0).then(|| {
+            let n = self.count as i128;
+            // n * sum_sq - sum^2 >= 0 by Cauchy-Schwarz; exact in i128 for
+            // amounts up to ~1e12 and counts up to ~1e7.
+            let spread = (n * self.sum_squares - self.sum * self.sum).max(0);
+            (spread as f64).sqrt() / n as f64
+        })
+    }
+}
+
+impl Aggregate<i64> for Moments {
+    type Output = Moments;
+    #[inline]
+    fn insert(&mut self, value: &i64) {
+        let v = *value as i128;
+        self.count += 1;
+        self.sum += v;
+        self.sum_squares += v * v;
+    }
+    #[inline]
+    fn retract(&mut self, value: &i64) {
+        let v = *value as i128;
+        self.count -= 1;
+        self.sum -= v;
+        self.sum_squares -= v * v;
+    }
+    #[inline]
+    fn value(&self) -> Moments {
+        *self
+    }
+}
+
+/// Maximum under FIFO retraction: a monotonic deque (amortized O(1) per
+/// value). Holds the values that may still become the maximum.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Max<T> {
+    candidates: VecDeque<T>,
+}
+
+impl<T> Default for Max<T> {
+    fn default() -> Self {
+        Max {
+            candidates: VecDeque::new(),
+        }
+    }
+}
+
+impl<T: Ord + Clone> Aggregate<T> for Max<T> {
+    type Output = Option<T>;
+    #[inline]
+    fn insert(&mut self, value: &T) {
+        // Invariant: candidates are non-increasing front to back; an older,
+        // strictly smaller value can never be the maximum again.
+        while self.candidates.back().is_some_and(|b| b < value) {
+            self.candidates.pop_back();
+        }
+        self.candidates.push_back(value.clone());
+    }
+    #[inline]
+    fn retract(&mut self, value: &T) {
+        // FIFO: the oldest value leaves; it is a candidate iff it is the front.
+        if self.candidates.front() == Some(value) {
+            self.candidates.pop_front();
+        }
+    }
+    #[inline]
+    fn value(&self) -> Option<T> {
+        self.candidates.front().cloned()
+    }
+}
+
+/// Minimum under FIFO retraction (see [`Max`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Min<T> {
+    candidates: VecDeque<T>,
+}
+
+impl<T> Default for Min<T> {
+    fn default() -> Self {
+        Min {
+            candidates: VecDeque::new(),
+        }
+    }
+}
+
+impl<T: Ord + Clone> Aggregate<T> for Min<T> {
+    type Output = Option<T>;
+    #[inline]
+    fn insert(&mut self, value: &T) {
+        while self.candidates.back().is_some_and(|b| b > value) {
+            self.candidates.pop_back();
+        }
+        self.candidates.push_back(value.clone());
+    }
+    #[inline]
+    fn retract(&mut self, value: &T) {
+        if self.candidates.front() == Some(value) {
+            self.candidates.pop_front();
+        }
+    }
+    #[inline]
+    fn value(&self) -> Option<T> {
+        self.candidates.front().cloned()
+    }
+}
+
+/// The latest event time (ms) in the window: the maximum of the values, which
+/// are event times.
+pub type LastTime = Max<i64>;
+
+/// Small multisets live in a vector (a linear scan beats hashing); larger
+/// ones move to a hash map.
+const SMALL_DISTINCT: usize = 16;
+
+/// Number of distinct values: a multiset of value multiplicities.
+#[derive(Debug, Clone)]
+pub enum DistinctCount<T> {
+    /// At most `SMALL_DISTINCT` distinct values, each with its hash (compared
+    /// first, so a scan rarely compares values) and multiplicity.
+    Small(Vec<(u64, T, u32)>),
+    /// More.
+    Large(HashMap<T, u32, FxBuildHasher>),
+}
+
+impl<T> Default for DistinctCount<T> {
+    fn default() -> Self {
+        DistinctCount::Small(Vec::new())
+    }
+}
+
+impl<T: Hash + Eq + Clone> Aggregate<T> for DistinctCount<T> {
+    type Output = i64;
+    #[inline]
+    fn insert(&mut self, value: &T) {
+        match self {
+            DistinctCount::Small(entries) => {
+                let hash = key_hash(value);
+                if let Some(entry) = entries
+                    .iter_mut()
+                    .find(|(h, v, _)| *h == hash && v == value)
+                {
+                    entry.2 += 1;
+                } else if entries.len() < SMALL_DISTINCT {
+                    entries.push((hash, value.clone(), 1));
+                } else {
+                    let mut map: HashMap<T, u32, FxBuildHasher> =
+                        entries.drain(..).map(|(_, v, n)| (v, n)).collect();
+                    map.insert(value.clone(), 1);
+                    *self = DistinctCount::Large(map);
+                }
+            }
+            DistinctCount::Large(map) => {
+                if let Some(n) = map.get_mut(value) {
+                    *n += 1;
+                } else {
+                    map.insert(value.clone(), 1);
+                }
+            }
+        }
+    }
+    #[inline]
+    fn retract(&mut self, value: &T) {
+        match self {
+            DistinctCount::Small(entries) => {
+                let hash = key_hash(value);
+                let i = entries
+                    .iter()
+                    .position(|(h, v, _)| *h == hash && v == value)
+                    .expect("retracted values were inserted");
+                entries[i].2 -= 1;
+                if entries[i].2 == 0 {
+                    entries.swap_remove(i);
+                }
+            }
+            DistinctCount::Large(map) => {
+                let n = map.get_mut(value).expect("retracted values were inserted");
+                *n -= 1;
+                if *n == 0 {
+                    map.remove(value);
+                    if map.is_empty() {
+                        *self = DistinctCount::default();
+                    }
+                }
+            }
+        }
+    }
+    #[inline]
+    fn value(&self) -> i64 {
+        match self {
+            DistinctCount::Small(entries) => entries.len() as i64,
+            DistinctCount::Large(map) => map.len() as i64,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use std::collections::HashSet;
+
+    /// Slides a window of `width` values over `values`, checking `A` against
+    /// `oracle` after every insertion and retraction.
+    fn slide<V: Clone, A: Aggregate<V>>(
+        values: &[V],
+        width: usize,
+        oracle: impl Fn(&[V]) -> A::Output,
+    ) -> Result<(), TestCaseError> {
+        let mut agg = A::default();
+        for (i, v) in values.iter().enumerate() {
+            agg.insert(v);
+            let lo = (i + 1).saturating_sub(width);
+            if i + 1 > width {
+                agg.retract(&values[lo - 1]);
+            }
+            prop_assert!(agg.value() == oracle(&values[lo..=i]));
+        }
+        for lo in values.len().saturating_sub(width)..values.len() {
+            agg.retract(&values[lo]);
+            prop_assert!(agg.value() == oracle(&values[lo + 1..]));
+        }
+        Ok(())
+    }
+
+    proptest! {
+        #[test]
+        fn aggregates_match_recomputation(values in proptest::collection::vec(-50i64..50, 0..80), width in 1usize..20) {
+            slide::<i64, Count>(&values, width, |w| w.len() as i64)?;
+            slide::<i64, Sum>(&values, width, |w| w.iter().map(|v| *v as i128).sum())?;
+            slide::<i64, Moments>(&values, width, |w| Moments::of(w.iter().copied()))?;
+            slide::<i64, Max<i64>>(&values, width, |w| w.iter().max().copied())?;
+            slide::<i64, Min<i64>>(&values, width, |w| w.iter().min().copied())?;
+            slide::<i64, DistinctCount<i64>>(&values, width, |w| w.iter().collect::<HashSet<_>>().len() as i64)?;
+        }
+
+        #[test]
+        fn money_retractions_cancel_exactly(values in proptest::collection::vec(-1_000_000_000_000i64..1_000_000_000_000, 1..50)) {
+            let mut m = Moments::default();
+            values.iter().for_each(|v| m.insert(v));
+            values.iter().for_each(|v| m.retract(v));
+            prop_assert_eq!(m, Moments::default());
+        }
+
+        #[test]
+        fn std_of_identical_amounts_is_zero(v in -1_000_000_000_000i64..1_000_000_000_000, n in 1usize..1000) {
+            let m = Moments::of(std::iter::repeat_n(v, n));
+            prop_assert_eq!(m.population_std(), Some(0.0));
+            prop_assert_eq!(m.mean(), Some(v as f64));
+        }
+    }
+
+    #[test]
+    fn distinct_count_grows_past_the_small_form_and_shrinks_back() {
+        let mut d = DistinctCount::default();
+        (0..40).for_each(|v| d.insert(&v));
+        assert_eq!(Aggregate::<i32>::value(&d), 40);
+        (0..40).for_each(|v| d.retract(&v));
+        assert!(matches!(d, DistinctCount::Small(ref e) if e.is_empty()));
+    }
+
+    #[test]
+    fn population_std_is_exact_for_a_known_sample() {
+        let m = Moments::of([2, 4, 4, 4, 5, 5, 7, 9]);
+        assert_eq!(m.population_std(), Some(2.0));
+        assert_eq!(m.mean(), Some(5.0));
+    }
+}

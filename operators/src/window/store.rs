@@ -1,0 +1,341 @@
+//! `WindowStore`: per-key FIFO of timed values with one cursor per sliding window.
+
+use std::collections::{HashMap, VecDeque};
+use std::hash::{BuildHasherDefault, Hash, Hasher};
+
+/// Receives the values entering and leaving each window of one key.
+///
+/// For every window `w`, values leave in the order they entered (FIFO), and a
+/// value enters every window at the same time. Implementations keep whatever
+/// incremental state they need (counts, sums, multisets) and must return to
+/// their `Default` state once every value has left.
+pub trait WindowFold<V>: Default {
+    /// `value` entered window `window` (an index into the store's window list).
+    fn enter(&mut self, window: usize, value: &V);
+    /// `value` left window `window`; it entered that window earlier.
+    fn leave(&mut self, window: usize, value: &V);
+}
+
+/// A fast, deterministic (unkeyed) hasher: FxHash. Identical in every process,
+/// so it can route records between workers of a cluster.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct FxHasher {
+    hash: u64,
+}
+
+const FX_SEED: u64 = 0x51_7c_c1_b7_27_22_0a_95;
+
+impl FxHasher {
+    #[inline]
+    fn add(&mut self, word: u64) {
+        self.hash = (self.hash.rotate_left(5) ^ word).wrapping_mul(FX_SEED);
+    }
+}
+
+impl Hasher for FxHasher {
+    #[inline]
+    fn write(&mut self, bytes: &[u8]) {
+        let mut chunks = bytes.chunks_exact(8);
+        for chunk in &mut chunks {
+            self.add(u64::from_le_bytes(
+                chunk.try_into().expect("chunk of 8 bytes"),
+            ));
+        }
+        let rest = chunks.remainder();
+        if !rest.is_empty() {
+            let mut word = [0u8; 8];
+            word[..rest.len()].copy_from_slice(rest);
+            self.add(u64::from_le_bytes(word));
+        }
+    }
+    #[inline]
+    fn write_u8(&mut self, i: u8) {
+        self.add(i as u64);
+    }
+    #[inline]
+    fn write_u32(&mut self, i: u32) {
+        self.add(i as u64);
+    }
+    #[inline]
+    fn write_u64(&mut self, i: u64) {
+        self.add(i);
+    }
+    #[inline]
+    fn write_usize(&mut self, i: usize) {
+        self.add(i as u64);
+    }
+    #[inline]
+    fn finish(&self) -> u64 {
+        // Mix the high bits down so `hash % peers` uses all of them.
+        let h = self.hash;
+        (h ^ (h >> 29)).wrapping_mul(0xbf58_476d_1ce4_e5b9) ^ (h >> 32)
+    }
+}
+
+/// `BuildHasher` for [`FxHasher`].
+pub type FxBuildHasher = BuildHasherDefault<FxHasher>;
+
+/// The FxHash of `value`: deterministic across threads and processes.
+pub fn key_hash<K: Hash + ?Sized>(value: &K) -> u64 {
+    let mut hasher = FxHasher::default();
+    value.hash(&mut hasher);
+    hasher.finish()
+}
+
+/// Most windows a store supports.
+pub const MAX_WINDOWS: usize = 8;
+
+struct Slot<K, V, F> {
+    key: Option<K>,
+    /// Values in insertion (time) order; the front has absolute position `base`.
+    events: VecDeque<(u64, V)>,
+    base: u64,
+    /// Per window: absolute position of the first value still inside it
+    /// (inline: one cache line, no pointer to chase).
+    cursors: [u64; MAX_WINDOWS],
+    fold: F,
+    touched: bool,
+}
+
+/// Per-key sliding-window state: the values of each key inside its widest
+/// window, in time order, with one cursor per window, and per-window queues of
+/// the times at which values leave.
+///
+/// Time contract: values are inserted in non-decreasing time order (the caller
+/// processes complete times in order). A value inserted at `t` is inside
+/// window `w` at times `t <= s < t + windows[w]`; [`WindowStore::retract_until`]
+/// with `s` removes every value with `t + windows[w] <= s`.
+/// Keys whose windows are all empty are released (state freed) by
+/// [`WindowStore::drain_touched`].
+pub struct WindowStore<K, V, F> {
+    windows: Box<[u64]>,
+    /// Window indices sorted by length, shortest first.
+    order: Box<[usize]>,
+    widest: usize,
+    slots: Vec<Slot<K, V, F>>,
+    free: Vec<usize>,
+    index: HashMap<K, usize, FxBuildHasher>,
+    /// Per window: `(leave time, slot)`, non-decreasing in leave time. One entry
+    /// per distinct insertion time of a key; entries of released slots are
+    /// harmless because leaving is decided by time alone.
+    due: Box<[VecDeque<(u64, usize)>]>,
+    touched: Vec<usize>,
+    last_insert: u64,
+}
+
+impl<K, V, F> WindowStore<K, V, F>
+where
+    K: Hash + Eq + Clone,
+    F: WindowFold<V>,
+{
+    /// A store for the given window lengths (each positive, same unit as times).
+    pub fn new(windows: &[u64]) -> Self {
+        assert!(!windows.is_empty(), "at least one window");
+        assert!(windows.iter().all(|w| *w > 0), "windows must be positive");
+        assert!(
+            windows.len() <= MAX_WINDOWS,
+            "at most {MAX_WINDOWS} windows"
+        );
+        let mut order: Vec<usize> = (0..windows.len()).collect();
+        order.sort_by_key(|&w| windows[w]);
+        let widest = *order.last().expect("non-empty");
+        WindowStore {
+            windows: windows.into(),
+            order: order.into(),
+            widest,
+            slots: Vec::new(),
+            free: Vec::new(),
+            index: HashMap::default(),
+            due: (0..windows.len()).map(|_| VecDeque::new()).collect(),
+            touched: Vec::new(),
+            last_insert: 0,
+        }
+    }
+
+    /// The window lengths, in the caller's order.
+    pub fn windows(&self) -> &[u64] {
+        &self.windows
+    }
+
+    /// Number of keys with at least one value inside a window.
+    pub fn live_keys(&self) -> usize {
+        self.index.len()
+    }
+
+    /// The earliest time at which some value leaves some window.
+    pub fn next_due(&self) -> Option<u64> {
+        self.due
+            .iter()
+            .filter_map(|q| q.front().map(|(t, _)| *t))
+            .min()
+    }
+
+    /// Inserts `value` for `key` at `time`; it enters every window.
+    pub fn insert(&mut self, time: u64, key: K, value: V) {
+        debug_assert!(time >= self.last_insert, "insertions must be in time order");
+        self.last_insert = time;
+        let slot = match self.index.get(&key) {
+            Some(&slot) => slot,
+            None => {
+                let slot = match self.free.pop() {
+                    Some(slot) => slot,
+                    None => {
+                        self.slots.push(Slot {
+                            key: None,
+                            events: VecDeque::new(),
+                            base: 0,
+                            cursors: [0; MAX_WINDOWS],
+                            fold: F::default(),
+                            touched: false,
+                        });
+                        self.slots.len() - 1
+                    }
+                };
+                self.index.insert(key.clone(), slot);
+                self.slots[slot].key = Some(key);
+                slot
+            }
+        };
+        let s = &mut self.slots[slot];
+        let new_time = s.events.back().is_none_or(|(t, _)| *t != time);
+        for w in 0..self.windows.len() {
+            s.fold.enter(w, &value);
+        }
+        s.events.push_back((time, value));
+        if new_time {
+            for (queue, window) in self.due.iter_mut().zip(self.windows.iter()) {
+                queue.push_back((time + window, slot));
+            }
+        }
+        if !s.touched {
+            s.touched = true;
+            self.touched.push(slot);
+        }
+    }
+
+    /// Removes values from windows they have left by `time` (those with
+    /// `t + window <= time`), doing at most about `budget` units of work.
+    /// Returns the work done; all due work is done when it is below `budget`.
+    pub fn retract_until(&mut self, time: u64, budget: usize) -> usize {
+        let mut work = 0;
+        // Shortest windows first: a value leaves the widest window last, so
+        // when it is dropped from the FIFO it has left every other window.
+        for i in 0..self.order.len() {
+            let w = self.order[i];
+            while let Some(&(due, slot)) = self.due[w].front() {
+                if due > time || work >= budget {
+                    break;
+                }
+                self.due[w].pop_front();
+                work += 1 + self.advance(slot, w, time);
+            }
+        }
+        work
+    }
+
+    fn advance(&mut self, slot: usize, w: usize, time: u64) -> usize {
+        let window = self.windows[w];
+        let windows = self.windows.len();
+        let s = &mut self.slots[slot];
+        let mut left = 0;
+        let end = s.base + s.events.len() as u64;
+        while s.cursors[w] < end {
+            let (t, value) = &s.events[(s.cursors[w] - s.base) as usize];
+            if t + window > time {
+                break;
+            }
+            s.fold.leave(w, value);
+            s.cursors[w] += 1;
+            left += 1;
+        }
+        if w == self.widest {
+            while s.base < s.cursors[w] {
+                debug_assert!(s.cursors[..windows].iter().all(|c| *c > s.base));
+                s.events.pop_front();
+                s.base += 1;
+            }
+        }
+        if left > 0 && !s.touched {
+            s.touched = true;
+            self.touched.push(slot);
+        }
+        left
+    }
+
+    /// Calls `each(key, fold, empty)` for every key whose windows changed since
+    /// the last call, then releases the keys whose windows are all empty.
+    pub fn drain_touched(&mut self, mut each: impl FnMut(&K, &mut F, bool)) {
+        for slot in self.touched.drain(..) {
+            let s = &mut self.slots[slot];
+            s.touched = false;
+            let key = s.key.as_ref().expect("touched slots are occupied");
+            let empty = s.events.is_empty();
+            each(key, &mut s.fold, empty);
+            if empty {
+                let key = s.key.take().expect("occupied");
+                self.index.remove(&key);
+                // Free the memory of idle keys: a fresh deque and fold.
+                s.events = VecDeque::new();
+                s.fold = F::default();
+                s.base = 0;
+                s.cursors.iter_mut().for_each(|c| *c = 0);
+                self.free.push(slot);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Default)]
+    struct Counts([i64; 2]);
+    impl WindowFold<u32> for Counts {
+        fn enter(&mut self, w: usize, _: &u32) {
+            self.0[w] += 1;
+        }
+        fn leave(&mut self, w: usize, _: &u32) {
+            self.0[w] -= 1;
+        }
+    }
+
+    fn drain(
+        store: &mut WindowStore<&'static str, u32, Counts>,
+    ) -> Vec<(&'static str, [i64; 2], bool)> {
+        let mut out = Vec::new();
+        store.drain_touched(|k, f, empty| out.push((*k, f.0, empty)));
+        out.sort();
+        out
+    }
+
+    #[test]
+    fn values_leave_each_window_at_t_plus_w_and_idle_keys_are_freed() {
+        let mut store = WindowStore::<&str, u32, Counts>::new(&[10, 5]);
+        store.insert(0, "a", 1);
+        store.insert(0, "a", 2);
+        store.insert(3, "b", 3);
+        assert_eq!(
+            drain(&mut store),
+            vec![("a", [2, 2], false), ("b", [1, 1], false)]
+        );
+        assert_eq!(store.next_due(), Some(5));
+        store.retract_until(4, usize::MAX);
+        assert_eq!(drain(&mut store), vec![]);
+        store.retract_until(5, usize::MAX);
+        assert_eq!(drain(&mut store), vec![("a", [2, 0], false)]);
+        store.retract_until(10, usize::MAX);
+        assert_eq!(
+            drain(&mut store),
+            vec![("a", [0, 0], true), ("b", [1, 0], false)]
+        );
+        assert_eq!(store.live_keys(), 1);
+        store.insert(12, "c", 4);
+        store.retract_until(13, usize::MAX);
+        assert_eq!(
+            drain(&mut store),
+            vec![("b", [0, 0], true), ("c", [1, 1], false)]
+        );
+        assert_eq!(store.live_keys(), 1);
+    }
+}
