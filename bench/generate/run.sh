@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Sustained produce rate of `sfs generate --rate max` into the real broker.
 # Prints one JSON line: machine, commit, config, results.
-# usage: bench/generate/run.sh [EVENTS]   (env: KAFKA_BROKERS, PARTITIONS, FORMAT)
+# usage: bench/generate/run.sh [EVENTS]   (env: KAFKA_BROKERS, PARTITIONS, FORMAT, SFS=prebuilt binary)
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/../.." && pwd)"
 cd "$ROOT"
@@ -12,8 +12,10 @@ BROKERS="${KAFKA_BROKERS:-127.0.0.1:9092}"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/sfs/target}"
 
 bash infra/kafka.sh start >&2
-cargo build --release -q -p sfs >&2
-SFS="$CARGO_TARGET_DIR/release/sfs"
+if [ -z "${SFS:-}" ]; then
+  cargo build --release -q -p sfs >&2
+  SFS="$CARGO_TARGET_DIR/release/sfs"
+fi
 
 PREFIX="bench-gen-$(date +%s)"
 summary=$("$SFS" generate --rate max --events "$EVENTS" --seed 1 --start-time 2024-01-01T00:00:00Z \

@@ -10,7 +10,7 @@ use schemas::{EventKind, Topics};
 use crate::output::{
     ensure_topics, FileFormat, FileSink, KafkaOutput, KafkaSink, NullSink, Sink, WireFormat,
 };
-use crate::sim::{GenEvent, Generator, GeneratorConfig};
+use crate::sim::{EventBuf, GenEvent, Generator, GeneratorConfig};
 
 /// Where `sfs generate` writes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -412,7 +412,7 @@ fn progress_bar(args: &GenerateArgs) -> indicatif::ProgressBar {
 
 /// Drives `generator` into `sink` under the limits and pacing of `args`.
 pub fn generate(
-    generator: Generator,
+    mut generator: Generator,
     mut sink: Box<dyn Sink>,
     args: &GenerateArgs,
     progress: &indicatif::ProgressBar,
@@ -431,7 +431,9 @@ pub fn generate(
     };
     let paced = pacer.rate.is_some() || pacer.speedup.is_some();
     let mut summary = Summary::default();
-    for event in generator {
+    let mut buf = EventBuf::default();
+    loop {
+        let event = generator.next_into(&mut buf);
         if args.events.is_some_and(|n| summary.events >= n)
             || end_ms.is_some_and(|end| event.time_ms() >= end)
         {
@@ -440,9 +442,9 @@ pub fn generate(
         if paced {
             pacer.wait(summary.events, event.time_ms());
         }
-        sink.send(&event)
+        sink.send(event)
             .with_context(|| format!("sending a {} event", event.kind()))?;
-        summary.add(&event);
+        summary.add(event);
         if summary.events.is_multiple_of(8192) {
             progress.set_position(summary.events);
             if progress.length().is_none() {

@@ -9,4 +9,4 @@ pub mod population;
 pub mod sim;
 
 pub use cli::{run, GenerateArgs};
-pub use sim::{FraudKind, GenEvent, Generator, GeneratorConfig};
+pub use sim::{EventBuf, FraudKind, GenEvent, Generator, GeneratorConfig};

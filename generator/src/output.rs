@@ -5,8 +5,10 @@ use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::Mutex;
-use std::time::Duration;
+use std::thread::JoinHandle;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context as _};
 use rand::{Rng, SeedableRng};
@@ -113,14 +115,41 @@ impl ProducerContext for Delivery {
     }
 }
 
+/// Records per hand-over from the simulation thread to the producing thread.
+const BATCH_RECORDS: usize = 2048;
+/// Batches in flight between the two threads (beyond that the simulation waits).
+const BATCHES_IN_FLIGHT: usize = 4;
+
+/// Encoded records on their way to the producing thread: keys and payloads
+/// back to back in one buffer, reused once produced.
+#[derive(Default)]
+struct Batch {
+    data: Vec<u8>,
+    /// (topic index, end of key, end of payload) in `data`.
+    records: Vec<(u8, u32, u32)>,
+}
+
+impl Batch {
+    fn clear(&mut self) {
+        self.data.clear();
+        self.records.clear();
+    }
+}
+
 /// Produces to Kafka: keyed, idempotent, acks=all, lz4, large batches.
+///
+/// `send` encodes on the caller's (simulation) thread into a reusable batch
+/// buffer; a second thread hands the records to librdkafka (partitioning,
+/// copying, queueing), whose broker threads batch, compress and send. The
+/// three overlap on separate cores.
 pub struct KafkaSink {
-    producer: BaseProducer<Delivery>,
     encoder: Encoder,
     config: KafkaOutput,
-    buf: Vec<u8>,
     rng: Xoshiro256PlusPlus,
-    sent: u64,
+    batch: Batch,
+    to_producer: Option<SyncSender<Batch>>,
+    recycled: Receiver<Batch>,
+    producer: Option<JoinHandle<anyhow::Result<()>>>,
 }
 
 impl KafkaSink {
@@ -140,38 +169,156 @@ impl KafkaSink {
             .set("queue.buffering.max.messages", "1000000")
             .set("queue.buffering.max.kbytes", "1048576")
             .set("sticky.partitioning.linger.ms", "0")
-            .set("message.timeout.ms", "120000");
+            .set("message.timeout.ms", "120000")
+            // Only failures come back to the producing thread: successful
+            // messages are freed by librdkafka's broker thread instead of
+            // one delivery event per message on ours.
+            .set("delivery.report.only.error", "true");
         for (k, v) in &config.extra {
             client.set(k, v);
         }
         let producer: BaseProducer<Delivery> = client
             .create_with_context(Delivery::default())
             .context("creating the kafka producer")?;
+        let (to_producer, batches) = sync_channel::<Batch>(BATCHES_IN_FLIGHT);
+        let (recycle, recycled) = sync_channel::<Batch>(BATCHES_IN_FLIGHT + 2);
+        let topics = config.topics.clone();
+        let handle = std::thread::Builder::new()
+            .name("sfs-produce".into())
+            .spawn(move || produce_loop(&producer, &topics, &batches, &recycle))
+            .context("starting the producing thread")?;
         Ok(KafkaSink {
-            producer,
             encoder,
             config,
-            buf: Vec::with_capacity(512),
             rng: Xoshiro256PlusPlus::seed_from_u64(7),
-            sent: 0,
+            batch: Batch::default(),
+            to_producer: Some(to_producer),
+            recycled,
+            producer: Some(handle),
         })
     }
 
     fn encode<E: Event>(&mut self, event: &E) -> anyhow::Result<()> {
-        self.buf.clear();
+        let out = &mut self.batch.data;
+        out.extend_from_slice(event.key().as_bytes());
+        let key_end = out.len();
         match self.config.format {
-            WireFormat::Json => Encoder::encode_json(event, &mut self.buf),
+            WireFormat::Json => Encoder::encode_json(event, out),
             WireFormat::Avro => {
                 let latest = E::KIND.latest_version();
                 let v1 = latest > 1
                     && self.config.v1_share > 0.0
                     && self.rng.gen_bool(self.config.v1_share.min(1.0));
                 self.encoder
-                    .encode_avro(event, if v1 { 1 } else { latest }, &mut self.buf)?;
+                    .encode_avro(event, if v1 { 1 } else { latest }, out)?;
             }
+        }
+        let topic = match E::KIND {
+            EventKind::Txn => 0,
+            EventKind::Click => 1,
+            EventKind::Label => 2,
+        };
+        self.batch
+            .records
+            .push((topic, key_end as u32, out.len() as u32));
+        Ok(())
+    }
+
+    /// Hands the current batch to the producing thread.
+    fn ship(&mut self) -> anyhow::Result<()> {
+        let next = self.recycled.try_recv().unwrap_or_default();
+        let full = std::mem::replace(&mut self.batch, next);
+        let sent = self
+            .to_producer
+            .as_ref()
+            .is_some_and(|tx| tx.send(full).is_ok());
+        if !sent {
+            // The producing thread stopped: report why.
+            return Err(self.join().err().unwrap_or_else(|| {
+                anyhow::anyhow!("the producing thread stopped unexpectedly")
+            }));
         }
         Ok(())
     }
+
+    fn join(&mut self) -> anyhow::Result<()> {
+        self.to_producer = None;
+        match self.producer.take() {
+            Some(handle) => handle
+                .join()
+                .map_err(|_| anyhow::anyhow!("the producing thread panicked"))?,
+            None => Ok(()),
+        }
+    }
+}
+
+/// The producing thread: sends every record of every batch, returns the
+/// emptied batches, and flushes when the simulation hangs up.
+fn produce_loop(
+    producer: &BaseProducer<Delivery>,
+    topics: &Topics,
+    batches: &Receiver<Batch>,
+    recycle: &SyncSender<Batch>,
+) -> anyhow::Result<()> {
+    let names = [
+        topics.txn.as_str(),
+        topics.click.as_str(),
+        topics.label.as_str(),
+    ];
+    while let Ok(mut batch) = batches.recv() {
+        // One clock read per batch (librdkafka would read it per message).
+        let now_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as i64)
+            .unwrap_or(0);
+        let mut start = 0usize;
+        for &(topic, key_end, end) in &batch.records {
+            let (key_end, end) = (key_end as usize, end as usize);
+            let topic = names[topic as usize];
+            let key = &batch.data[start..key_end];
+            let payload = &batch.data[key_end..end];
+            loop {
+                match producer.send(
+                    BaseRecord::<[u8], [u8]>::to(topic)
+                        .key(key)
+                        .payload(payload)
+                        .timestamp(now_ms),
+                ) {
+                    Ok(()) => break,
+                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                        producer.poll(Duration::from_millis(5));
+                    }
+                    Err((e, _)) => return Err(e).with_context(|| format!("producing to {topic}")),
+                }
+            }
+            start = end;
+        }
+        producer.poll(Duration::ZERO);
+        if producer.context().failed.load(Ordering::Relaxed) > 0 {
+            bail!("delivery failed: {}", first_error(producer));
+        }
+        batch.clear();
+        // Full means enough spares are around already: drop this one.
+        let _ = recycle.try_send(batch);
+    }
+    producer
+        .flush(Duration::from_secs(120))
+        .context("flushing the kafka producer")?;
+    let failed = producer.context().failed.load(Ordering::Relaxed);
+    if failed > 0 {
+        bail!("{failed} events were not delivered: {}", first_error(producer));
+    }
+    Ok(())
+}
+
+fn first_error(producer: &BaseProducer<Delivery>) -> String {
+    producer
+        .context()
+        .first_error
+        .lock()
+        .expect("never poisoned")
+        .clone()
+        .unwrap_or_default()
 }
 
 impl Sink for KafkaSink {
@@ -181,52 +328,17 @@ impl Sink for KafkaSink {
             GenEvent::Click(c) => self.encode(c)?,
             GenEvent::Label(l) => self.encode(l)?,
         }
-        let topic = self.config.topics.of(event.kind());
-        let key = event.key();
-        loop {
-            match self.producer.send(
-                BaseRecord::<str, [u8]>::to(topic)
-                    .key(key)
-                    .payload(&self.buf[..]),
-            ) {
-                Ok(()) => break,
-                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
-                    self.producer.poll(Duration::from_millis(5));
-                }
-                Err((e, _)) => return Err(e).with_context(|| format!("producing to {topic}")),
-            }
-        }
-        self.sent += 1;
-        if self.sent.is_multiple_of(4096) {
-            self.producer.poll(Duration::ZERO);
-            if self.producer.context().failed.load(Ordering::Relaxed) > 0 {
-                bail!("delivery failed: {}", self.first_error());
-            }
+        if self.batch.records.len() >= BATCH_RECORDS {
+            self.ship()?;
         }
         Ok(())
     }
 
-    fn finish(self: Box<Self>) -> anyhow::Result<()> {
-        self.producer
-            .flush(Duration::from_secs(120))
-            .context("flushing the kafka producer")?;
-        let failed = self.producer.context().failed.load(Ordering::Relaxed);
-        if failed > 0 {
-            bail!("{failed} events were not delivered: {}", self.first_error());
+    fn finish(mut self: Box<Self>) -> anyhow::Result<()> {
+        if !self.batch.records.is_empty() {
+            self.ship()?;
         }
-        Ok(())
-    }
-}
-
-impl KafkaSink {
-    fn first_error(&self) -> String {
-        self.producer
-            .context()
-            .first_error
-            .lock()
-            .expect("never poisoned")
-            .clone()
-            .unwrap_or_default()
+        self.join()
     }
 }
 

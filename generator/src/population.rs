@@ -232,6 +232,40 @@ pub const CATEGORIES: &[(&str, i32)] = &[
     ("music", 5942),
 ];
 
+/// An id scheme: a prefix and a zero-padded index (`u-0000042`).
+pub type IdScheme = (&'static str, usize);
+pub const USER_ID: IdScheme = ("u-", 7);
+pub const CARD_ID: IdScheme = ("c-", 7);
+pub const DEVICE_ID: IdScheme = ("d-", 7);
+pub const MERCHANT_ID: IdScheme = ("m-", 6);
+pub const ITEM_ID: IdScheme = ("i-", 6);
+
+/// Appends `prefix`, then the decimal digits of `n` left-padded with zeros
+/// to `width` (as `format!("{prefix}{n:0width$}")`, without the formatter).
+pub fn push_id(s: &mut String, prefix: &str, n: u64, width: usize) {
+    let mut digits = [b'0'; 20];
+    let mut i = digits.len();
+    let mut rest = n;
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (rest % 10) as u8;
+        rest /= 10;
+        if rest == 0 {
+            break;
+        }
+    }
+    let start = i.min(digits.len().saturating_sub(width));
+    s.push_str(prefix);
+    s.push_str(std::str::from_utf8(&digits[start..]).expect("ascii digits"));
+}
+
+/// The id of index `n` under `scheme`.
+pub fn id_of(scheme: IdScheme, n: u32) -> String {
+    let mut s = String::with_capacity(scheme.0.len() + scheme.1);
+    push_id(&mut s, scheme.0, u64::from(n), scheme.1);
+    s
+}
+
 #[derive(Debug, Clone)]
 pub struct User {
     pub id: String,
@@ -335,14 +369,14 @@ impl Population {
             let first_card = p.cards.len() as u32;
             for _ in 0..count {
                 p.cards.push(Card {
-                    id: format!("c-{:07}", p.cards.len()),
+                    id: id_of(CARD_ID, p.cards.len() as u32),
                     user: u,
                 });
             }
             p.users.push(User {
-                id: format!("u-{u:07}"),
+                id: id_of(USER_ID, u),
                 country,
-                device: format!("d-{u:07}"),
+                device: id_of(DEVICE_ID, u),
                 first_card,
                 card_count: count,
             });
@@ -355,7 +389,7 @@ impl Population {
                 p.online[mcc as usize].push(m);
             }
             p.merchants.push(Merchant {
-                id: format!("m-{m:06}"),
+                id: id_of(MERCHANT_ID, m),
                 mcc,
                 country,
             });
@@ -366,7 +400,7 @@ impl Population {
             let price_usd = log_normal(rng, MCCS[mcc].median_usd, MCCS[mcc].sigma * 0.8);
             p.by_category[category as usize].push(i);
             p.items.push(Item {
-                id: format!("i-{i:06}"),
+                id: id_of(ITEM_ID, i),
                 category,
                 price_usd,
             });
@@ -393,6 +427,22 @@ impl Population {
             rng.gen_range(0..self.merchants.len() as u32)
         } else {
             list[rng.gen_range(0..list.len())]
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_match_the_formatter() {
+        for n in [0u32, 7, 42, 999_999, 1_000_000, 9_999_999, 12_345_678, u32::MAX] {
+            assert_eq!(id_of(USER_ID, n), format!("u-{n:07}"));
+            assert_eq!(id_of(MERCHANT_ID, n), format!("m-{n:06}"));
+            let mut s = String::new();
+            push_id(&mut s, "t-1-", u64::from(n) * 1_000, 0);
+            assert_eq!(s, format!("t-1-{}", u64::from(n) * 1_000));
         }
     }
 }

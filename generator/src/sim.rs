@@ -3,13 +3,16 @@
 //! time, from which the iterator yields. The output is therefore in
 //! non-decreasing event-time order and a pure function of the config.
 
-use std::collections::BTreeMap;
+use std::collections::BinaryHeap;
 
 use rand::{Rng, SeedableRng};
 use rand_xoshiro::Xoshiro256PlusPlus;
 use schemas::{Channel, Click, ClickAction, EventKind, Label, Txn};
 
-use crate::population::{log_normal, mcc_index, Population, CATEGORIES, COUNTRIES, MCCS};
+use crate::population::{
+    log_normal, mcc_index, push_id, IdScheme, Population, CARD_ID, CATEGORIES, COUNTRIES,
+    DEVICE_ID, ITEM_ID, MCCS, MERCHANT_ID, USER_ID,
+};
 
 /// A labelled fraud pattern.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -143,13 +146,23 @@ const EPISODE_FRAUD_TXNS: f64 = 0.4 * 14.0 + 0.4 * 3.5 + 0.2 * 35.0 * 0.4 * 2.0;
 const EPISODE_OTHER_EVENTS: f64 = 0.4 * 3.0 + 0.2 * 35.0;
 
 /// An endless, deterministic stream of events; use `take(n)` or stop at a time.
+///
+/// Pending work is kept compact: a queue of small `Copy` records (a
+/// transaction to emit, a label, a click, or the next step of a browsing
+/// session) ordered by (time, sequence). A session schedules only its next
+/// step, so the queue holds about one entry per live session plus the
+/// delayed labels and fraud. Event strings are written only when an event is
+/// emitted: [`Generator::next_into`] fills a reusable [`EventBuf`] without
+/// allocating; the `Iterator` impl builds fresh [`GenEvent`]s.
 pub struct Generator {
     config: GeneratorConfig,
     rng: Xoshiro256PlusPlus,
     population: Population,
-    /// Pending events by (time, sequence): a B-tree stays cache-friendly with
-    /// hundreds of thousands of scheduled session events.
-    queue: BTreeMap<(i64, u64), GenEvent>,
+    /// Pending work ordered by (time, sequence): small keys in a heap,
+    /// payloads in a slab whose free slots are reused.
+    queue: BinaryHeap<Entry>,
+    slab: Vec<Pending>,
+    free: Vec<u32>,
     seq: u64,
     /// Simulated time (ms, fractional) of the next activity.
     next_arrival: f64,
@@ -161,6 +174,206 @@ pub struct Generator {
     click_seq: u64,
     session_seq: u64,
     fraudster_seq: u64,
+    /// `t-<seed>-`, `k-<seed>-`, `s-<seed>-`, `d-x-<seed>-`.
+    prefixes: [String; 4],
+}
+
+const TXN_PREFIX: usize = 0;
+const CLICK_PREFIX: usize = 1;
+const SESSION_PREFIX: usize = 2;
+const DEVICE_PREFIX: usize = 3;
+
+/// The device of a transaction.
+#[derive(Debug, Clone, Copy)]
+enum Device {
+    None,
+    /// The user's own device.
+    User(u32),
+    /// A fraudster's device, by number.
+    Fraudster(u64),
+}
+
+/// A transaction to emit.
+#[derive(Debug, Clone, Copy)]
+struct TxnSpec {
+    no: u64,
+    amount_minor: i64,
+    device: Device,
+    card: u32,
+    merchant: u32,
+    channel: Channel,
+    ip_country: Option<u8>,
+    fraud: Option<FraudKind>,
+}
+
+/// A click to emit.
+#[derive(Debug, Clone, Copy)]
+struct ClickSpec {
+    session: u64,
+    user: u32,
+    item: u32,
+    action: ClickAction,
+    dwell_ms: Option<i32>,
+}
+
+/// The next step of a browsing session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Step {
+    View,
+    AddToCart,
+    Purchase,
+}
+
+/// A live browsing session: its next step is at the entry's time.
+#[derive(Debug, Clone, Copy)]
+struct Session {
+    no: u64,
+    user: u32,
+    /// The item of the next view or add-to-cart.
+    item: u32,
+    /// First item put in the cart (`u32::MAX`: the cart is empty).
+    first_cart: u32,
+    /// Sum of the cart's prices, USD.
+    cart_usd: f64,
+    step: Step,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Pending {
+    Txn(TxnSpec),
+    Label {
+        txn: u64,
+        card: u32,
+        fraud: Option<FraudKind>,
+    },
+    Click(ClickSpec),
+    Session(Session),
+}
+
+/// A queue entry (24 bytes, cheap to sift); the payload is `slab[slot]`.
+/// The heap is a max-heap, so the order is reversed.
+#[derive(Debug, Clone, Copy)]
+struct Entry {
+    time: i64,
+    seq: u64,
+    slot: u32,
+}
+
+impl PartialEq for Entry {
+    fn eq(&self, other: &Self) -> bool {
+        (self.time, self.seq) == (other.time, other.seq)
+    }
+}
+impl Eq for Entry {}
+impl PartialOrd for Entry {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for Entry {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        (other.time, other.seq).cmp(&(self.time, self.seq))
+    }
+}
+
+/// An event ready to be written out (numbers and population indices only).
+#[derive(Debug, Clone, Copy)]
+enum Emitted {
+    Txn { time: i64, spec: TxnSpec },
+    Click { time: i64, no: u64, spec: ClickSpec },
+    Label {
+        time: i64,
+        txn: u64,
+        card: u32,
+        fraud: Option<FraudKind>,
+    },
+}
+
+/// Reusable storage for one event of each kind; [`Generator::next_into`]
+/// overwrites the strings in place, so a long run allocates nothing per event.
+#[derive(Debug, Clone)]
+pub struct EventBuf {
+    txn: GenEvent,
+    click: GenEvent,
+    label: GenEvent,
+    /// Spare strings for optional fields that were `None` last time.
+    spare: Vec<String>,
+}
+
+impl Default for EventBuf {
+    fn default() -> Self {
+        EventBuf {
+            txn: GenEvent::Txn {
+                txn: Txn {
+                    event_id: String::new(),
+                    card_id: String::new(),
+                    user_id: String::new(),
+                    merchant_id: String::new(),
+                    mcc: 0,
+                    amount_minor: 0,
+                    currency: String::new(),
+                    country: String::new(),
+                    channel: Channel::Pos,
+                    event_time: 0,
+                    device_id: None,
+                    ip_country: None,
+                },
+                fraud: None,
+            },
+            click: GenEvent::Click(Click {
+                event_id: String::new(),
+                user_id: String::new(),
+                session_id: String::new(),
+                item_id: String::new(),
+                category: String::new(),
+                action: ClickAction::View,
+                event_time: 0,
+                dwell_ms: None,
+            }),
+            label: GenEvent::Label(Label {
+                event_id: String::new(),
+                card_id: String::new(),
+                is_fraud: false,
+                fraud_type: None,
+                label_time: 0,
+            }),
+            spare: Vec::new(),
+        }
+    }
+}
+
+fn set(s: &mut String, v: &str) {
+    s.clear();
+    s.push_str(v);
+}
+
+/// Sets `s` to an event id: `prefix` and `n`.
+fn set_id(s: &mut String, prefix: &str, n: u64) {
+    s.clear();
+    push_id(s, prefix, n, 0);
+}
+
+/// Sets `s` to the id of population member `n` (formatted from the index:
+/// no read of the population's strings, which would miss the cache).
+fn set_member(s: &mut String, scheme: IdScheme, n: u32) {
+    s.clear();
+    push_id(s, scheme.0, u64::from(n), scheme.1);
+}
+
+/// Sets an optional string field, keeping unused allocations in `spare`.
+fn set_opt(slot: &mut Option<String>, spare: &mut Vec<String>, value: Option<impl FnOnce(&mut String)>) {
+    match value {
+        None => {
+            if let Some(s) = slot.take() {
+                spare.push(s);
+            }
+        }
+        Some(write) => {
+            let s = slot.get_or_insert_with(|| spare.pop().unwrap_or_default());
+            s.clear();
+            write(s);
+        }
+    }
 }
 
 impl std::fmt::Debug for Generator {
@@ -196,12 +409,15 @@ impl Generator {
             + episode_p * (EPISODE_FRAUD_TXNS + EPISODE_OTHER_EVENTS);
         let activities_per_ms = config.events_per_sec.max(1e-6) / 1000.0 / events_per_activity;
         let peak_gap_ms = 1.0 / (activities_per_ms * RHYTHM_MAX);
+        let seed = config.seed;
         Generator {
             next_arrival: config.start_time_ms as f64,
             config,
             rng,
             population,
-            queue: BTreeMap::new(),
+            queue: BinaryHeap::new(),
+            slab: Vec::new(),
+            free: Vec::new(),
             seq: 0,
             peak_gap_ms,
             episode_p,
@@ -209,6 +425,12 @@ impl Generator {
             click_seq: 0,
             session_seq: 0,
             fraudster_seq: 0,
+            prefixes: [
+                format!("t-{seed}-"),
+                format!("k-{seed}-"),
+                format!("s-{seed}-"),
+                format!("d-x-{seed}-"),
+            ],
         }
     }
 
@@ -221,9 +443,29 @@ impl Generator {
         &self.population
     }
 
-    fn push(&mut self, event: GenEvent) {
+    /// Entries waiting in the queue (about one per live session, plus
+    /// delayed labels and fraud).
+    pub fn pending(&self) -> usize {
+        self.queue.len()
+    }
+
+    fn push(&mut self, time: i64, what: Pending) {
         self.seq += 1;
-        self.queue.insert((event.time_ms(), self.seq), event);
+        let slot = match self.free.pop() {
+            Some(slot) => {
+                self.slab[slot as usize] = what;
+                slot
+            }
+            None => {
+                self.slab.push(what);
+                (self.slab.len() - 1) as u32
+            }
+        };
+        self.queue.push(Entry {
+            time,
+            seq: self.seq,
+            slot,
+        });
     }
 
     /// Advances `next_arrival` by thinning a Poisson process at the peak rate.
@@ -260,6 +502,8 @@ impl Generator {
         ((usd * COUNTRIES[country as usize].scale).round() as i64).clamp(1, 900_000_000)
     }
 
+    /// Schedules a transaction at `time` and, if it is fraud (or drawn for a
+    /// negative label), its label after the label delay.
     #[allow(clippy::too_many_arguments)]
     fn txn(
         &mut self,
@@ -268,33 +512,12 @@ impl Generator {
         merchant: u32,
         amount_minor: i64,
         channel: Channel,
-        device: Option<String>,
+        device: Device,
         ip_country: Option<u8>,
         fraud: Option<FraudKind>,
     ) {
         self.txn_seq += 1;
-        let c = &self.population.cards[card as usize];
-        let user = &self.population.users[c.user as usize];
-        let m = &self.population.merchants[merchant as usize];
-        let currency_country = if channel == Channel::Ecom {
-            user.country
-        } else {
-            m.country
-        };
-        let txn = Txn {
-            event_id: format!("t-{}-{}", self.config.seed, self.txn_seq),
-            card_id: c.id.clone(),
-            user_id: user.id.clone(),
-            merchant_id: m.id.clone(),
-            mcc: MCCS[m.mcc as usize].code,
-            amount_minor,
-            currency: COUNTRIES[currency_country as usize].currency.to_owned(),
-            country: COUNTRIES[m.country as usize].code.to_owned(),
-            channel,
-            event_time: time,
-            device_id: device,
-            ip_country: ip_country.map(|i| COUNTRIES[i as usize].code.to_owned()),
-        };
+        let no = self.txn_seq;
         let labelled = match fraud {
             Some(_) => true,
             None => {
@@ -305,39 +528,28 @@ impl Generator {
         if labelled {
             let mean = self.config.label_delay_ms.max(0) as f64;
             let delay = (0.2 * mean) as i64 + self.exp_ms(0.8 * mean);
-            self.push(GenEvent::Label(Label {
-                event_id: txn.event_id.clone(),
-                card_id: txn.card_id.clone(),
-                is_fraud: fraud.is_some(),
-                fraud_type: fraud.map(|f| f.as_str().to_owned()),
-                label_time: time + delay,
-            }));
+            self.push(
+                time + delay,
+                Pending::Label {
+                    txn: no,
+                    card,
+                    fraud,
+                },
+            );
         }
-        self.push(GenEvent::Txn { txn, fraud });
-    }
-
-    fn click(
-        &mut self,
-        time: i64,
-        user: u32,
-        session: &str,
-        item: u32,
-        action: ClickAction,
-        dwell_ms: Option<i32>,
-    ) {
-        self.click_seq += 1;
-        let it = &self.population.items[item as usize];
-        let click = Click {
-            event_id: format!("k-{}-{}", self.config.seed, self.click_seq),
-            user_id: self.population.users[user as usize].id.clone(),
-            session_id: session.to_owned(),
-            item_id: it.id.clone(),
-            category: CATEGORIES[it.category as usize].0.to_owned(),
-            action,
-            event_time: time,
-            dwell_ms,
-        };
-        self.push(GenEvent::Click(click));
+        self.push(
+            time,
+            Pending::Txn(TxnSpec {
+                no,
+                amount_minor,
+                device,
+                card,
+                merchant,
+                channel,
+                ip_country,
+                fraud,
+            }),
+        );
     }
 
     fn spawn(&mut self, at: i64) {
@@ -366,8 +578,9 @@ impl Generator {
         } else {
             self.population.local_merchant(&mut self.rng, country)
         };
-        let m = self.population.merchants[merchant as usize].clone();
-        let mcc = MCCS[m.mcc as usize];
+        let m = &self.population.merchants[merchant as usize];
+        let (m_mcc, m_country) = (m.mcc, m.country);
+        let mcc = MCCS[m_mcc as usize];
         let channel = if mcc.code == 6011 {
             Channel::Atm
         } else if mcc.online && self.rng.gen_bool(0.6) {
@@ -378,91 +591,134 @@ impl Generator {
         let amount_country = if channel == Channel::Ecom {
             country
         } else {
-            m.country
+            m_country
         };
-        let mut amount = self.amount(m.mcc as usize, amount_country, 1.0);
+        let mut amount = self.amount(m_mcc as usize, amount_country, 1.0);
         if channel == Channel::Atm {
             let step = (COUNTRIES[amount_country as usize].scale * 20.0) as i64;
             amount = ((amount / step).max(1)) * step;
         }
         let (device, ip) = match channel {
-            Channel::Ecom => (
-                Some(self.population.users[user as usize].device.clone()),
-                Some(country),
-            ),
-            _ => (None, None),
+            Channel::Ecom => (Device::User(user), Some(country)),
+            _ => (Device::None, None),
         };
         self.txn(at, card, merchant, amount, channel, device, ip, None);
     }
 
-    /// Views, add-to-carts and maybe a purchase (a click and a transaction).
+    /// A browsing session: views, add-to-carts and maybe a purchase (a click
+    /// and a transaction). Only its first view is scheduled here; each step
+    /// schedules the next (see [`Generator::session_step`]).
     fn session(&mut self, at: i64) {
         self.session_seq += 1;
-        let session = format!("s-{}-{}", self.config.seed, self.session_seq);
         let user = self.pick_user();
-        let mut t = at;
-        let mut item = self.rng.gen_range(0..self.population.items.len() as u32);
-        let mut cart: Vec<u32> = Vec::new();
-        loop {
-            let dwell = 2_000 + self.exp_ms(25_000.0);
-            self.click(
-                t,
+        let item = self.rng.gen_range(0..self.population.items.len() as u32);
+        self.push(
+            at,
+            Pending::Session(Session {
+                no: self.session_seq,
                 user,
-                &session,
                 item,
-                ClickAction::View,
-                Some(dwell.min(i32::MAX as i64) as i32),
-            );
-            t += dwell;
-            if self.rng.gen_bool(CART_P) {
-                t += 500 + self.exp_ms(2_000.0);
-                self.click(t, user, &session, item, ClickAction::AddToCart, None);
-                cart.push(item);
+                first_cart: u32::MAX,
+                cart_usd: 0.0,
+                step: Step::View,
+            }),
+        );
+    }
+
+    /// Emits the click of session step `s` at `t` and schedules the next step.
+    fn session_step(&mut self, t: i64, mut s: Session) -> ClickSpec {
+        let click = |s: &Session, action, dwell_ms| ClickSpec {
+            session: s.no,
+            user: s.user,
+            item: s.item,
+            action,
+            dwell_ms,
+        };
+        match s.step {
+            Step::View => {
+                let dwell = 2_000 + self.exp_ms(25_000.0);
+                let out = click(
+                    &s,
+                    ClickAction::View,
+                    Some(dwell.min(i32::MAX as i64) as i32),
+                );
+                let mut next = t + dwell;
+                if self.rng.gen_bool(CART_P) {
+                    next += 500 + self.exp_ms(2_000.0);
+                    s.step = Step::AddToCart;
+                    self.push(next, Pending::Session(s));
+                } else {
+                    self.after_item(next, s);
+                }
+                out
             }
-            if !self.rng.gen_bool(VIEW_CONTINUE) {
-                break;
+            Step::AddToCart => {
+                let out = click(&s, ClickAction::AddToCart, None);
+                if s.first_cart == u32::MAX {
+                    s.first_cart = s.item;
+                }
+                s.cart_usd += self.population.items[s.item as usize].price_usd;
+                self.after_item(t, s);
+                out
             }
-            let category = self.population.items[item as usize].category as usize;
+            Step::Purchase => {
+                let first = s.first_cart;
+                let out = ClickSpec {
+                    item: first,
+                    ..click(&s, ClickAction::Purchase, None)
+                };
+                let user = s.user;
+                let country = self.population.users[user as usize].country;
+                let amount = ((s.cart_usd * COUNTRIES[country as usize].scale).round() as i64)
+                    .clamp(1, 900_000_000);
+                let mcc =
+                    mcc_index(CATEGORIES[self.population.items[first as usize].category as usize].1);
+                let merchant = self.population.online_merchant(&mut self.rng, mcc);
+                let card = self.pick_card(user);
+                self.txn(
+                    t + 1_500,
+                    card,
+                    merchant,
+                    amount,
+                    Channel::Ecom,
+                    Device::User(user),
+                    Some(country),
+                    None,
+                );
+                out
+            }
+        }
+    }
+
+    /// After a view (and maybe an add-to-cart) at `t`: another view, or the
+    /// end of the session with maybe a purchase.
+    fn after_item(&mut self, t: i64, mut s: Session) {
+        if self.rng.gen_bool(VIEW_CONTINUE) {
+            let category = self.population.items[s.item as usize].category as usize;
             let same = &self.population.by_category[category];
-            item = if self.rng.gen_bool(0.6) && !same.is_empty() {
+            s.item = if self.rng.gen_bool(0.6) && !same.is_empty() {
                 same[self.rng.gen_range(0..same.len())]
             } else {
                 self.rng.gen_range(0..self.population.items.len() as u32)
             };
-        }
-        if cart.is_empty() || !self.rng.gen_bool(BUY_P) {
+            s.step = Step::View;
+            self.push(t, Pending::Session(s));
             return;
         }
-        t += 3_000 + self.exp_ms(20_000.0);
-        let first = cart[0];
-        self.click(t, user, &session, first, ClickAction::Purchase, None);
-        let country = self.population.users[user as usize].country;
-        let usd: f64 = cart
-            .iter()
-            .map(|i| self.population.items[*i as usize].price_usd)
-            .sum();
-        let amount =
-            ((usd * COUNTRIES[country as usize].scale).round() as i64).clamp(1, 900_000_000);
-        let mcc = mcc_index(CATEGORIES[self.population.items[first as usize].category as usize].1);
-        let merchant = self.population.online_merchant(&mut self.rng, mcc);
-        let card = self.pick_card(user);
-        let device = Some(self.population.users[user as usize].device.clone());
-        self.txn(
-            t + 1_500,
-            card,
-            merchant,
-            amount,
-            Channel::Ecom,
-            device,
-            Some(country),
-            None,
-        );
+        if s.first_cart == u32::MAX || !self.rng.gen_bool(BUY_P) {
+            return;
+        }
+        let next = t + 3_000 + self.exp_ms(20_000.0);
+        s.step = Step::Purchase;
+        self.push(next, Pending::Session(s));
     }
 
-    fn fraudster(&mut self) -> (String, u8) {
+    fn fraudster(&mut self) -> (Device, u8) {
         self.fraudster_seq += 1;
-        let device = format!("d-x-{}-{}", self.config.seed, self.fraudster_seq);
-        (device, self.rng.gen_range(0..COUNTRIES.len() as u8))
+        (
+            Device::Fraudster(self.fraudster_seq),
+            self.rng.gen_range(0..COUNTRIES.len() as u8),
+        )
     }
 
     /// 8–20 tiny online charges at distinct merchants within minutes, often
@@ -485,7 +741,7 @@ impl Generator {
                 merchant,
                 amount,
                 Channel::Ecom,
-                Some(device.clone()),
+                device,
                 Some(ip),
                 Some(FraudKind::CardTesting),
             );
@@ -502,7 +758,7 @@ impl Generator {
                 merchant,
                 amount,
                 Channel::Ecom,
-                Some(device),
+                device,
                 Some(ip),
                 Some(FraudKind::CardTesting),
             );
@@ -518,7 +774,7 @@ impl Generator {
             ip = (ip + 1) % COUNTRIES.len() as u8;
         }
         self.session_seq += 1;
-        let session = format!("s-{}-{}", self.config.seed, self.session_seq);
+        let session = self.session_seq;
         let mut t = at;
         for _ in 0..3 {
             let electronics = self.population.by_category[0].len();
@@ -527,7 +783,16 @@ impl Generator {
             } else {
                 self.population.by_category[0][self.rng.gen_range(0..electronics)]
             };
-            self.click(t, user, &session, item, ClickAction::View, Some(1_500));
+            self.push(
+                t,
+                Pending::Click(ClickSpec {
+                    session,
+                    user,
+                    item,
+                    action: ClickAction::View,
+                    dwell_ms: Some(1_500),
+                }),
+            );
             t += 1_500 + self.exp_ms(3_000.0);
         }
         for _ in 0..self.rng.gen_range(2..=5) {
@@ -542,7 +807,7 @@ impl Generator {
                 merchant,
                 amount,
                 Channel::Ecom,
-                Some(device.clone()),
+                device,
                 Some(ip),
                 Some(FraudKind::AccountTakeover),
             );
@@ -556,13 +821,23 @@ impl Generator {
         let merchant = self
             .rng
             .gen_range(0..self.population.merchants.len() as u32);
-        let m = self.population.merchants[merchant as usize].clone();
+        let m = &self.population.merchants[merchant as usize];
+        let (m_mcc, m_country) = (m.mcc, m.country);
         for _ in 0..self.rng.gen_range(20..=50) {
             let t = at + self.rng.gen_range(0..2 * HOUR_MS);
             let user = self.pick_user();
             let card = self.pick_card(user);
-            let amount = self.amount(m.mcc as usize, m.country, 1.0);
-            self.txn(t, card, merchant, amount, Channel::Pos, None, None, None);
+            let amount = self.amount(m_mcc as usize, m_country, 1.0);
+            self.txn(
+                t,
+                card,
+                merchant,
+                amount,
+                Channel::Pos,
+                Device::None,
+                None,
+                None,
+            );
             if !self.rng.gen_bool(0.4) {
                 continue;
             }
@@ -580,12 +855,158 @@ impl Generator {
                     target,
                     amount,
                     Channel::Ecom,
-                    Some(device.clone()),
+                    device,
                     Some(ip),
                     Some(FraudKind::CompromisedMerchant),
                 );
                 later += 5 * 60_000 + self.exp_ms(30.0 * 60_000.0);
             }
+        }
+    }
+
+    /// The next event in compact form.
+    fn next_emitted(&mut self) -> Emitted {
+        loop {
+            if let Some(head) = self.queue.peek() {
+                if (head.time as f64) <= self.next_arrival {
+                    let Entry { time, slot, .. } = self.queue.pop().expect("peeked");
+                    let what = self.slab[slot as usize];
+                    self.free.push(slot);
+                    return match what {
+                        Pending::Txn(spec) => Emitted::Txn { time, spec },
+                        Pending::Label { txn, card, fraud } => Emitted::Label {
+                            time,
+                            txn,
+                            card,
+                            fraud,
+                        },
+                        Pending::Click(spec) => self.emit_click(time, spec),
+                        Pending::Session(s) => {
+                            let spec = self.session_step(time, s);
+                            self.emit_click(time, spec)
+                        }
+                    };
+                }
+            }
+            let at = self.next_arrival as i64;
+            self.spawn(at);
+            self.advance_arrival();
+        }
+    }
+
+    fn emit_click(&mut self, time: i64, spec: ClickSpec) -> Emitted {
+        self.click_seq += 1;
+        Emitted::Click {
+            time,
+            no: self.click_seq,
+            spec,
+        }
+    }
+
+    /// The next event, written into `buf` (reusing its strings); returns it.
+    pub fn next_into<'b>(&mut self, buf: &'b mut EventBuf) -> &'b GenEvent {
+        let emitted = self.next_emitted();
+        let EventBuf {
+            txn,
+            click,
+            label,
+            spare,
+        } = buf;
+        let slot = match emitted {
+            Emitted::Txn { .. } => txn,
+            Emitted::Click { .. } => click,
+            Emitted::Label { .. } => label,
+        };
+        self.write(emitted, slot, spare);
+        slot
+    }
+
+    /// Writes `e` into `out`, which must be of the same kind.
+    fn write(&self, e: Emitted, out: &mut GenEvent, spare: &mut Vec<String>) {
+        let p = &self.population;
+        match (e, out) {
+            (Emitted::Txn { time, spec }, GenEvent::Txn { txn, fraud }) => {
+                let c = &p.cards[spec.card as usize];
+                let user = &p.users[c.user as usize];
+                let m = &p.merchants[spec.merchant as usize];
+                let currency_country = if spec.channel == Channel::Ecom {
+                    user.country
+                } else {
+                    m.country
+                };
+                set_id(&mut txn.event_id, &self.prefixes[TXN_PREFIX], spec.no);
+                set_member(&mut txn.card_id, CARD_ID, spec.card);
+                set_member(&mut txn.user_id, USER_ID, c.user);
+                set_member(&mut txn.merchant_id, MERCHANT_ID, spec.merchant);
+                txn.mcc = MCCS[m.mcc as usize].code;
+                txn.amount_minor = spec.amount_minor;
+                set(
+                    &mut txn.currency,
+                    COUNTRIES[currency_country as usize].currency,
+                );
+                set(&mut txn.country, COUNTRIES[m.country as usize].code);
+                txn.channel = spec.channel;
+                txn.event_time = time;
+                let device = match spec.device {
+                    Device::None => None,
+                    Device::User(u) => Some(Err(u)),
+                    Device::Fraudster(n) => Some(Ok(n)),
+                };
+                set_opt(
+                    &mut txn.device_id,
+                    spare,
+                    device.map(|d| {
+                        move |s: &mut String| match d {
+                            Err(user) => push_id(s, DEVICE_ID.0, u64::from(user), DEVICE_ID.1),
+                            Ok(n) => {
+                                push_id(s, &self.prefixes[DEVICE_PREFIX], n, 0);
+                            }
+                        }
+                    }),
+                );
+                set_opt(
+                    &mut txn.ip_country,
+                    spare,
+                    spec.ip_country
+                        .map(|i| move |s: &mut String| s.push_str(COUNTRIES[i as usize].code)),
+                );
+                *fraud = spec.fraud;
+            }
+            (Emitted::Click { time, no, spec }, GenEvent::Click(click)) => {
+                let it = &p.items[spec.item as usize];
+                set_id(&mut click.event_id, &self.prefixes[CLICK_PREFIX], no);
+                set_member(&mut click.user_id, USER_ID, spec.user);
+                set_id(
+                    &mut click.session_id,
+                    &self.prefixes[SESSION_PREFIX],
+                    spec.session,
+                );
+                set_member(&mut click.item_id, ITEM_ID, spec.item);
+                set(&mut click.category, CATEGORIES[it.category as usize].0);
+                click.action = spec.action;
+                click.event_time = time;
+                click.dwell_ms = spec.dwell_ms;
+            }
+            (
+                Emitted::Label {
+                    time,
+                    txn,
+                    card,
+                    fraud,
+                },
+                GenEvent::Label(label),
+            ) => {
+                set_id(&mut label.event_id, &self.prefixes[TXN_PREFIX], txn);
+                set_member(&mut label.card_id, CARD_ID, card);
+                label.is_fraud = fraud.is_some();
+                set_opt(
+                    &mut label.fraud_type,
+                    spare,
+                    fraud.map(|f| move |s: &mut String| s.push_str(f.as_str())),
+                );
+                label.label_time = time;
+            }
+            _ => unreachable!("the slot matches the event kind"),
         }
     }
 }
@@ -594,15 +1015,14 @@ impl Iterator for Generator {
     type Item = GenEvent;
 
     fn next(&mut self) -> Option<GenEvent> {
-        loop {
-            if let Some(entry) = self.queue.first_entry() {
-                if (entry.key().0 as f64) <= self.next_arrival {
-                    return Some(entry.remove());
-                }
-            }
-            let at = self.next_arrival as i64;
-            self.spawn(at);
-            self.advance_arrival();
-        }
+        let emitted = self.next_emitted();
+        let buf = EventBuf::default();
+        let mut event = match emitted {
+            Emitted::Txn { .. } => buf.txn,
+            Emitted::Click { .. } => buf.click,
+            Emitted::Label { .. } => buf.label,
+        };
+        self.write(emitted, &mut event, &mut Vec::new());
+        Some(event)
     }
 }

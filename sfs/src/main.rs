@@ -3,6 +3,9 @@
 
 use clap::{Parser, Subcommand};
 
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Streaming feature store with online inference.
 #[derive(Debug, Parser)]
 #[command(name = "sfs", version, about)]

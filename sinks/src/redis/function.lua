@@ -1,7 +1,8 @@
-#!lua name=sfs_sink
+#!lua name=sfs_sink_v2
 -- The Redis side of the exactly-once, monotonic feature sink.
 --
--- sfs_apply: one atomic batch.
+-- sfs_apply_v2: one atomic batch. (Versioned: the argument layout changed in v2,
+-- and a job of another version keeps its own function while both run.)
 --   KEYS[1]  progress hash     ({prefix}_progress)
 --   KEYS[2]  tombstone zset    ({prefix}_tombstones): deleted row key -> _as_of of the delete
 --   KEYS[3..] row hashes
@@ -9,8 +10,10 @@
 --   ARGV[2]  fv: feature-set version
 --   ARGV[3]  progress frontier (ms), or "" for none
 --   ARGV[4]  progress resume offsets (JSON), ignored without a progress frontier
---   ARGV[5..] per row key, in order: n, then n field names and n values
---             (n = 0: the row's windows are empty, delete it)
+--   ARGV[5]  s: the number of field-name lists, then per list its length m
+--            and m field names (sent once per call, not per row)
+--   then, per row key in order: the 1-based index of its field-name list and
+--            that list's m values, or 0: the row's windows are empty, delete it
 --
 -- A row is written (or deleted) only if it is newer than what is stored:
 -- a stored row of the same feature-set version with _as_of >= as_of, or a
@@ -18,6 +21,10 @@
 -- Tombstones at or before the durable frontier can never win again (every
 -- later write is newer), so advancing the progress prunes them.
 -- Returns {written, deleted, skipped, progress_applied}.
+--
+-- Per row: one HMGET (the CAS), a ZSCORE only when the row does not exist,
+-- then one HSET of every field; the HSET argument tables are built once per
+-- call and only their key and value slots are overwritten per row.
 
 local function apply(keys, args)
   local as_of = tonumber(args[1])
@@ -25,41 +32,60 @@ local function apply(keys, args)
   local tombs = keys[2]
   local written, deleted, skipped = 0, 0, 0
   local a = 5
+  local lists = tonumber(args[a])
+  a = a + 1
+  local hsets, widths = {}, {}
+  for s = 1, lists do
+    local m = tonumber(args[a])
+    a = a + 1
+    local t = {''}
+    for i = 1, m do
+      t[2 * i] = args[a + i - 1]
+      t[2 * i + 1] = ''
+    end
+    t[2 * m + 2] = '_as_of'
+    t[2 * m + 3] = args[1]
+    t[2 * m + 4] = '_fv'
+    t[2 * m + 5] = fv
+    hsets[s] = t
+    widths[s] = m
+    a = a + m
+  end
   for k = 3, #keys do
     local key = keys[k]
-    local n = tonumber(args[a])
+    local s = tonumber(args[a])
     a = a + 1
+    local m = 0
+    if s > 0 then
+      m = widths[s]
+    end
     local stored = redis.call('HMGET', key, '_as_of', '_fv')
-    local newer
+    local newer, tomb
     if stored[1] then
       newer = stored[2] ~= fv or tonumber(stored[1]) < as_of
     else
-      local tomb = redis.call('ZSCORE', tombs, key)
+      tomb = redis.call('ZSCORE', tombs, key)
       newer = (not tomb) or tonumber(tomb) < as_of
     end
     if not newer then
       skipped = skipped + 1
-    elseif n == 0 then
+    elseif s == 0 then
       redis.call('DEL', key)
       redis.call('ZADD', tombs, as_of, key)
       deleted = deleted + 1
     else
-      local hset = {key}
-      for i = 0, n - 1 do
-        hset[#hset + 1] = args[a + i]
-        hset[#hset + 1] = args[a + n + i]
+      local t = hsets[s]
+      t[1] = key
+      for i = 1, m do
+        t[2 * i + 1] = args[a + i - 1]
       end
-      hset[#hset + 1] = '_as_of'
-      hset[#hset + 1] = args[1]
-      hset[#hset + 1] = '_fv'
-      hset[#hset + 1] = fv
-      if not stored[1] then
+      if tomb then
         redis.call('ZREM', tombs, key)
       end
-      redis.call('HSET', unpack(hset))
+      redis.call('HSET', unpack(t))
       written = written + 1
     end
-    a = a + 2 * n
+    a = a + m
   end
 
   local progressed = 0
@@ -77,4 +103,4 @@ local function apply(keys, args)
   return {written, deleted, skipped, progressed}
 end
 
-redis.register_function('sfs_apply', function(keys, args) return apply(keys, args) end)
+redis.register_function('sfs_apply_v2', function(keys, args) return apply(keys, args) end)

@@ -1,7 +1,7 @@
 //! The exactly-once, monotonic Redis online store.
 //!
 //! Rows are hashes `{prefix}{entity}:{id}` (see `schemas::features`). Every
-//! write goes through the `sfs_apply` Redis function ([`LIBRARY`]): a batch
+//! write goes through the `sfs_apply_v2` Redis function ([`LIBRARY`]): a batch
 //! of rows compare-and-set on `_as_of` (a row is written only if newer than
 //! the stored one; deletes leave a tombstone so a replay cannot resurrect an
 //! older row), and, in the same atomic call, optionally the progress record
@@ -21,21 +21,21 @@ mod metrics;
 mod sink;
 mod writer;
 
-use std::hash::{Hash, Hasher};
+use std::hash::Hasher;
 use std::time::Duration;
 
 use operators::kafka::{ResumePoint, TopicPartition};
-use schemas::{Entity, FeatureRow, Value};
+use schemas::{Entity, Value};
 use serde::{Deserialize, Serialize};
 
 pub use freshness::AppendTimes;
 pub use metrics::SinkMetrics;
 pub use sink::{progress_stage, ProgressStage, RedisSink};
 
-/// The Lua library holding `sfs_apply`, loaded with `FUNCTION LOAD REPLACE`.
+/// The Lua library holding `sfs_apply_v2`, loaded with `FUNCTION LOAD REPLACE`.
 pub const LIBRARY: &str = include_str!("function.lua");
 /// The function applying a batch.
-pub const FUNCTION: &str = "sfs_apply";
+pub const FUNCTION: &str = "sfs_apply_v2";
 
 /// Connection and batching of the Redis sink.
 #[derive(Debug, Clone, PartialEq)]
@@ -89,39 +89,90 @@ impl RedisSinkConfig {
 pub enum SinkError {
     #[error("redis: {0}")]
     Redis(#[from] ::redis::RedisError),
+    #[error("unexpected reply from {FUNCTION}: {0}")]
+    Reply(String),
     #[error("progress record {key} is unreadable: {reason}")]
     BadProgress { key: String, reason: String },
 }
 
 /// A row change routed to the sink: the new value of a row, or its deletion.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+///
+/// Values stay typed until the writer thread encodes them straight into the
+/// Redis request (the encoding of `schemas::features`), so the many changes
+/// superseded before they are written cost no formatting or allocation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RowWrite {
     /// Index into `Entity::ALL`.
     entity: u8,
     /// The entity id.
     pub id: String,
-    /// Encoded feature values in `entity.features()` order; `None` deletes the row.
-    pub values: Option<Vec<String>>,
+    /// Feature values in `entity.features()` order; `None` deletes the row.
+    #[serde(with = "values_serde")]
+    pub values: Option<Vec<Value>>,
+}
+
+/// Serde for row values between processes (`schemas::Value` has none).
+mod values_serde {
+    use schemas::Value;
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    #[derive(Serialize, Deserialize)]
+    enum Wire {
+        I(i64),
+        F(f64),
+    }
+
+    fn wire(v: &Value) -> Wire {
+        match *v {
+            Value::Int(i) => Wire::I(i),
+            Value::Float(f) => Wire::F(f),
+        }
+    }
+
+    struct Seq<'a>(&'a [Value]);
+
+    impl Serialize for Seq<'_> {
+        fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+            s.collect_seq(self.0.iter().map(wire))
+        }
+    }
+
+    pub fn serialize<S: Serializer>(v: &Option<Vec<Value>>, s: S) -> Result<S::Ok, S::Error> {
+        match v {
+            None => s.serialize_none(),
+            Some(v) => s.serialize_some(&Seq(v)),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<Value>>, D::Error> {
+        let wire: Option<Vec<Wire>> = Option::deserialize(d)?;
+        Ok(wire.map(|v| {
+            v.into_iter()
+                .map(|w| match w {
+                    Wire::I(i) => Value::Int(i),
+                    Wire::F(f) => Value::Float(f),
+                })
+                .collect()
+        }))
+    }
 }
 
 impl RowWrite {
     /// The change of `entity`'s row `id` to `values` (`None`: all windows empty).
     pub fn new(entity: Entity, id: String, values: Option<&[Value]>) -> RowWrite {
-        let values = values.map(|values| {
-            let row = FeatureRow {
-                entity,
-                id: String::new(),
-                as_of_ms: 0,
-                values: values.to_vec(),
-            };
-            let mut fields = row.encode_fields();
-            fields.truncate(values.len());
-            fields.into_iter().map(|(_, v)| v).collect()
-        });
-        let entity = Entity::ALL
-            .iter()
-            .position(|e| *e == entity)
-            .expect("entity is in Entity::ALL") as u8;
+        RowWrite::from_values(entity, id, values.map(<[Value]>::to_vec))
+    }
+
+    /// Like [`RowWrite::new`], taking the values without copying them.
+    pub fn from_values(entity: Entity, id: String, values: Option<Vec<Value>>) -> RowWrite {
+        RowWrite {
+            entity: entity_index(entity),
+            id,
+            values,
+        }
+    }
+
+    pub(crate) fn from_parts(entity: u8, id: String, values: Option<Vec<Value>>) -> RowWrite {
         RowWrite { entity, id, values }
     }
 
@@ -135,12 +186,72 @@ impl RowWrite {
         Entity::ALL[self.entity as usize]
     }
 
-    /// A stable hash of the row's key, to route it to one worker.
+    /// The values as written to the row's hash (the shared contract's encoding).
+    pub fn encoded_values(&self) -> Option<Vec<String>> {
+        self.values.as_ref().map(|values| {
+            let mut scratch = Vec::new();
+            values
+                .iter()
+                .map(|v| {
+                    scratch.clear();
+                    encode_value(*v, &mut scratch);
+                    String::from_utf8(scratch.clone()).expect("numbers are ASCII")
+                })
+                .collect()
+        })
+    }
+
+    /// A stable hash of the row's key, to route it to one worker (the same
+    /// in every process: FNV-1a over the entity and id).
     pub fn route(&self) -> u64 {
-        let mut h = std::hash::DefaultHasher::new();
-        self.entity.hash(&mut h);
-        self.id.hash(&mut h);
+        let mut h = Fnv::default();
+        h.write_u8(self.entity);
+        h.write(self.id.as_bytes());
         h.finish()
+    }
+}
+
+fn entity_index(entity: Entity) -> u8 {
+    Entity::ALL
+        .iter()
+        .position(|e| *e == entity)
+        .expect("entity is in Entity::ALL") as u8
+}
+
+/// Appends `value` as `schemas::features` encodes it in a row hash: integers
+/// in decimal, floats as Rust's shortest round-trip `{:?}`.
+pub(crate) fn encode_value(value: Value, out: &mut Vec<u8>) {
+    match value {
+        Value::Int(v) => out.extend_from_slice(itoa::Buffer::new().format(v).as_bytes()),
+        Value::Float(v) => {
+            use std::io::Write;
+            write!(out, "{v:?}").expect("writing to a Vec cannot fail");
+        }
+    }
+}
+
+/// FNV-1a: deterministic across processes and cheap for short keys.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Fnv(u64);
+
+impl Default for Fnv {
+    fn default() -> Self {
+        Fnv(0xcbf2_9ce4_8422_2325)
+    }
+}
+
+impl Hasher for Fnv {
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 ^= u64::from(*b);
+            self.0 = self.0.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+
+    fn finish(&self) -> u64 {
+        // Mix the high bits down: exchange and hash tables use the low ones.
+        let h = self.0;
+        h ^ (h >> 29) ^ (h >> 47)
     }
 }
 
@@ -246,7 +357,8 @@ pub fn apply(
     progress: Option<&ProgressRecord>,
 ) -> Result<Applied, SinkError> {
     let json = progress.map(|p| serde_json::to_string(&p.partitions).expect("progress serializes"));
-    let calls = writer::build_calls(
+    let mut calls = writer::Calls::default();
+    calls.build(
         config,
         &config.progress_key(),
         &config.tombstone_key(),
@@ -256,12 +368,14 @@ pub fn apply(
         json.as_deref(),
     );
     let mut applied = Applied::default();
-    for call in calls {
-        let reply: Vec<i64> = call.query(conn)?;
-        applied.written += reply.first().copied().unwrap_or(0) as u64;
-        applied.deleted += reply.get(1).copied().unwrap_or(0) as u64;
-        applied.skipped += reply.get(2).copied().unwrap_or(0) as u64;
-        applied.progressed |= reply.get(3).copied().unwrap_or(0) == 1;
+    for i in 0..calls.len() {
+        let replies = calls.send(conn, i..i + 1)?;
+        for reply in replies {
+            applied.written += reply[0];
+            applied.deleted += reply[1];
+            applied.skipped += reply[2];
+            applied.progressed |= reply[3] == 1;
+        }
     }
     Ok(applied)
 }
@@ -269,6 +383,7 @@ pub fn apply(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use schemas::FeatureRow;
 
     #[test]
     fn row_writes_encode_values_as_the_shared_contract_does() {
@@ -280,7 +395,7 @@ mod tests {
             .collect();
         let write = RowWrite::new(Entity::User, "u1".into(), Some(&values));
         assert_eq!(write.entity(), Entity::User);
-        assert_eq!(write.values.as_ref().unwrap()[3], "30");
+        assert_eq!(write.encoded_values().unwrap()[3], "30");
         let mut card: Vec<Value> = Entity::Card
             .features()
             .iter()
@@ -288,8 +403,51 @@ mod tests {
             .collect();
         card[6] = Value::Float(2.5);
         let write = RowWrite::new(Entity::Card, "c".into(), Some(&card));
-        assert_eq!(write.values.as_ref().unwrap()[6], "2.5");
+        assert_eq!(write.encoded_values().unwrap()[6], "2.5");
         assert_eq!(RowWrite::new(Entity::Card, "c".into(), None).values, None);
+        // Exactly the shared contract's encoding, for awkward values too.
+        let awkward = [
+            Value::Int(i64::MIN),
+            Value::Int(0),
+            Value::Float(1.0),
+            Value::Float(0.1 + 0.2),
+            Value::Float(1e21),
+            Value::Float(1.5e-9),
+            Value::Float(f64::MAX),
+            Value::Float(-0.0),
+        ];
+        let mut values: Vec<Value> = Entity::Card.features().iter().map(|_| Value::Int(7)).collect();
+        for (i, v) in awkward.iter().enumerate() {
+            values[i] = *v;
+        }
+        let row = FeatureRow {
+            entity: Entity::Card,
+            id: "c".into(),
+            as_of_ms: 0,
+            values: values.clone(),
+        };
+        let expected: Vec<String> = row
+            .encode_fields()
+            .into_iter()
+            .take(values.len())
+            .map(|(_, v)| v)
+            .collect();
+        let write = RowWrite::from_values(Entity::Card, "c".into(), Some(values));
+        assert_eq!(write.encoded_values().unwrap(), expected);
+    }
+
+    #[test]
+    fn row_writes_round_trip_through_serde() {
+        let write = RowWrite::from_values(
+            Entity::Card,
+            "c".into(),
+            Some(vec![Value::Int(-3), Value::Float(0.25)]),
+        );
+        let json = serde_json::to_string(&write).unwrap();
+        assert_eq!(serde_json::from_str::<RowWrite>(&json).unwrap(), write);
+        let gone = RowWrite::new(Entity::User, "u".into(), None);
+        let json = serde_json::to_string(&gone).unwrap();
+        assert_eq!(serde_json::from_str::<RowWrite>(&json).unwrap(), gone);
     }
 
     #[test]

@@ -2,6 +2,7 @@
 
 use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
+use std::hash::BuildHasherDefault;
 use std::rc::Rc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -12,9 +13,11 @@ use timely::dataflow::operators::Capability;
 use timely::dataflow::Stream;
 use timely::progress::frontier::MutableAntichain;
 
+use schemas::Value;
+
 use super::writer::{Job, Writer};
 use super::{
-    AppendTimes, PartitionProgress, ProgressRecord, RedisSinkConfig, RowWrite, SinkMetrics,
+    AppendTimes, Fnv, PartitionProgress, ProgressRecord, RedisSinkConfig, RowWrite, SinkMetrics,
 };
 
 fn wall_ms() -> i64 {
@@ -34,6 +37,10 @@ fn target(frontier: &MutableAntichain<u64>, source: &SourceHandle) -> Option<u64
         _ => None,
     }
 }
+
+/// Pending rows by key: the time and values of the key's last change.
+type ReadyRows =
+    HashMap<(u8, String), (u64, Option<Vec<Value>>), BuildHasherDefault<Fnv>>;
 
 /// Writes row changes to Redis, exactly once and monotonically.
 pub trait RedisSink<'scope> {
@@ -72,9 +79,9 @@ impl<'scope> RedisSink<'scope> for Stream<'scope, u64, Vec<RowWrite>> {
         builder.build(move |mut caps| {
             let mut held: Option<Capability<u64>> = caps.pop();
             // Changes not yet before the frontier, by time.
-            let mut pending: BTreeMap<u64, Vec<RowWrite>> = BTreeMap::new();
+            let mut pending: BTreeMap<u64, Vec<Vec<RowWrite>>> = BTreeMap::new();
             // The last change of each key before `ready_at`.
-            let mut ready: HashMap<(u8, String), (u64, RowWrite)> = HashMap::new();
+            let mut ready: ReadyRows = HashMap::default();
             let mut ready_at = floor;
             let mut sent_at = floor;
 
@@ -82,7 +89,8 @@ impl<'scope> RedisSink<'scope> for Stream<'scope, u64, Vec<RowWrite>> {
                 input.for_each(|cap, data| {
                     let time = *cap.least().expect("rows are sent under a capability");
                     if time >= floor {
-                        pending.entry(time).or_default().append(data);
+                        // Keep the received batch as is (no copy).
+                        pending.entry(time).or_default().push(std::mem::take(data));
                     }
                 });
                 while let Some(done) = writer.try_done() {
@@ -100,21 +108,20 @@ impl<'scope> RedisSink<'scope> for Stream<'scope, u64, Vec<RowWrite>> {
                 };
                 if frontier > ready_at {
                     let later = pending.split_off(&frontier);
-                    for (time, rows) in std::mem::replace(&mut pending, later) {
-                        for row in rows {
-                            let key = (row.entity_index(), row.id.clone());
-                            match ready.get(&key) {
-                                Some((t, _)) if *t > time => {}
-                                _ => {
-                                    ready.insert(key, (time, row));
-                                }
-                            }
+                    for (time, batches) in std::mem::replace(&mut pending, later) {
+                        // Times ascend, so a later change of a key replaces an earlier one.
+                        for row in batches.into_iter().flatten() {
+                            let entity = row.entity_index();
+                            ready.insert((entity, row.id), (time, row.values));
                         }
                     }
                     ready_at = frontier;
                 }
                 if writer.idle() && ready_at > sent_at {
-                    let rows: Vec<RowWrite> = ready.drain().map(|(_, (_, row))| row).collect();
+                    let rows: Vec<RowWrite> = ready
+                        .drain()
+                        .map(|((entity, id), (_, values))| RowWrite::from_parts(entity, id, values))
+                        .collect();
                     if rows.is_empty() {
                         if let Some(cap) = held.as_mut() {
                             cap.downgrade(&ready_at);

@@ -8,7 +8,9 @@ use std::time::{Duration, Instant};
 
 use timely::scheduling::SyncActivator;
 
-use super::{connect, load_function, RedisSinkConfig, RowWrite, SinkMetrics, FUNCTION};
+use schemas::Entity;
+
+use super::{connect, encode_value, load_function, RedisSinkConfig, RowWrite, SinkError, SinkMetrics};
 
 /// Work for the writer.
 #[derive(Debug)]
@@ -104,6 +106,7 @@ fn run(
     let progress_key = config.progress_key();
     let tombstone_key = config.tombstone_key();
     let fv = config.feature_set_version.to_string();
+    let mut calls = Calls::default();
     while let Ok(Job::Apply {
         frontier,
         rows,
@@ -111,7 +114,7 @@ fn run(
     }) = jobs.recv()
     {
         let started = Instant::now();
-        let calls = build_calls(
+        calls.build(
             &config,
             &progress_key,
             &tombstone_key,
@@ -130,7 +133,7 @@ fn run(
         };
         let mut next_call = 0;
         while next_call < calls.len() {
-            let attempt = (|| -> Result<Vec<Vec<i64>>, super::SinkError> {
+            let attempt = (|| -> Result<Vec<[u64; 4]>, super::SinkError> {
                 if conn.is_none() {
                     let mut c = connect(&config)?;
                     load_function(&mut c)?;
@@ -138,19 +141,15 @@ fn run(
                 }
                 let c = conn.as_mut().expect("connected above");
                 let end = (next_call + config.calls_per_round_trip.max(1)).min(calls.len());
-                let mut pipe = ::redis::pipe();
-                for call in &calls[next_call..end] {
-                    pipe.add_command(call.clone());
-                }
-                Ok(pipe.query(c)?)
+                calls.send(c, next_call..end)
             })();
             match attempt {
                 Ok(replies) => {
                     for reply in &replies {
-                        result.written += reply.first().copied().unwrap_or(0) as u64;
-                        result.deleted += reply.get(1).copied().unwrap_or(0) as u64;
-                        result.skipped += reply.get(2).copied().unwrap_or(0) as u64;
-                        result.progressed |= reply.get(3).copied().unwrap_or(0) == 1;
+                        result.written += reply[0];
+                        result.deleted += reply[1];
+                        result.skipped += reply[2];
+                        result.progressed |= reply[3] == 1;
                     }
                     next_call += replies.len();
                     metrics.stalled.set(0);
@@ -178,6 +177,8 @@ fn run(
                 .observe(started.elapsed().as_secs_f64());
             metrics.batch_rows.observe(rows.len() as f64);
         }
+        // Free the batch before reporting, off the worker thread.
+        drop(rows);
         if done.send(result).is_err() {
             return;
         }
@@ -185,66 +186,178 @@ fn run(
     }
 }
 
-/// The `FCALL`s of one job: rows in chunks, the progress record (if any)
-/// with the last chunk, so a batch that fits one call is one atomic step.
-pub(crate) fn build_calls(
-    config: &RedisSinkConfig,
-    progress_key: &str,
-    tombstone_key: &str,
-    fv: &str,
-    frontier: u64,
-    rows: &[RowWrite],
-    progress: Option<&str>,
-) -> Vec<::redis::Cmd> {
-    let per_call = config.rows_per_call.max(1);
-    let chunks: Vec<&[RowWrite]> = if rows.is_empty() {
-        vec![&[][..]]
-    } else {
-        rows.chunks(per_call).collect()
-    };
-    let last = chunks.len() - 1;
-    let as_of = frontier.to_string();
-    let mut key = String::new();
-    chunks
-        .into_iter()
-        .enumerate()
-        .map(|(i, chunk)| {
-            let mut cmd = ::redis::cmd("FCALL");
-            cmd.arg(FUNCTION)
-                .arg(chunk.len() + 2)
-                .arg(progress_key)
-                .arg(tombstone_key);
+/// The `FCALL`s of one job, packed as RESP in one reusable buffer: rows in
+/// chunks of `rows_per_call`, the progress record (if any) with the last
+/// chunk, so a batch that fits one call is one atomic step.
+///
+/// Layout of one call (see `function.lua`): the keys; `as_of`, `fv`, the
+/// progress frontier and JSON (or two empty strings); the field-name lists
+/// used by the call's rows (`s`, then per list its length `m` and `m` names);
+/// then per row the 1-based list index (0: delete) and its `m` values.
+#[derive(Debug, Default)]
+pub(crate) struct Calls {
+    buf: Vec<u8>,
+    /// End offset in `buf` of each call.
+    ends: Vec<usize>,
+    scratch: Vec<u8>,
+    /// Field-name lists of the current call: (entity index, width).
+    schemas: Vec<(u8, usize)>,
+    row_schema: Vec<usize>,
+}
+
+impl Calls {
+    pub(crate) fn len(&self) -> usize {
+        self.ends.len()
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn build(
+        &mut self,
+        config: &RedisSinkConfig,
+        progress_key: &str,
+        tombstone_key: &str,
+        fv: &str,
+        frontier: u64,
+        rows: &[RowWrite],
+        progress: Option<&str>,
+    ) {
+        self.buf.clear();
+        self.ends.clear();
+        let per_call = config.rows_per_call.max(1);
+        let chunks: Vec<&[RowWrite]> = if rows.is_empty() {
+            vec![&[][..]]
+        } else {
+            rows.chunks(per_call).collect()
+        };
+        let last = chunks.len() - 1;
+        let mut as_of = itoa::Buffer::new();
+        let as_of = as_of.format(frontier).as_bytes().to_vec();
+        for (i, chunk) in chunks.into_iter().enumerate() {
+            // Field-name lists and argument count first (RESP is length-prefixed).
+            self.schemas.clear();
+            self.row_schema.clear();
+            let mut values = 0;
             for row in chunk {
-                key.clear();
-                key.push_str(&config.key_prefix);
-                key.push_str(row.entity().as_str());
-                key.push(':');
-                key.push_str(&row.id);
-                cmd.arg(key.as_str());
+                let index = match &row.values {
+                    None => 0,
+                    Some(v) => {
+                        values += v.len();
+                        let schema = (row.entity_index(), v.len());
+                        match self.schemas.iter().position(|s| *s == schema) {
+                            Some(p) => p + 1,
+                            None => {
+                                self.schemas.push(schema);
+                                self.schemas.len()
+                            }
+                        }
+                    }
+                };
+                self.row_schema.push(index);
             }
-            cmd.arg(as_of.as_str()).arg(fv);
-            match progress.filter(|_| i == last) {
-                Some(json) => cmd.arg(as_of.as_str()).arg(json),
-                None => cmd.arg("").arg(""),
-            };
+            let names: usize = self.schemas.iter().map(|(_, m)| 1 + m).sum();
+            let args = 3 + (2 + chunk.len()) + 4 + 1 + names + chunk.len() + values;
+            self.header(b'*', args);
+            self.bulk(b"FCALL");
+            self.bulk(super::FUNCTION.as_bytes());
+            self.bulk_int((chunk.len() + 2) as u64);
+            self.bulk(progress_key.as_bytes());
+            self.bulk(tombstone_key.as_bytes());
             for row in chunk {
-                match &row.values {
-                    None => {
-                        cmd.arg(0);
-                    }
-                    Some(values) => {
-                        let specs = row.entity().features();
-                        cmd.arg(values.len());
-                        for spec in specs.iter().take(values.len()) {
-                            cmd.arg(spec.name);
-                        }
-                        for value in values {
-                            cmd.arg(value.as_str());
-                        }
-                    }
+                let entity = row.entity().as_str();
+                let len = config.key_prefix.len() + entity.len() + 1 + row.id.len();
+                self.header(b'$', len);
+                self.buf.extend_from_slice(config.key_prefix.as_bytes());
+                self.buf.extend_from_slice(entity.as_bytes());
+                self.buf.push(b':');
+                self.buf.extend_from_slice(row.id.as_bytes());
+                self.buf.extend_from_slice(b"\r\n");
+            }
+            self.bulk(&as_of);
+            self.bulk(fv.as_bytes());
+            match progress.filter(|_| i == last) {
+                Some(json) => {
+                    self.bulk(&as_of);
+                    self.bulk(json.as_bytes());
+                }
+                None => {
+                    self.bulk(b"");
+                    self.bulk(b"");
                 }
             }
-            cmd
-        })
-        .collect()
+            self.bulk_int(self.schemas.len() as u64);
+            for s in 0..self.schemas.len() {
+                let (entity, width) = self.schemas[s];
+                self.bulk_int(width as u64);
+                for spec in Entity::ALL[entity as usize].features().iter().take(width) {
+                    self.bulk(spec.name.as_bytes());
+                }
+            }
+            for (row, index) in chunk.iter().zip(0..) {
+                self.bulk_int(self.row_schema[index] as u64);
+                for value in row.values.iter().flatten() {
+                    self.scratch.clear();
+                    encode_value(*value, &mut self.scratch);
+                    self.header(b'$', self.scratch.len());
+                    self.buf.extend_from_slice(&self.scratch);
+                    self.buf.extend_from_slice(b"\r\n");
+                }
+            }
+            self.ends.push(self.buf.len());
+        }
+    }
+
+    fn header(&mut self, kind: u8, n: usize) {
+        self.buf.push(kind);
+        self.buf
+            .extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
+        self.buf.extend_from_slice(b"\r\n");
+    }
+
+    fn bulk(&mut self, bytes: &[u8]) {
+        self.header(b'$', bytes.len());
+        self.buf.extend_from_slice(bytes);
+        self.buf.extend_from_slice(b"\r\n");
+    }
+
+    fn bulk_int(&mut self, n: u64) {
+        let mut b = itoa::Buffer::new();
+        let s = b.format(n);
+        self.header(b'$', s.len());
+        self.buf.extend_from_slice(s.as_bytes());
+        self.buf.extend_from_slice(b"\r\n");
+    }
+
+    /// Sends calls `range` in one round trip; their replies
+    /// `[written, deleted, skipped, progressed]`.
+    pub(crate) fn send(
+        &self,
+        conn: &mut ::redis::Connection,
+        range: std::ops::Range<usize>,
+    ) -> Result<Vec<[u64; 4]>, SinkError> {
+        use ::redis::ConnectionLike;
+        let start = if range.start == 0 {
+            0
+        } else {
+            self.ends[range.start - 1]
+        };
+        let end = self.ends[range.end - 1];
+        let replies = conn.req_packed_commands(&self.buf[start..end], 0, range.len())?;
+        replies
+            .into_iter()
+            .map(|reply| match reply {
+                ::redis::Value::Array(items) if items.len() == 4 => {
+                    let mut out = [0u64; 4];
+                    for (o, item) in out.iter_mut().zip(items) {
+                        match item {
+                            ::redis::Value::Int(n) => *o = n.max(0) as u64,
+                            other => return Err(SinkError::Reply(format!("{other:?}"))),
+                        }
+                    }
+                    Ok(out)
+                }
+                ::redis::Value::ServerError(e) => Err(SinkError::Reply(e.to_string())),
+                other => Err(SinkError::Reply(format!("{other:?}"))),
+            })
+            .collect()
+    }
 }
