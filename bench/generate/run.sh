@@ -18,20 +18,25 @@ if [ -z "${SFS:-}" ]; then
 fi
 
 PREFIX="bench-gen-$(date +%s)"
+# Other work on the same cores moves the result a lot: record the load.
+LOAD_BEFORE=$(cut -d' ' -f1 /proc/loadavg)
 summary=$("$SFS" generate --rate max --events "$EVENTS" --seed 1 --start-time 2024-01-01T00:00:00Z \
   --sim-rate 2000 --partitions "$PARTITIONS" --format "$FORMAT" --brokers "$BROKERS" \
   --txn-topic "$PREFIX.txn.events" --click-topic "$PREFIX.click.events" --label-topic "$PREFIX.txn.labels" \
   --summary-json --no-progress)
 
-python3 - "$summary" "$EVENTS" "$PARTITIONS" "$FORMAT" <<'PY'
+LOAD_AFTER=$(cut -d' ' -f1 /proc/loadavg)
+
+python3 - "$summary" "$EVENTS" "$PARTITIONS" "$FORMAT" "$LOAD_BEFORE" "$LOAD_AFTER" <<'PY'
 import json, os, platform, subprocess, sys
 summary, events, partitions, fmt = json.loads(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+load = [float(sys.argv[5]), float(sys.argv[6])]
 model = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), platform.processor())
 commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
 dirty = bool(subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True).stdout.strip())
 print(json.dumps({
     "bench": "generate",
-    "machine": {"nproc": os.cpu_count(), "model": model},
+    "machine": {"nproc": os.cpu_count(), "model": model, "load_avg_1m_before_after": load},
     "commit": commit + ("-dirty" if dirty else ""),
     "config": {"events": events, "partitions": partitions, "format": fmt, "rate": "max",
                "acks": "all", "idempotence": True, "compression": "lz4", "linger_ms": 20},

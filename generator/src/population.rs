@@ -431,13 +431,29 @@ impl Population {
     }
 }
 
+/// The index of `code` in `MCCS`.
+pub fn mcc_index(code: i32) -> usize {
+    MCCS.iter()
+        .position(|m| m.code == code)
+        .expect("categories map to listed MCCs")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn ids_match_the_formatter() {
-        for n in [0u32, 7, 42, 999_999, 1_000_000, 9_999_999, 12_345_678, u32::MAX] {
+        for n in [
+            0u32,
+            7,
+            42,
+            999_999,
+            1_000_000,
+            9_999_999,
+            12_345_678,
+            u32::MAX,
+        ] {
             assert_eq!(id_of(USER_ID, n), format!("u-{n:07}"));
             assert_eq!(id_of(MERCHANT_ID, n), format!("m-{n:06}"));
             let mut s = String::new();
@@ -445,11 +461,4 @@ mod tests {
             assert_eq!(s, format!("t-1-{}", u64::from(n) * 1_000));
         }
     }
-}
-
-/// The index of `code` in `MCCS`.
-pub fn mcc_index(code: i32) -> usize {
-    MCCS.iter()
-        .position(|m| m.code == code)
-        .expect("categories map to listed MCCs")
 }

@@ -279,8 +279,15 @@ impl Ord for Entry {
 /// An event ready to be written out (numbers and population indices only).
 #[derive(Debug, Clone, Copy)]
 enum Emitted {
-    Txn { time: i64, spec: TxnSpec },
-    Click { time: i64, no: u64, spec: ClickSpec },
+    Txn {
+        time: i64,
+        spec: TxnSpec,
+    },
+    Click {
+        time: i64,
+        no: u64,
+        spec: ClickSpec,
+    },
     Label {
         time: i64,
         txn: u64,
@@ -361,7 +368,11 @@ fn set_member(s: &mut String, scheme: IdScheme, n: u32) {
 }
 
 /// Sets an optional string field, keeping unused allocations in `spare`.
-fn set_opt(slot: &mut Option<String>, spare: &mut Vec<String>, value: Option<impl FnOnce(&mut String)>) {
+fn set_opt(
+    slot: &mut Option<String>,
+    spare: &mut Vec<String>,
+    value: Option<impl FnOnce(&mut String)>,
+) {
     match value {
         None => {
             if let Some(s) = slot.take() {
@@ -671,8 +682,9 @@ impl Generator {
                 let country = self.population.users[user as usize].country;
                 let amount = ((s.cart_usd * COUNTRIES[country as usize].scale).round() as i64)
                     .clamp(1, 900_000_000);
-                let mcc =
-                    mcc_index(CATEGORIES[self.population.items[first as usize].category as usize].1);
+                let mcc = mcc_index(
+                    CATEGORIES[self.population.items[first as usize].category as usize].1,
+                );
                 let merchant = self.population.online_merchant(&mut self.rng, mcc);
                 let card = self.pick_card(user);
                 self.txn(

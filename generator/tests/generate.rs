@@ -295,3 +295,48 @@ fn kafka_output_is_keyed_and_decodable() {
         "spread over the created partitions: {partitions:?}"
     );
 }
+
+#[test]
+fn next_into_gives_the_iterator_stream_and_the_queue_stays_small() {
+    let expected = events(config(), 50_000);
+    let mut generator = Generator::new(config());
+    let mut buf = generator::EventBuf::default();
+    for e in &expected {
+        assert_eq!(generator.next_into(&mut buf), e);
+    }
+    // Sessions schedule one step at a time: the queue holds live sessions
+    // and delayed labels, not whole sessions laid out ahead.
+    let mut generator = Generator::new(GeneratorConfig {
+        events_per_sec: 2_000.0,
+        ..config()
+    });
+    for _ in 0..300_000 {
+        generator.next();
+    }
+    assert!(generator.pending() < 60_000, "{}", generator.pending());
+}
+
+#[test]
+fn undelivered_kafka_events_are_an_error() {
+    use generator::output::{KafkaOutput, KafkaSink, WireFormat};
+    let mut sink: Box<dyn Sink> = Box::new(
+        KafkaSink::new(KafkaOutput {
+            brokers: "127.0.0.1:1".into(),
+            topics: Topics::default(),
+            partitions: 1,
+            replication_factor: 1,
+            format: WireFormat::Avro,
+            v1_share: 0.0,
+            linger_ms: 5,
+            batch_bytes: 100_000,
+            compression: "lz4".into(),
+            extra: vec![("message.timeout.ms".into(), "1500".into())],
+        })
+        .unwrap(),
+    );
+    for e in events(config(), 5_000) {
+        sink.send(&e).unwrap();
+    }
+    let err = sink.finish().unwrap_err().to_string();
+    assert!(err.contains("not delivered"), "{err}");
+}
