@@ -1,10 +1,17 @@
 #!/usr/bin/env bash
 # Kafka -> `sfs stream` -> Redis, two measurements, one JSON line each:
 #  1. throughput: EVENTS generated events (max rate, historical time) read by a
-#     bounded job (`--until-end`, WORKERS workers): events/s over the job's wall time;
+#     bounded job (`--until-end`, WORKERS workers): events/s over the job's wall time
+#     (the generator has finished before the job starts), with the job's and
+#     redis-server's CPU seconds and the load average (the machine may be shared);
 #  2. freshness: RATE events/s generated live (event time = now) for SECONDS into
-#     an unbounded job (tick FRESH_TICK_MS, no lateness); p50/p99 of the job's
-#     sfs_sink_feature_freshness_seconds histogram (Kafka append -> Redis visible).
+#     an unbounded job (tick FRESH_TICK_MS, no lateness); p50/p90/p99/p99.9 of the
+#     job's sfs_sink_feature_freshness_seconds histogram, read once every record
+#     has been observed. Per record: its Kafka timestamp (the producer's create
+#     time, at or before the broker's append) -> the moment every worker's Redis
+#     sink has had its batch acknowledged for a frontier past the record's time.
+#     The generator's achieved rate is reported: on a busy machine it can fall
+#     short of RATE.
 # usage: bench/stream/run.sh [throughput|freshness|all]
 # env: EVENTS (2000000), WORKERS (2), RATE (20000), SECONDS (30), FRESH_TICK_MS (10),
 #      KAFKA_BROKERS, REDIS_URL
@@ -40,20 +47,32 @@ PY
 }
 
 topics() { echo "--txn-topic $1.txn --click-topic $1.click"; }
+# CPU ticks (user + system) of a process, or 0 when it is not visible here.
+redis_cpu() { awk '{print $14 + $15}' "/proc/$1/stat" 2>/dev/null || echo 0; }
+TMPDIR_BENCH=$(mktemp -d)
+trap 'rm -rf "$TMPDIR_BENCH"' EXIT
 
 throughput() {
   local run="bench-stream-$(date +%s)"
   "$SFS" generate --rate max --events "$EVENTS" --seed 1 --start-time 2024-01-01T00:00:00Z --sim-rate 2000 \
     --partitions 4 --brokers "$BROKERS" $(topics "$run") --label-topic "$run.label" --no-progress --summary-json >/dev/null
-  local start end
+  # The generator has flushed and exited: the measured window is the job alone
+  # (plus Redis). CPU seconds of the job and of redis-server are reported too.
+  local start end redis_pid redis_cpu0 redis_cpu1 load0 load1
+  redis_pid=$(redis-cli -u "$REDIS" info server | sed -n 's/^process_id:\([0-9]*\).*/\1/p')
+  redis_cpu0=$(redis_cpu "$redis_pid")
+  load0=$(cut -d' ' -f1 /proc/loadavg)
   start=$(date +%s.%N)
-  "$SFS" stream --until-end -w "$WORKERS" --metrics-listen "" $(topics "$run") --key-prefix "$run:" --group-id "$run" >/dev/null
+  /usr/bin/time -f "%U %S" -o "$TMPDIR_BENCH/time" \
+    "$SFS" stream --until-end -w "$WORKERS" --metrics-listen "" $(topics "$run") --key-prefix "$run:" --group-id "$run" >/dev/null
   end=$(date +%s.%N)
+  redis_cpu1=$(redis_cpu "$redis_pid")
+  load1=$(cut -d' ' -f1 /proc/loadavg)
   local rows
   rows=$(redis-cli -u "$REDIS" --scan --pattern "$run:*" | wc -l)
   emit stream-throughput \
     "{\"events\": $EVENTS, \"workers\": $WORKERS, \"partitions\": 4, \"tick_ms\": 1000, \"format\": \"avro\", \"mode\": \"until-end\"}" \
-    "$(python3 -c "import json;e=$EVENTS;s=$end-$start;print(json.dumps({'events_per_sec': round(e/s), 'elapsed_secs': round(s,2), 'rows_in_redis': $rows}))")"
+    "$(python3 -c "import json;e=$EVENTS;s=$end-$start;u,k=open('$TMPDIR_BENCH/time').read().split()[-2:];print(json.dumps({'events_per_sec': round(e/s), 'elapsed_secs': round(s,2), 'rows_in_redis': $rows, 'job_cpu_secs': round(float(u)+float(k),2), 'redis_cpu_secs': round(($redis_cpu1-$redis_cpu0)/100,2), 'loadavg_1m_before_after': [$load0, $load1]}))")"
   redis-cli -u "$REDIS" --scan --pattern "$run:*" | xargs -r -n 1000 redis-cli -u "$REDIS" del >/dev/null
 }
 
@@ -66,15 +85,25 @@ freshness() {
     --group-id "$run" --tick-ms "$FRESH_TICK_MS" --allowed-lateness-ms 0 --idle-timeout-ms 200 >/dev/null &
   local job=$!
   sleep 3
-  "$SFS" generate --rate "$RATE" --speedup 1 --start-time now --events $((RATE * SECONDS_LIVE)) --seed 2 \
+  local gen
+  gen=$("$SFS" generate --rate "$RATE" --speedup 1 --start-time now --events $((RATE * SECONDS_LIVE)) --seed 2 \
     --partitions 4 --brokers "$BROKERS" $(topics "$run") --label-topic "$run.label" --linger-ms 1 \
-    --no-progress --summary-json >/dev/null
-  sleep 2
-  local metrics
-  metrics=$(curl -s "http://127.0.0.1:$port/metrics")
+    --no-progress --summary-json)
+  # Every generated record (and the topic-creating one) must be observed:
+  # records still invisible at the end are the slowest, so leaving them out
+  # would flatter the tail. Wait for them (at most 60 s).
+  local metrics expected=$((RATE * SECONDS_LIVE + 1)) waited=0
+  while :; do
+    metrics=$(curl -s "http://127.0.0.1:$port/metrics")
+    local seen
+    seen=$(echo "$metrics" | sed -n 's/^sfs_sink_feature_freshness_seconds_count \([0-9.e+]*\)$/\1/p')
+    python3 -c "import sys; sys.exit(0 if float('${seen:-0}') >= $expected else 1)" && break
+    [[ $waited -ge 600 ]] && break
+    sleep 0.1; waited=$((waited + 1))
+  done
   kill "$job"; wait "$job" 2>/dev/null || true
   local results
-  results=$(python3 - "$metrics" <<'PY'
+  results=$(python3 - "$metrics" "$gen" "$expected" <<'PY'
 import json, sys
 buckets, count = [], 0
 for line in sys.argv[1].splitlines():
@@ -92,7 +121,12 @@ def quantile(q):
             return prev_le + (le - prev_le) * ((target - prev_n) / max(n - prev_n, 1e-9))
         prev_le, prev_n = le, n
     return float("nan")
-print(json.dumps({"records": int(count), "p50_ms": round(quantile(0.5) * 1000, 1), "p99_ms": round(quantile(0.99) * 1000, 1)}))
+gen = json.loads(sys.argv[2])
+print(json.dumps({"records": int(count), "records_expected": int(sys.argv[3]),
+                  "generator_events_per_sec": round(gen["events_per_sec"]),
+                  "p50_ms": round(quantile(0.5) * 1000, 1), "p90_ms": round(quantile(0.9) * 1000, 1),
+                  "p99_ms": round(quantile(0.99) * 1000, 1), "p999_ms": round(quantile(0.999) * 1000, 1),
+                  "loadavg_1m": float(open("/proc/loadavg").read().split()[0])}))
 PY
 )
   emit stream-freshness \

@@ -162,6 +162,31 @@ fn empty_click() -> Click {
     }
 }
 
+/// User + system CPU time of this process so far (Linux `/proc/self/stat`).
+fn process_cpu_secs() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the parenthesized command name; utime and stime are the
+    // 14th and 15th fields overall, in clock ticks (100 Hz on Linux).
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+/// The 1-minute load average (`/proc/loadavg`), as a JSON number.
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().map(str::to_owned))
+        .filter(|l| l.parse::<f64>().is_ok())
+        .unwrap_or_else(|| "null".into())
+}
+
 fn env<T: std::str::FromStr>(name: &str, default: T) -> T {
     std::env::var(name)
         .ok()
@@ -180,11 +205,20 @@ fn main() {
         .split(',')
         .filter_map(|w| w.trim().parse::<usize>().ok())
     {
+        let cpu_before = process_cpu_secs();
         let (elapsed, updates) = run(log.clone(), config.clone(), w);
+        let cpu = process_cpu_secs() - cpu_before;
         let eps = events as f64 / elapsed.as_secs_f64();
-        eprintln!("workers={w} elapsed={elapsed:?} events/s={eps:.0} row_updates={updates}");
+        // Events per CPU-second of this process: less sensitive to other load
+        // on a shared machine than wall-clock events/s.
+        let eps_cpu = events as f64 / cpu.max(1e-9);
+        let load = load_average();
+        eprintln!(
+            "workers={w} elapsed={elapsed:?} events/s={eps:.0} cpu_secs={cpu:.2} \
+             events/cpu_s={eps_cpu:.0} row_updates={updates} load={load}"
+        );
         results.push(format!(
-            "\"{w}\":{{\"events_per_sec\":{eps:.0},\"secs\":{:.3},\"row_updates\":{updates}}}",
+            "\"{w}\":{{\"events_per_sec\":{eps:.0},\"secs\":{:.3},\"cpu_secs\":{cpu:.3},\"events_per_cpu_sec\":{eps_cpu:.0},\"row_updates\":{updates},\"load_avg_1m\":{load}}}",
             elapsed.as_secs_f64()
         ));
     }

@@ -19,11 +19,14 @@ use timely::dataflow::StreamVec;
 use timely::progress::operate::FrontierInterest;
 
 use operators::aggregate::{
-    Aggregate, Count, DistinctCount, LastTime, Max, Moments, RowAggregate, Sum, WindowedAggregate,
+    Aggregate, Count, DistinctCount, LastTime, Max, Mode, Moments, RowAggregate, Sum,
+    WindowedAggregate, WORK_PER_ACTIVATION,
 };
 use operators::window::WindowFold;
 use schemas::event::{Click, ClickAction, Txn};
-use schemas::features::{Entity, Value, CARD_FEATURES, DAY_MS, HOUR_MS, MINUTE_MS, USER_FEATURES};
+use schemas::features::{
+    pack_country, Entity, Value, CARD_FEATURES, DAY_MS, HOUR_MS, MINUTE_MS, USER_FEATURES,
+};
 
 /// Configuration of the feature graph.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -108,6 +111,12 @@ pub fn sum_value(sum: i128) -> Value {
     Value::Int(sum.clamp(i64::MIN as i128, i64::MAX as i128) as i64)
 }
 
+/// The `top_country_24h` value of the most frequent country: its
+/// [`pack_country`] code, 0 when there is none or it cannot be packed.
+pub fn top_country(country: Option<&String>) -> i64 {
+    country.and_then(|c| pack_country(c)).unwrap_or(0)
+}
+
 #[derive(Default)]
 struct CardFold {
     counts: [Count; 4],
@@ -116,7 +125,8 @@ struct CardFold {
     moments_24h: Moments,
     max_24h: Max<i64>,
     merchants_24h: DistinctCount<String>,
-    countries_24h: DistinctCount<String>,
+    /// Countries in 24h: `distinct_countries_24h` and `top_country_24h`.
+    countries_24h: Mode<String>,
     last_24h: LastTime,
 }
 
@@ -178,8 +188,9 @@ impl RowAggregate<CardEvent> for CardFold {
             Value::Int(self.max_24h.value().unwrap_or(0)),
             Value::Int(Aggregate::<String>::value(&self.merchants_1h)),
             Value::Int(Aggregate::<String>::value(&self.merchants_24h)),
-            Value::Int(Aggregate::<String>::value(&self.countries_24h)),
+            Value::Int(self.countries_24h.distinct()),
             Value::Int(self.last_24h.value().unwrap_or(0)),
+            Value::Int(top_country(self.countries_24h.mode())),
         ]
     }
 }
@@ -224,6 +235,15 @@ impl UserFold {
 }
 
 impl WindowFold<UserEvent> for UserFold {
+    /// A user's transactions count only over 24h: they skip the 5m and 1h
+    /// windows (no departures scheduled there).
+    #[inline]
+    fn windows_of(e: &UserEvent) -> u32 {
+        match e {
+            UserEvent::Click { .. } => u32::MAX,
+            UserEvent::Txn { .. } => 1 << 2,
+        }
+    }
     #[inline]
     fn enter(&mut self, w: usize, e: &UserEvent) {
         self.apply(w, e, 1);
@@ -269,13 +289,27 @@ pub fn build_features<'scope>(
     clicks: StreamVec<'scope, u64, Click>,
     config: &GraphConfig,
 ) -> StreamVec<'scope, u64, RowUpdate> {
+    build_features_budgeted(txns, clicks, config, WORK_PER_ACTIVATION)
+}
+
+/// [`build_features`] with the windowed aggregates doing at most about
+/// `work_per_activation` units of work per activation (default
+/// [`WORK_PER_ACTIVATION`]). The output does not depend on it: tests use tiny
+/// values so that every time is resumed mid-way.
+pub fn build_features_budgeted<'scope>(
+    txns: StreamVec<'scope, u64, Txn>,
+    clicks: StreamVec<'scope, u64, Click>,
+    config: &GraphConfig,
+    work_per_activation: usize,
+) -> StreamVec<'scope, u64, RowUpdate> {
     if let Err(e) = config.validate() {
         panic!("invalid graph config: {e}");
     }
     let (card_txns, user_txns) = split_txns(txns);
-    let cards = card_txns.windowed_aggregate_with::<CardFold, _, _>(
+    let cards = card_txns.windowed_aggregate_budgeted::<CardFold, _, _>(
         "CardFeatures",
         &CARD_WINDOWS_MS,
+        work_per_activation,
         |id: &String, row: Option<[Value; CARD_FEATURES.len()]>| RowUpdate {
             entity: Entity::Card,
             id: id.clone(),
@@ -294,9 +328,10 @@ pub fn build_features<'scope>(
     });
     let users = user_txns
         .concat(user_clicks)
-        .windowed_aggregate_with::<UserFold, _, _>(
+        .windowed_aggregate_budgeted::<UserFold, _, _>(
             "UserFeatures",
             &USER_WINDOWS_MS,
+            work_per_activation,
             |id: &String, row: Option<[Value; USER_FEATURES.len()]>| RowUpdate {
                 entity: Entity::User,
                 id: id.clone(),

@@ -7,6 +7,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use schemas::event::{Click, ClickAction, Txn};
 use schemas::features::{Entity, Value};
 
+use schemas::features::pack_country;
+
 use crate::graph::{sum_value, GraphConfig, CARD_WINDOWS_MS, USER_WINDOWS_MS};
 
 /// Every non-empty row as of `as_of`: aggregates of the events with
@@ -71,6 +73,7 @@ pub fn rows_as_of(
                     .len() as i64,
             ),
             Value::Int(txns.iter().map(|t| t.event_time).max().expect("non-empty")),
+            Value::Int(top_country(&txns)),
         ];
         rows.insert((Entity::Card, card.to_owned()), row);
     }
@@ -111,4 +114,19 @@ pub fn rows_as_of(
         rows.insert((Entity::User, user.to_owned()), row);
     }
     rows
+}
+
+/// The country with the most transactions (the smallest on ties), packed;
+/// 0 if it is not two uppercase letters.
+fn top_country(txns: &[&Txn]) -> i64 {
+    let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
+    for t in txns {
+        *counts.entry(&t.country).or_default() += 1;
+    }
+    let most = counts.values().copied().max().unwrap_or(0);
+    counts
+        .into_iter()
+        .find(|(_, n)| *n == most)
+        .and_then(|(country, _)| pack_country(country))
+        .unwrap_or(0)
 }

@@ -134,8 +134,8 @@ pub fn build<'scope>(
     let graph = GraphConfig {
         tick_ms: config.time.tick_ms,
     };
-    let rows = build_features(txns, clicks, &graph)
-        .map(|u| RowWrite::from_values(u.entity, u.id, u.row));
+    let rows =
+        build_features(txns, clicks, &graph).map(|u| RowWrite::from_values(u.entity, u.id, u.row));
 
     let sink_config = prepared.sink_config();
     let floor = prepared.progress.as_ref().map_or(0, |p| p.frontier_ms);

@@ -1,6 +1,7 @@
 //! Window edge cases, asserted directly on the graph's output: an event at
 //! exactly `F - W` is in the row as of `F`, one at `F` is not; money
-//! retractions cancel exactly; the std of identical amounts is 0.
+//! retractions cancel exactly; the std of identical amounts is 0;
+//! `top_country_24h` follows the 24h mode (ties to the smallest country).
 
 mod common;
 
@@ -13,7 +14,7 @@ use common::{run_shared, Log, Shared, T0};
 use dataflow::graph::CARD_WINDOWS_MS;
 use dataflow::{GraphConfig, RowUpdate};
 use schemas::event::{Channel, Txn};
-use schemas::features::{Entity, Value};
+use schemas::features::{pack_country, unpack_country, Entity, Value, CARD_FEATURES};
 
 fn txn(card: &str, event_time: i64, amount_minor: i64) -> Txn {
     Txn {
@@ -98,6 +99,50 @@ fn an_event_at_f_minus_w_is_in_and_one_at_f_is_out() {
         T0,
         "last_txn_time is raw"
     );
+}
+
+fn in_country(mut t: Txn, country: &str) -> Txn {
+    t.country = country.into();
+    t.event_id = format!("{}-{country}", t.event_id);
+    t
+}
+
+#[test]
+fn top_country_is_the_24h_mode_with_ties_to_the_smallest() {
+    let top = CARD_FEATURES
+        .iter()
+        .position(|f| f.name == "top_country_24h")
+        .unwrap();
+    let h: i64 = 3_600_000;
+    // t0: FR, US; t0+1h: US, DE, DE; t0+2h: FR, FR.
+    let txns = vec![
+        in_country(txn("c", T0, 1), "FR"),
+        in_country(txn("c", T0, 2), "US"),
+        in_country(txn("c", T0 + h, 3), "US"),
+        in_country(txn("c", T0 + h, 4), "DE"),
+        in_country(txn("c", T0 + h, 5), "DE"),
+        in_country(txn("c", T0 + 2 * h, 6), "FR"),
+        in_country(txn("c", T0 + 2 * h, 7), "FR"),
+    ];
+    let all = updates(txns, vec![]);
+    let (t, day, h) = (T0 as u64, CARD_WINDOWS_MS[3], h as u64);
+    let country = |f: u64| {
+        let row = card_as_of(&all, "c", f)?;
+        unpack_country(int(&row, top))
+    };
+    // FR 1, US 1: tie, the smallest.
+    assert_eq!(country(t + 1).as_deref(), Some("FR"));
+    // FR 1, US 2, DE 2: DE < US.
+    assert_eq!(country(t + h + 1).as_deref(), Some("DE"));
+    // FR 3, US 2, DE 2.
+    assert_eq!(country(t + 2 * h + 1).as_deref(), Some("FR"));
+    // The first hour leaves: FR 2, US 1, DE 2: tie, DE.
+    assert_eq!(country(t + day + 1).as_deref(), Some("DE"));
+    // Only the last hour is left: FR.
+    assert_eq!(country(t + day + h + 1).as_deref(), Some("FR"));
+    assert_eq!(country(t + day + 2 * h + 1), None, "row deleted");
+    let row = card_as_of(&all, "c", t + 1).unwrap();
+    assert_eq!(row[top], Value::Int(pack_country("FR").unwrap()));
 }
 
 proptest! {

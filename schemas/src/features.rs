@@ -108,6 +108,10 @@ const fn float(name: &'static str) -> FeatureSpec {
 /// A card row exists only while the card has a transaction in the last 24h, so
 /// the 24h mean, std and max are always defined. `amount_std_24h` is the
 /// population standard deviation. `last_txn_time` is in ms.
+/// `top_country_24h` is the country with the most transactions of the card in
+/// the 24h window (ties: the lexicographically smallest), encoded as an
+/// integer by [`pack_country`] (decode with [`unpack_country`]); 0 if that
+/// country is not two ASCII uppercase letters (validated events always are).
 pub const CARD_FEATURES: &[FeatureSpec] = &[
     int("txn_count_1m"),
     int("txn_count_5m"),
@@ -122,7 +126,32 @@ pub const CARD_FEATURES: &[FeatureSpec] = &[
     int("distinct_merchants_24h"),
     int("distinct_countries_24h"),
     int("last_txn_time"),
+    int("top_country_24h"),
 ];
+
+/// Encodes an ISO 3166 alpha-2 country code (two ASCII uppercase letters
+/// `b0 b1`) as the integer `(b0 << 8) | b1` (e.g. `"FR"` = 70 * 256 + 82 =
+/// 18002); `None` for anything else. The encoding preserves order: codes
+/// compare like the strings.
+pub fn pack_country(country: &str) -> Option<i64> {
+    match country.as_bytes() {
+        &[b0, b1] if b0.is_ascii_uppercase() && b1.is_ascii_uppercase() => {
+            Some(((b0 as i64) << 8) | b1 as i64)
+        }
+        _ => None,
+    }
+}
+
+/// Decodes [`pack_country`]: `Some("FR")` for 18002; `None` for any integer
+/// that is not the code of two ASCII uppercase letters (0 included).
+pub fn unpack_country(code: i64) -> Option<String> {
+    if !(0..=0xffff).contains(&code) {
+        return None;
+    }
+    let (b0, b1) = ((code >> 8) as u8, (code & 0xff) as u8);
+    (b0.is_ascii_uppercase() && b1.is_ascii_uppercase())
+        .then(|| String::from_utf8(vec![b0, b1]).expect("ASCII"))
+}
 
 /// User features, from `click.events` and `txn.events` keyed by `user_id`.
 pub const USER_FEATURES: &[FeatureSpec] = &[
@@ -341,6 +370,30 @@ mod tests {
             FeatureRow::decode(Entity::User, "x", &fields),
             Err(RowError::Version { .. })
         ));
+    }
+
+    #[test]
+    fn countries_pack_to_two_bytes_and_back() {
+        assert_eq!(pack_country("FR"), Some(70 * 256 + 82));
+        assert_eq!(unpack_country(70 * 256 + 82).as_deref(), Some("FR"));
+        for bad in ["", "F", "fr", "FRA", "F1", "É"] {
+            assert_eq!(pack_country(bad), None, "{bad:?}");
+        }
+        for bad in [0, -1, 65, 0x4161, 0x10000 + 0x4646, i64::MAX] {
+            assert_eq!(unpack_country(bad), None, "{bad}");
+        }
+        assert_eq!(CARD_FEATURES.last().unwrap().name, "top_country_24h");
+    }
+
+    proptest! {
+        #[test]
+        fn every_country_round_trips_and_packing_preserves_order(
+            a in "[A-Z]{2}", b in "[A-Z]{2}",
+        ) {
+            let (pa, pb) = (pack_country(&a).unwrap(), pack_country(&b).unwrap());
+            prop_assert_eq!(unpack_country(pa), Some(a.clone()));
+            prop_assert_eq!(pa.cmp(&pb), a.cmp(&b));
+        }
     }
 
     #[test]

@@ -196,13 +196,11 @@ impl App {
         let now = now_ms();
         let Rows {
             card,
-            usual_country,
             user,
             frontier_ms,
         } = rows;
         let ctx = Context {
             card,
-            usual_country,
             user,
             frontier_ms,
             txn: TxnContext {

@@ -7,8 +7,9 @@
 //! - `amount_zscore_24h`: (amount - mean) / max(std, 1 minor unit), clamped to
 //!   [-50, 50]; 0.0 without a card row.
 //! - `country_mismatch`: 1.0 when the request names a country and the card row
-//!   carries `usual_country` (the card's most frequent country over 24h) and
-//!   they differ; 0.0 otherwise (unknown is not a mismatch).
+//!   has a usual country (`top_country_24h`, the card's most frequent country
+//!   over 24h, decoded with `schemas::features::unpack_country`) and they
+//!   differ (case-insensitive); 0.0 otherwise (unknown is not a mismatch).
 //! - `seconds_since_last_txn`: (request time - card `last_txn_time`) / 1000,
 //!   clamped to [0, 86400]; 86400 without a card row (no txn in 24h).
 //! - `channel_ecom`, `channel_atm`: one-hot of the request channel (pos: both 0).
@@ -18,11 +19,11 @@
 //! Row features are named `card.{feature}` and `user.{feature}` after
 //! `schemas::features`; without a row they are 0.
 
-use schemas::features::{Entity, FeatureRow, DAY_MS};
+use schemas::features::{unpack_country, Entity, FeatureRow, Value, DAY_MS};
 use schemas::Channel;
 
-/// Extra, optional field of the card hash: the card's most frequent country over 24h.
-pub const USUAL_COUNTRY_FIELD: &str = "usual_country";
+/// The card feature holding the card's usual country (most frequent over 24h).
+pub const USUAL_COUNTRY_FEATURE: &str = "top_country_24h";
 
 /// Cap of `seconds_since_last_txn`, also its cold-start value.
 pub const MAX_SECONDS_SINCE_LAST_TXN: f64 = (DAY_MS / 1000) as f64;
@@ -92,7 +93,6 @@ pub struct TxnContext {
 #[derive(Debug, Clone, Default)]
 pub struct Context {
     pub card: Option<FeatureRow>,
-    pub usual_country: Option<String>,
     pub user: Option<FeatureRow>,
     /// The stream job's durable frontier, when it has recorded one.
     pub frontier_ms: Option<i64>,
@@ -113,6 +113,15 @@ fn card(ctx: &Context, name: &str) -> Option<f64> {
 }
 
 impl Context {
+    /// The card's usual country: its row's `top_country_24h`, decoded; `None`
+    /// without a card row or when the code is not a country.
+    pub fn usual_country(&self) -> Option<String> {
+        match self.card.as_ref()?.get(USUAL_COUNTRY_FEATURE)? {
+            Value::Int(code) => unpack_country(code),
+            Value::Float(_) => None,
+        }
+    }
+
     /// The value of one input.
     pub fn value(&self, source: Source) -> f64 {
         let amount = self.txn.amount_minor as f64;
@@ -128,12 +137,8 @@ impl Context {
                     _ => 0.0,
                 }
             }
-            Source::CountryMismatch => match (&self.txn.country, &self.usual_country) {
-                (Some(req), Some(usual))
-                    if self.card.is_some() && !req.eq_ignore_ascii_case(usual) =>
-                {
-                    1.0
-                }
+            Source::CountryMismatch => match (&self.txn.country, self.usual_country()) {
+                (Some(req), Some(usual)) if !req.eq_ignore_ascii_case(&usual) => 1.0,
                 _ => 0.0,
             },
             Source::SecondsSinceLastTxn => match card(self, "last_txn_time") {
@@ -160,7 +165,7 @@ impl Context {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use schemas::features::Value;
+    use schemas::features::pack_country;
 
     fn card_row(mean: f64, std: f64, last_txn_time: i64) -> FeatureRow {
         let values = Entity::Card
@@ -171,6 +176,7 @@ mod tests {
                 "amount_std_24h" => Value::Float(std),
                 "last_txn_time" => Value::Int(last_txn_time),
                 "txn_count_1m" => Value::Int(3),
+                "top_country_24h" => Value::Int(pack_country("DE").unwrap()),
                 _ => Value::Int(1),
             })
             .collect();
@@ -195,7 +201,6 @@ mod tests {
     fn request_time_features_follow_their_definitions() {
         let ctx = Context {
             card: Some(card_row(2000.0, 500.0, 1_000_000)),
-            usual_country: Some("DE".into()),
             user: None,
             frontier_ms: None,
             txn: TxnContext {
@@ -217,6 +222,33 @@ mod tests {
         assert_eq!(v("card.txn_count_1m"), 3.0);
         assert_eq!(v("user.click_count_5m"), 0.0);
         assert_eq!(v("amount_log1p"), 5001f64.ln());
+        assert_eq!(ctx.usual_country().as_deref(), Some("DE"));
+    }
+
+    #[test]
+    fn the_usual_country_is_the_rows_top_country() {
+        let mut ctx = Context {
+            card: Some(card_row(2000.0, 500.0, 1_000_000)),
+            txn: TxnContext {
+                country: Some("de".into()),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        assert_eq!(ctx.value(Source::CountryMismatch), 0.0, "same, any case");
+        ctx.txn.country = Some("FR".into());
+        assert_eq!(ctx.value(Source::CountryMismatch), 1.0);
+        // A code that is not a country (0: no top country): unknown, no mismatch.
+        let top = Entity::Card
+            .features()
+            .iter()
+            .position(|f| f.name == USUAL_COUNTRY_FEATURE)
+            .unwrap();
+        ctx.card.as_mut().unwrap().values[top] = Value::Int(0);
+        assert_eq!(ctx.usual_country(), None);
+        assert_eq!(ctx.value(Source::CountryMismatch), 0.0);
+        ctx.txn.country = None;
+        assert_eq!(ctx.value(Source::CountryMismatch), 0.0);
     }
 
     #[test]
@@ -227,7 +259,6 @@ mod tests {
                 country: Some("FR".into()),
                 ..Default::default()
             },
-            usual_country: Some("DE".into()),
             ..Default::default()
         };
         let v = |name| ctx.value(resolve(name).unwrap());

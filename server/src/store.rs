@@ -9,14 +9,13 @@ use schemas::features::{Entity, FeatureRow};
 
 use crate::breaker::{Admit, Breaker, BreakerState};
 use crate::error::ApiError;
-use crate::features::USUAL_COUNTRY_FIELD;
 use crate::metrics::{Metrics, RedisOutcome};
 
-/// A decoded card row with its extra `usual_country` field.
+/// The decoded card and user rows (the card's usual country is its row's
+/// `top_country_24h`, see `features::Context::usual_country`).
 #[derive(Debug, Clone, Default)]
 pub struct Rows {
     pub card: Option<FeatureRow>,
-    pub usual_country: Option<String>,
     pub user: Option<FeatureRow>,
     /// The stream job's durable frontier (`{prefix}_progress` `frontier_ms`):
     /// every row stored is exact as of it, including rows unchanged since
@@ -141,9 +140,7 @@ impl FeatureStore {
             ..Rows::default()
         };
         if let Some(id) = card_id {
-            let hash = hashes.next().unwrap_or_default();
-            rows.usual_country = hash.get(USUAL_COUNTRY_FIELD).cloned();
-            rows.card = decode(Entity::Card, id, &hash)?;
+            rows.card = decode(Entity::Card, id, &hashes.next().unwrap_or_default())?;
         }
         if let Some(id) = user_id {
             rows.user = decode(Entity::User, id, &hashes.next().unwrap_or_default())?;

@@ -59,7 +59,8 @@ async fn fraud_scores_known_and_cold_start_entities() {
         &cfg.redis_url,
         &cfg.key_prefix,
         &card_row("c1", now - 500, now - 60_000),
-        &[("usual_country", "DE")],
+        // Stale field of the old contract: ignored, the row's top_country_24h (DE) counts.
+        &[("usual_country", "FR")],
     )
     .await;
     write_row(

@@ -24,7 +24,10 @@ fn redis_url() -> String {
 }
 
 fn unique(name: &str) -> String {
-    let nanos = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos();
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
     format!("{name}-{}-{nanos}", std::process::id())
 }
 
@@ -51,7 +54,12 @@ fn send_batch(producer: &BaseProducer, topic: &str, tag: &str, n: usize) {
         let payload = format!("{tag}-{i}");
         let partition = (i as i32) % PARTITIONS;
         producer
-            .send(BaseRecord::to(topic).key(&key).payload(&payload).partition(partition))
+            .send(
+                BaseRecord::to(topic)
+                    .key(&key)
+                    .payload(&payload)
+                    .partition(partition),
+            )
             .expect("the local queue has room");
     }
 }
@@ -68,11 +76,15 @@ async fn transactional_round_trip_hides_aborted_records() {
         .create()
         .expect("producer config is valid");
     let timeout = Duration::from_secs(30);
-    producer.init_transactions(timeout).expect("the broker runs the transaction coordinator");
+    producer
+        .init_transactions(timeout)
+        .expect("the broker runs the transaction coordinator");
 
     producer.begin_transaction().unwrap();
     send_batch(&producer, &topic, "committed", 30);
-    producer.commit_transaction(timeout).expect("commit succeeds");
+    producer
+        .commit_transaction(timeout)
+        .expect("commit succeeds");
 
     producer.begin_transaction().unwrap();
     send_batch(&producer, &topic, "aborted", 30);
@@ -81,7 +93,9 @@ async fn transactional_round_trip_hides_aborted_records() {
 
     producer.begin_transaction().unwrap();
     send_batch(&producer, &topic, "late", 6);
-    producer.commit_transaction(timeout).expect("commit succeeds");
+    producer
+        .commit_transaction(timeout)
+        .expect("commit succeeds");
 
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", brokers())
@@ -92,7 +106,9 @@ async fn transactional_round_trip_hides_aborted_records() {
         .expect("consumer config is valid");
     let mut assignment = TopicPartitionList::new();
     for p in 0..PARTITIONS {
-        assignment.add_partition_offset(&topic, p, Offset::Beginning).unwrap();
+        assignment
+            .add_partition_offset(&topic, p, Offset::Beginning)
+            .unwrap();
     }
     consumer.assign(&assignment).unwrap();
 
@@ -104,7 +120,11 @@ async fn transactional_round_trip_hides_aborted_records() {
             let payload = String::from_utf8(message.payload().unwrap().to_vec()).unwrap();
             let key = String::from_utf8(message.key().unwrap().to_vec()).unwrap();
             let i: i32 = key[1..].parse().unwrap();
-            assert_eq!(message.partition(), i % PARTITIONS, "records keep their partition");
+            assert_eq!(
+                message.partition(),
+                i % PARTITIONS,
+                "records keep their partition"
+            );
             assert!(seen.insert(payload.clone()), "duplicate record {payload}");
         }
     }
@@ -120,12 +140,18 @@ async fn transactional_round_trip_hides_aborted_records() {
         .map(|i| format!("committed-{i}"))
         .chain((0..6).map(|i| format!("late-{i}")))
         .collect();
-    assert_eq!(seen, expected, "read_committed sees exactly the committed records");
+    assert_eq!(
+        seen, expected,
+        "read_committed sees exactly the committed records"
+    );
 
     // The high watermark counts the aborted records and control markers, so the
     // committed records are not the whole log.
     let (_, high) = consumer.fetch_watermarks(&topic, 0, timeout).unwrap();
-    assert!(high > 12, "partition 0 holds aborted records and markers too (high {high})");
+    assert!(
+        high > 12,
+        "partition 0 holds aborted records and markers too (high {high})"
+    );
 }
 
 #[tokio::test]
@@ -153,10 +179,33 @@ async fn redis_function_is_loaded_and_called() {
 
     let key = unique("sfs:it:counter");
     let function = format!("{library}_incr_by_twice");
-    let first: i64 = redis::cmd("FCALL").arg(&function).arg(1).arg(&key).arg(5).query_async(&mut conn).await.unwrap();
-    let second: i64 = redis::cmd("FCALL").arg(&function).arg(1).arg(&key).arg(7).query_async(&mut conn).await.unwrap();
+    let first: i64 = redis::cmd("FCALL")
+        .arg(&function)
+        .arg(1)
+        .arg(&key)
+        .arg(5)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let second: i64 = redis::cmd("FCALL")
+        .arg(&function)
+        .arg(1)
+        .arg(&key)
+        .arg(7)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
     assert_eq!((first, second), (10, 24));
 
-    let _: () = redis::cmd("DEL").arg(&key).query_async(&mut conn).await.unwrap();
-    let _: () = redis::cmd("FUNCTION").arg("DELETE").arg(&library).query_async(&mut conn).await.unwrap();
+    let _: () = redis::cmd("DEL")
+        .arg(&key)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let _: () = redis::cmd("FUNCTION")
+        .arg("DELETE")
+        .arg(&library)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
 }

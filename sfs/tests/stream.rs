@@ -55,7 +55,11 @@ fn txn(i: u64, base_ms: i64) -> Txn {
         mcc: 5411,
         amount_minor: 100 + (i as i64 * 37) % 5000,
         currency: "EUR".into(),
-        country: if i % 3 == 0 { "DE".into() } else { "FR".into() },
+        country: if i.is_multiple_of(3) {
+            "DE".into()
+        } else {
+            "FR".into()
+        },
         channel: Channel::Ecom,
         event_time: base_ms + i as i64 * 900,
         device_id: None,

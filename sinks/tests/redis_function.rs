@@ -124,3 +124,51 @@ fn the_progress_record_only_moves_forward_and_prunes_tombstones() -> anyhow::Res
     assert_eq!(read_progress(&mut conn, &config)?, Some(progress(6000, 12)));
     Ok(())
 }
+
+#[test]
+fn one_call_mixes_entities_and_deletes_with_exact_encoding() -> anyhow::Result<()> {
+    let mut config = config("mixed");
+    config.rows_per_call = 100;
+    let mut conn = connect(&config)?;
+    load_function(&mut conn)?;
+    let card: Vec<Value> = Entity::Card
+        .features()
+        .iter()
+        .enumerate()
+        .map(|(i, spec)| match spec.kind {
+            schemas::features::ValueKind::Int => Value::Int(i as i64 - 3),
+            schemas::features::ValueKind::Float => Value::Float(0.1 + i as f64 / 3.0),
+        })
+        .collect();
+    let rows = vec![
+        RowWrite::new(Entity::User, "u1".into(), Some(&user_row(7))),
+        RowWrite::new(Entity::Card, "c1".into(), Some(&card)),
+        RowWrite::new(Entity::User, "u2".into(), None),
+        RowWrite::new(Entity::Card, "c2".into(), Some(&card)),
+        RowWrite::new(Entity::User, "u3".into(), Some(&user_row(9))),
+    ];
+    let applied = apply(&mut conn, &config, 7000, &rows, None)?;
+    assert_eq!((applied.written, applied.deleted), (4, 1));
+    for id in ["c1", "c2"] {
+        let key = Entity::Card.key(&config.key_prefix, id);
+        let fields: HashMap<String, String> =
+            redis::cmd("HGETALL").arg(&key).query(&mut conn)?;
+        let row = FeatureRow::decode(Entity::Card, id, &fields)?.unwrap();
+        assert_eq!((row.as_of_ms, &row.values), (7000, &card));
+        // Byte-exact with the shared contract's encoding.
+        let expected = FeatureRow {
+            entity: Entity::Card,
+            id: id.into(),
+            as_of_ms: 7000,
+            values: card.clone(),
+        };
+        for (name, value) in expected.encode_fields() {
+            assert_eq!(fields[name], value, "{name}");
+        }
+        assert_eq!(fields.len(), Entity::Card.features().len() + 2);
+    }
+    assert_eq!(stored(&mut conn, &config, "u1").unwrap().values, user_row(7));
+    assert_eq!(stored(&mut conn, &config, "u3").unwrap().values, user_row(9));
+    assert_eq!(stored(&mut conn, &config, "u2"), None);
+    Ok(())
+}

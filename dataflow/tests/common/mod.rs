@@ -14,9 +14,10 @@ use timely::dataflow::operators::core::UnorderedInput;
 use timely::dataflow::operators::{Inspect, Probe};
 use timely::dataflow::ProbeHandle;
 
-use dataflow::graph::{CARD_WINDOWS_MS, USER_WINDOWS_MS};
+use dataflow::graph::{build_features_budgeted, CARD_WINDOWS_MS, USER_WINDOWS_MS};
 use dataflow::oracle::rows_as_of;
-use dataflow::{build_features, GraphConfig, RowUpdate};
+use dataflow::{GraphConfig, RowUpdate};
+use operators::aggregate::WORK_PER_ACTIVATION;
 use schemas::event::{Channel, Click, ClickAction, Txn};
 use schemas::features::{Entity, Value, HOUR_MS};
 
@@ -128,6 +129,21 @@ pub fn frontiers(log: &Log, config: &GraphConfig, seed: u64) -> Vec<u64> {
     out.into_iter().collect()
 }
 
+/// Every tick from the first event's to one past the last retraction, so a
+/// change emitted at the wrong time is seen at the first frontier after it.
+pub fn every_tick(log: &Log, config: &GraphConfig) -> Vec<u64> {
+    let times = log
+        .txns
+        .iter()
+        .map(|t| t.event_time)
+        .chain(log.clicks.iter().map(|c| c.event_time))
+        .map(|t| config.quantize(t));
+    let (lo, hi) = times.fold((u64::MAX, 0), |(lo, hi), t| (lo.min(t), hi.max(t)));
+    (lo..=hi + CARD_WINDOWS_MS[3] + config.tick_ms)
+        .step_by(config.tick_ms as usize)
+        .collect()
+}
+
 /// Everything a run produced: `(timestamp, update)` from every worker.
 pub type Output = Arc<Mutex<Vec<(u64, RowUpdate)>>>;
 
@@ -208,9 +224,36 @@ pub fn run(
     frontiers: Arc<Vec<u64>>,
     check: bool,
 ) -> Vec<(u64, String)> {
+    run_budgeted(
+        timely_config,
+        log,
+        config,
+        frontiers,
+        check,
+        WORK_PER_ACTIVATION,
+    )
+}
+
+/// [`run`] with the windowed aggregates capped at `work_per_activation`.
+pub fn run_budgeted(
+    timely_config: timely::Config,
+    log: Arc<Log>,
+    config: GraphConfig,
+    frontiers: Arc<Vec<u64>>,
+    check: bool,
+    work_per_activation: usize,
+) -> Vec<(u64, String)> {
     let shared = Shared::default();
     let wanted = frontiers.len();
-    run_shared(timely_config, log, config, frontiers, check, &shared);
+    run_shared_budgeted(
+        timely_config,
+        log,
+        config,
+        frontiers,
+        check,
+        work_per_activation,
+        &shared,
+    );
     if check {
         assert!(
             *shared.checks.lock().unwrap() > wanted,
@@ -247,6 +290,27 @@ pub fn run_shared(
     check: bool,
     shared: &Shared,
 ) {
+    run_shared_budgeted(
+        timely_config,
+        log,
+        config,
+        frontiers,
+        check,
+        WORK_PER_ACTIVATION,
+        shared,
+    )
+}
+
+/// [`run_shared`] with the windowed aggregates capped at `work_per_activation`.
+pub fn run_shared_budgeted(
+    timely_config: timely::Config,
+    log: Arc<Log>,
+    config: GraphConfig,
+    frontiers: Arc<Vec<u64>>,
+    check: bool,
+    work_per_activation: usize,
+    shared: &Shared,
+) {
     let (output, all, checks) = (
         shared.output.clone(),
         shared.all.clone(),
@@ -262,7 +326,7 @@ pub fn run_shared(
                 worker.dataflow::<u64, _, _>(|scope| {
                     let (txn_input, txns) = scope.new_unordered_input();
                     let (click_input, clicks) = scope.new_unordered_input();
-                    build_features(txns, clicks, &config)
+                    build_features_budgeted(txns, clicks, &config, work_per_activation)
                         .inspect_core(move |event| {
                             if let Ok((stamp, data)) = event {
                                 let t = *stamp.least().expect("data has a time");

@@ -1,10 +1,11 @@
 //! Single-window incremental aggregates: count, sum, moments (mean and
-//! population std), min, max, distinct count, last event time.
+//! population std), min, max, distinct count, mode (most frequent value),
+//! last event time.
 //!
 //! Money is integer: sums of `i64` are kept in `i128` (sums of squares too), so
 //! a retraction cancels its insertion exactly and no rounding ever drifts.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::hash::Hash;
 
 use crate::window::{key_hash, FxBuildHasher};
@@ -290,6 +291,130 @@ impl<T: Hash + Eq + Clone> Aggregate<T> for DistinctCount<T> {
     }
 }
 
+/// Multisets of at most this many distinct values stay in a sorted vector.
+const SMALL_MODE: usize = 32;
+
+/// The most frequent value (the mode) of the window, ties broken towards the
+/// smallest value (`Ord`); `None` for an empty window. It keeps the multiset
+/// of values, so it also reports the number of distinct values
+/// ([`Mode::distinct`]) at no extra cost.
+///
+/// Cost: inserting and retracting are `O(log d)` to find the value (plus an
+/// `O(d)` shift when a value appears or disappears while `d <= 32`), and
+/// [`Aggregate::value`] is `O(d)`, `d` the number of distinct values: meant
+/// for few distinct values per window (countries of a card, say).
+///
+/// # Examples
+/// ```
+/// use operators::aggregate::{Aggregate, Mode};
+///
+/// let mut mode = Mode::default();
+/// for country in ["FR", "DE", "DE", "FR", "US"] {
+///     mode.insert(&country);
+/// }
+/// assert_eq!(mode.value(), Some("DE")); // DE and FR tie: the smallest wins
+/// assert_eq!(mode.distinct(), 3);
+/// mode.retract(&"FR");
+/// assert_eq!(mode.value(), Some("DE"));
+/// mode.retract(&"DE");
+/// assert_eq!(mode.value(), Some("DE")); // DE, FR and US tie at one
+/// ```
+#[derive(Debug, Clone)]
+pub enum Mode<T> {
+    /// At most `SMALL_MODE` distinct values with their multiplicities, sorted.
+    Small(Vec<(T, u32)>),
+    /// More.
+    Large(BTreeMap<T, u32>),
+}
+
+impl<T> Default for Mode<T> {
+    fn default() -> Self {
+        Mode::Small(Vec::new())
+    }
+}
+
+impl<T: Ord> Mode<T> {
+    /// The most frequent value (smallest among ties), by reference.
+    pub fn mode(&self) -> Option<&T> {
+        // Values ascend, so keeping the first strict maximum breaks ties
+        // towards the smallest value.
+        fn first_max<'a, T: 'a>(it: impl Iterator<Item = (&'a T, u32)>) -> Option<&'a T> {
+            let mut best: Option<(&T, u32)> = None;
+            for (value, n) in it {
+                if best.is_none_or(|(_, m)| n > m) {
+                    best = Some((value, n));
+                }
+            }
+            best.map(|(value, _)| value)
+        }
+        match self {
+            Mode::Small(entries) => first_max(entries.iter().map(|(v, n)| (v, *n))),
+            Mode::Large(map) => first_max(map.iter().map(|(v, n)| (v, *n))),
+        }
+    }
+
+    /// Number of distinct values.
+    pub fn distinct(&self) -> i64 {
+        match self {
+            Mode::Small(entries) => entries.len() as i64,
+            Mode::Large(map) => map.len() as i64,
+        }
+    }
+}
+
+impl<T: Ord + Clone> Aggregate<T> for Mode<T> {
+    type Output = Option<T>;
+    #[inline]
+    fn insert(&mut self, value: &T) {
+        match self {
+            Mode::Small(entries) => match entries.binary_search_by(|(v, _)| v.cmp(value)) {
+                Ok(i) => entries[i].1 += 1,
+                Err(i) if entries.len() < SMALL_MODE => entries.insert(i, (value.clone(), 1)),
+                Err(_) => {
+                    let mut map: BTreeMap<T, u32> = entries.drain(..).collect();
+                    map.insert(value.clone(), 1);
+                    *self = Mode::Large(map);
+                }
+            },
+            Mode::Large(map) => {
+                if let Some(n) = map.get_mut(value) {
+                    *n += 1;
+                } else {
+                    map.insert(value.clone(), 1);
+                }
+            }
+        }
+    }
+    #[inline]
+    fn retract(&mut self, value: &T) {
+        match self {
+            Mode::Small(entries) => {
+                let i = entries
+                    .binary_search_by(|(v, _)| v.cmp(value))
+                    .expect("retracted values were inserted");
+                entries[i].1 -= 1;
+                if entries[i].1 == 0 {
+                    entries.remove(i);
+                }
+            }
+            Mode::Large(map) => {
+                let n = map.get_mut(value).expect("retracted values were inserted");
+                *n -= 1;
+                if *n == 0 {
+                    map.remove(value);
+                    if map.is_empty() {
+                        *self = Mode::default();
+                    }
+                }
+            }
+        }
+    }
+    #[inline]
+    fn value(&self) -> Option<T> {
+        self.mode().cloned()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -328,6 +453,37 @@ mod tests {
             slide::<i64, Max<i64>>(&values, width, |w| w.iter().max().copied())?;
             slide::<i64, Min<i64>>(&values, width, |w| w.iter().min().copied())?;
             slide::<i64, DistinctCount<i64>>(&values, width, |w| w.iter().collect::<HashSet<_>>().len() as i64)?;
+            slide::<i64, Mode<i64>>(&values, width, mode_of)?;
+        }
+
+        /// Few and many distinct values (past the small form and back), ties
+        /// everywhere: the mode is the most frequent value, smallest on ties,
+        /// and `distinct` the number of distinct values, after every step.
+        #[test]
+        fn mode_matches_recomputation(
+            values in proptest::collection::vec(0u8..80, 0..300),
+            width in 1usize..120,
+        ) {
+            slide::<u8, Mode<u8>>(&values, width, mode_of)?;
+            let mut mode = Mode::default();
+            for (i, v) in values.iter().enumerate() {
+                mode.insert(v);
+                let lo = (i + 1).saturating_sub(width);
+                if i + 1 > width {
+                    mode.retract(&values[lo - 1]);
+                }
+                let distinct = values[lo..=i].iter().collect::<HashSet<_>>().len() as i64;
+                prop_assert_eq!(mode.distinct(), distinct);
+            }
+        }
+
+        #[test]
+        fn mode_of_strings_breaks_ties_lexicographically(
+            values in proptest::collection::vec(proptest::sample::select(vec!["FR", "DE", "US", "GB", "A", "AB"]), 0..60),
+            width in 1usize..20,
+        ) {
+            let values: Vec<String> = values.into_iter().map(String::from).collect();
+            slide::<String, Mode<String>>(&values, width, mode_of)?;
         }
 
         #[test]
@@ -344,6 +500,34 @@ mod tests {
             prop_assert_eq!(m.population_std(), Some(0.0));
             prop_assert_eq!(m.mean(), Some(v as f64));
         }
+    }
+
+    /// The mode by brute force: the most frequent value, the smallest on ties.
+    fn mode_of<T: Ord + Clone>(window: &[T]) -> Option<T> {
+        let mut counts: BTreeMap<&T, usize> = BTreeMap::new();
+        window
+            .iter()
+            .for_each(|v| *counts.entry(v).or_default() += 1);
+        let most = counts.values().copied().max()?;
+        counts
+            .into_iter()
+            .find(|(_, n)| *n == most)
+            .map(|(v, _)| v.clone())
+    }
+
+    #[test]
+    fn mode_grows_past_the_small_form_and_shrinks_back() {
+        let mut m = Mode::default();
+        (0..100).for_each(|v| m.insert(&v));
+        m.insert(&70);
+        assert!(matches!(m, Mode::Large(_)));
+        assert_eq!(m.value(), Some(70));
+        assert_eq!(m.distinct(), 100);
+        m.retract(&70);
+        assert_eq!(m.value(), Some(0));
+        (0..100).for_each(|v| m.retract(&v));
+        assert!(matches!(m, Mode::Small(ref e) if e.is_empty()));
+        assert_eq!(m.value(), None);
     }
 
     #[test]

@@ -4,7 +4,7 @@
 
 pub mod functions;
 
-pub use functions::{Aggregate, Count, DistinctCount, LastTime, Max, Min, Moments, Sum};
+pub use functions::{Aggregate, Count, DistinctCount, LastTime, Max, Min, Mode, Moments, Sum};
 
 use std::collections::BTreeMap;
 use std::hash::Hash;
@@ -169,6 +169,52 @@ pub trait WindowedAggregate<'scope, K, V> {
         F: RowAggregate<V>,
         R: 'static,
         E: FnMut(&K, Option<F::Row>) -> R + 'static;
+
+    /// [`windowed_aggregate_with`](Self::windowed_aggregate_with) doing at
+    /// most about `work_per_activation` units of work per activation (instead
+    /// of [`WORK_PER_ACTIVATION`]). The output does not depend on it; tests
+    /// use tiny values so that every time is resumed mid-way.
+    ///
+    /// # Examples
+    /// ```
+    /// use timely::dataflow::operators::{Capture, Input};
+    /// use timely::dataflow::operators::capture::Extract;
+    /// use operators::aggregate::{Count, PerWindow, WindowedAggregate};
+    ///
+    /// let captured = timely::execute_directly(|worker| {
+    ///     let (mut input, captured) = worker.dataflow::<u64, _, _>(|scope| {
+    ///         let (input, stream) = scope.new_input::<Vec<(char, ())>>();
+    ///         let counts = stream.windowed_aggregate_budgeted::<PerWindow<Count>, _, _>(
+    ///             "Counts", &[4], 1, |key, row| (*key, row),
+    ///         );
+    ///         (input, counts.capture())
+    ///     });
+    ///     input.send(('a', ()));
+    ///     input.send(('b', ()));
+    ///     captured
+    /// });
+    /// // One unit of work per activation: each change still lands at its own time.
+    /// let mut out = captured.extract();
+    /// out.iter_mut().for_each(|(_, data)| data.sort());
+    /// assert_eq!(
+    ///     out,
+    ///     vec![
+    ///         (0, vec![('a', Some(vec![1])), ('b', Some(vec![1]))]),
+    ///         (4, vec![('a', None), ('b', None)]),
+    ///     ]
+    /// );
+    /// ```
+    fn windowed_aggregate_budgeted<F, R, E>(
+        self,
+        name: &str,
+        windows: &[u64],
+        work_per_activation: usize,
+        emit: E,
+    ) -> StreamVec<'scope, u64, R>
+    where
+        F: RowAggregate<V>,
+        R: 'static,
+        E: FnMut(&K, Option<F::Row>) -> R + 'static;
 }
 
 impl<'scope, K, V> WindowedAggregate<'scope, K, V> for StreamVec<'scope, u64, (K, V)>
@@ -191,6 +237,21 @@ where
         self,
         name: &str,
         windows: &[u64],
+        emit: E,
+    ) -> StreamVec<'scope, u64, R>
+    where
+        F: RowAggregate<V>,
+        R: 'static,
+        E: FnMut(&K, Option<F::Row>) -> R + 'static,
+    {
+        self.windowed_aggregate_budgeted::<F, R, E>(name, windows, WORK_PER_ACTIVATION, emit)
+    }
+
+    fn windowed_aggregate_budgeted<F, R, E>(
+        self,
+        name: &str,
+        windows: &[u64],
+        work_per_activation: usize,
         mut emit: E,
     ) -> StreamVec<'scope, u64, R>
     where
@@ -198,6 +259,11 @@ where
         R: 'static,
         E: FnMut(&K, Option<F::Row>) -> R + 'static,
     {
+        assert!(
+            work_per_activation > 0,
+            "work_per_activation must be positive"
+        );
+        let budget = work_per_activation;
         let mut store = WindowStore::<K, V, Memo<F, V>>::new(windows);
         let scope = self.scope();
         let pact = Exchange::new(|(key, _): &(K, V)| key_hash(key));
@@ -219,18 +285,28 @@ where
                     pending.entry(time).or_default().push(std::mem::take(data));
                 });
 
+                // Work is capped per activation. Whether `time` is finished is
+                // decided by the state (no departure due at or before `time`,
+                // no batch left at `time`), never by the budget: the rows
+                // changed at `time` are emitted at `time` before the
+                // capability may move past it.
                 let mut work = 0;
                 while let Some(time) = next_time(&pending, &store) {
                     if frontier.less_equal(&time) {
                         break; // `time` may still receive input.
                     }
-                    work += store.retract_until(time, WORK_PER_ACTIVATION.saturating_sub(work));
-                    if work >= WORK_PER_ACTIVATION {
+                    if work >= budget {
+                        activator.activate();
+                        break; // Yield between times; resume at `time`.
+                    }
+                    work += store.retract_until(time, budget - work);
+                    if store.next_due().is_some_and(|due| due <= time) {
+                        // Departures at `time` remain: `next_time` stays `time`.
                         activator.activate();
                         break;
                     }
                     if let Some(batches) = pending.get_mut(&time) {
-                        while work < WORK_PER_ACTIVATION {
+                        while work < budget {
                             let Some(batch) = batches.pop() else { break };
                             work += batch.len();
                             for (key, value) in batch {
@@ -238,6 +314,7 @@ where
                             }
                         }
                         if !batches.is_empty() {
+                            // Insertions at `time` remain: `pending` keeps `time`.
                             activator.activate();
                             break;
                         }
@@ -272,6 +349,8 @@ where
                         }
                     });
                 }
+                // Touched keys exist only mid-time, and then `next_time` is
+                // that time, so the capability below never passes them.
                 match next_time(&pending, &store) {
                     Some(time) => {
                         if let Some(cap) = held.as_mut() {
@@ -307,6 +386,44 @@ mod tests {
     use timely::dataflow::operators::{Capture, Input};
 
     use super::*;
+
+    /// Regression: with a cap reached by the retraction that finished the
+    /// departures due at a time with no insertion at it, the operator yielded,
+    /// moved its capability to the next time and emitted the changed rows
+    /// there, one time late. A cap of one unit hits that at every departure.
+    #[test]
+    fn departures_finished_on_the_work_cap_are_emitted_at_their_time() {
+        let captured = timely::execute_directly(|worker| {
+            let (mut handle, captured) = worker.dataflow::<u64, _, _>(|scope| {
+                let (handle, stream) = scope.new_input::<Vec<(u32, ())>>();
+                let rows = stream.windowed_aggregate_budgeted::<PerWindow<Count>, _, _>(
+                    "Counts",
+                    &[2, 5],
+                    1,
+                    |key, row| (*key, row),
+                );
+                (handle, rows.capture())
+            });
+            handle.send((1, ()));
+            handle.send((2, ()));
+            handle.advance_to(1);
+            handle.send((1, ()));
+            captured
+        });
+        let mut updates = captured.extract();
+        updates.iter_mut().for_each(|(_, data)| data.sort());
+        assert_eq!(
+            updates,
+            vec![
+                (0, vec![(1, Some(vec![1, 1])), (2, Some(vec![1, 1]))]),
+                (1, vec![(1, Some(vec![2, 2]))]),
+                (2, vec![(1, Some(vec![1, 2])), (2, Some(vec![0, 1]))]),
+                (3, vec![(1, Some(vec![0, 2]))]),
+                (5, vec![(1, Some(vec![0, 1])), (2, None)]),
+                (6, vec![(1, None)]),
+            ]
+        );
+    }
 
     /// More values at one time than one activation may process: the operator
     /// must yield, resume mid-time, and still emit exactly one row per change.

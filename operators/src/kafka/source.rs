@@ -273,15 +273,20 @@ impl<'scope> KafkaSource<'scope> for Scope<'scope, u64> {
             consumer.assign(&tpl)?;
             Some(consumer)
         };
-        // (topic index, partition) -> slot, for the hot path.
-        let mut slots: HashMap<(usize, i32), usize> = HashMap::new();
+        // slots[topic index][partition] -> slot, for the hot path.
+        let mut slots: Vec<Vec<Option<usize>>> = vec![Vec::new(); config.topics.len()];
         for (slot, p) in partitions.iter().enumerate() {
             let topic = config
                 .topics
                 .iter()
                 .position(|t| *t == p.tp.topic)
                 .expect("owned topics are configured topics");
-            slots.insert((topic, p.tp.partition), slot);
+            let partition = usize::try_from(p.tp.partition).expect("partitions are non-negative");
+            let row = &mut slots[topic];
+            if row.len() <= partition {
+                row.resize(partition + 1, None);
+            }
+            row[partition] = Some(slot);
         }
 
         let mut builder = OperatorBuilder::new(config.name.clone(), *self);
@@ -364,8 +369,12 @@ impl<'scope> KafkaSource<'scope> for Scope<'scope, u64> {
                                 Some(Ok(message)) => message,
                             };
                             read += 1;
-                            let topic_index = topics.iter().position(|t| t == message.topic());
-                            let Some(&slot) = topic_index.and_then(|t| slots.get(&(t, message.partition()))) else {
+                            let topic = message.topic();
+                            let slot = topics
+                                .iter()
+                                .position(|t| t == topic)
+                                .and_then(|t| slots[t].get(usize::try_from(message.partition()).ok()?).copied().flatten());
+                            let Some(slot) = slot else {
                                 continue;
                             };
                             let part = &mut partitions[slot];
@@ -374,7 +383,7 @@ impl<'scope> KafkaSource<'scope> for Scope<'scope, u64> {
                                 continue;
                             }
                             let record = SourceRecord {
-                                topic: message.topic(),
+                                topic,
                                 partition: message.partition(),
                                 offset,
                                 key: message.key(),

@@ -10,6 +10,14 @@ use std::hash::{BuildHasherDefault, Hash, Hasher};
 /// incremental state they need (counts, sums, multisets) and must return to
 /// their `Default` state once every value has left.
 pub trait WindowFold<V>: Default {
+    /// The windows `value` takes part in, as a bit set over window indices
+    /// (bit `w` = window `w`); it must include the store's widest window.
+    /// A value never enters (nor leaves) the others, and costs nothing there:
+    /// no departure is scheduled for it. Default: every window.
+    #[inline]
+    fn windows_of(_value: &V) -> u32 {
+        u32::MAX
+    }
     /// `value` entered window `window` (an index into the store's window list).
     fn enter(&mut self, window: usize, value: &V);
     /// `value` left window `window`; it entered that window earlier.
@@ -95,6 +103,10 @@ struct Slot<K, V, F> {
     cursors: [u64; MAX_WINDOWS],
     fold: F,
     touched: bool,
+    /// The last insertion time and the windows whose departure is already
+    /// scheduled for it (one queue entry per key, time and window).
+    scheduled_time: u64,
+    scheduled: u32,
 }
 
 /// Per-key sliding-window state: the values of each key inside its widest
@@ -187,6 +199,8 @@ where
                             cursors: [0; MAX_WINDOWS],
                             fold: F::default(),
                             touched: false,
+                            scheduled_time: 0,
+                            scheduled: 0,
                         });
                         self.slots.len() - 1
                     }
@@ -197,15 +211,28 @@ where
             }
         };
         let s = &mut self.slots[slot];
-        let new_time = s.events.back().is_none_or(|(t, _)| *t != time);
+        let all = (1u32 << self.windows.len()) - 1;
+        let member = F::windows_of(&value) & all;
+        debug_assert!(
+            member & (1 << self.widest) != 0,
+            "every value takes part in the widest window"
+        );
         for w in 0..self.windows.len() {
-            s.fold.enter(w, &value);
+            if member & (1 << w) != 0 {
+                s.fold.enter(w, &value);
+            }
         }
         s.events.push_back((time, value));
-        if new_time {
-            for (queue, window) in self.due.iter_mut().zip(self.windows.iter()) {
-                queue.push_back((time + window, slot));
-            }
+        if s.scheduled_time != time {
+            s.scheduled_time = time;
+            s.scheduled = 0;
+        }
+        let mut new = member & !s.scheduled;
+        s.scheduled |= new;
+        while new != 0 {
+            let w = new.trailing_zeros() as usize;
+            new &= new - 1;
+            self.due[w].push_back((time + self.windows[w], slot));
         }
         if !s.touched {
             s.touched = true;
@@ -244,15 +271,24 @@ where
             if t + window > time {
                 break;
             }
-            s.fold.leave(w, value);
+            // Values not in window `w` never entered it: skip them.
+            if F::windows_of(value) & (1 << w) != 0 {
+                s.fold.leave(w, value);
+                left += 1;
+            }
             s.cursors[w] += 1;
-            left += 1;
         }
         if w == self.widest {
             while s.base < s.cursors[w] {
-                debug_assert!(s.cursors[..windows].iter().all(|c| *c > s.base));
                 s.events.pop_front();
                 s.base += 1;
+            }
+            // Shorter windows have already passed every value of theirs that
+            // left the widest one (departures are processed shortest window
+            // first); a cursor still behind `base` only lags over values not
+            // in its window.
+            for c in &mut s.cursors[..windows] {
+                *c = (*c).max(s.base);
             }
         }
         if left > 0 && !s.touched {
@@ -279,6 +315,7 @@ where
                 s.fold = F::default();
                 s.base = 0;
                 s.cursors.iter_mut().for_each(|c| *c = 0);
+                s.scheduled = 0;
                 self.free.push(slot);
             }
         }
@@ -337,5 +374,72 @@ mod tests {
             vec![("b", [0, 0], true), ("c", [1, 1], false)]
         );
         assert_eq!(store.live_keys(), 1);
+    }
+
+    /// A fold whose values say which windows they take part in.
+    #[derive(Default)]
+    struct Masked([i64; 3]);
+    impl WindowFold<u32> for Masked {
+        fn windows_of(value: &u32) -> u32 {
+            *value | 0b100
+        }
+        fn enter(&mut self, w: usize, v: &u32) {
+            assert!(Self::windows_of(v) & (1 << w) != 0);
+            self.0[w] += 1;
+        }
+        fn leave(&mut self, w: usize, v: &u32) {
+            assert!(Self::windows_of(v) & (1 << w) != 0);
+            self.0[w] -= 1;
+        }
+    }
+
+    /// Values in a subset of the windows (always the widest): counts match a
+    /// brute-force recount at every time, with any budget, and keys are
+    /// released once their widest window empties.
+    #[test]
+    fn values_outside_some_windows_never_enter_nor_leave_them() {
+        let windows = [3u64, 7, 20];
+        for budget in [1usize, 2, 5, usize::MAX] {
+            let mut rng = 12345u64;
+            let mut next = move |n: u64| {
+                rng = rng
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                (rng >> 33) % n
+            };
+            let mut store = WindowStore::<u8, u32, Masked>::new(&windows);
+            let mut log: Vec<(u64, u8, u32)> = Vec::new();
+            let mut rows: std::collections::BTreeMap<u8, [i64; 3]> = Default::default();
+            for time in 0..120u64 {
+                while store.next_due().is_some_and(|d| d <= time) {
+                    store.retract_until(time, budget);
+                }
+                if time < 60 {
+                    for _ in 0..next(4) {
+                        let (key, mask) = (next(3) as u8, next(4) as u32);
+                        store.insert(time, key, mask);
+                        log.push((time, key, mask));
+                    }
+                }
+                store.drain_touched(|k, f, empty| {
+                    if empty {
+                        assert_eq!(f.0, [0; 3]);
+                        rows.remove(k);
+                    } else {
+                        rows.insert(*k, f.0);
+                    }
+                });
+                let mut expected: std::collections::BTreeMap<u8, [i64; 3]> = Default::default();
+                for &(t, key, mask) in &log {
+                    for (w, len) in windows.iter().enumerate() {
+                        if (mask | 0b100) & (1 << w) != 0 && t <= time && time < t + len {
+                            expected.entry(key).or_default()[w] += 1;
+                        }
+                    }
+                }
+                assert_eq!(rows, expected, "time {time}, budget {budget}");
+                assert_eq!(store.live_keys(), expected.len());
+            }
+        }
     }
 }

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::{Request, StatusCode};
-use schemas::features::{Entity, FeatureRow, Value};
+use schemas::features::{pack_country, Entity, FeatureRow, Value};
 use server::{App, ServeConfig};
 
 pub fn redis_url() -> String {
@@ -132,7 +132,8 @@ pub async fn write_row(url: &str, prefix: &str, row: &FeatureRow, extra: &[(&str
         .unwrap();
 }
 
-/// A card row: mean 40.00, std 10.00, 5 txns in 24h, last one at `last_txn_time`.
+/// A card row: mean 40.00, std 10.00, 5 txns in 24h, last one at
+/// `last_txn_time`, mostly in DE (`top_country_24h`).
 pub fn card_row(id: &str, as_of_ms: i64, last_txn_time: i64) -> FeatureRow {
     let values = Entity::Card
         .features()
@@ -148,6 +149,7 @@ pub fn card_row(id: &str, as_of_ms: i64, last_txn_time: i64) -> FeatureRow {
             "amount_std_24h" => Value::Float(1000.0),
             "amount_max_24h" => Value::Int(6000),
             "last_txn_time" => Value::Int(last_txn_time),
+            "top_country_24h" => Value::Int(pack_country("DE").unwrap()),
             _ => Value::Int(1),
         })
         .collect();

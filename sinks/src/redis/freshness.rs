@@ -20,11 +20,15 @@ pub struct AppendTimes {
 impl AppendTimes {
     /// Notes a record at dataflow `time` appended to Kafka at `append_ms`.
     pub fn record(&self, time: u64, append_ms: i64) {
-        self.inner
-            .borrow_mut()
-            .entry(time)
-            .or_default()
-            .push(append_ms);
+        let mut inner = self.inner.borrow_mut();
+        // Most records land at the latest time: skip the tree search.
+        if let Some(mut last) = inner.last_entry() {
+            if *last.key() == time {
+                last.get_mut().push(append_ms);
+                return;
+            }
+        }
+        inner.entry(time).or_default().push(append_ms);
     }
 
     /// Observes every record before `frontier` as visible at `now_ms`.

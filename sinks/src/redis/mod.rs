@@ -416,7 +416,11 @@ mod tests {
             Value::Float(f64::MAX),
             Value::Float(-0.0),
         ];
-        let mut values: Vec<Value> = Entity::Card.features().iter().map(|_| Value::Int(7)).collect();
+        let mut values: Vec<Value> = Entity::Card
+            .features()
+            .iter()
+            .map(|_| Value::Int(7))
+            .collect();
         for (i, v) in awkward.iter().enumerate() {
             values[i] = *v;
         }

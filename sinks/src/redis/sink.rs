@@ -39,8 +39,7 @@ fn target(frontier: &MutableAntichain<u64>, source: &SourceHandle) -> Option<u64
 }
 
 /// Pending rows by key: the time and values of the key's last change.
-type ReadyRows =
-    HashMap<(u8, String), (u64, Option<Vec<Value>>), BuildHasherDefault<Fnv>>;
+type ReadyRows = HashMap<(u8, String), (u64, Option<Vec<Value>>), BuildHasherDefault<Fnv>>;
 
 /// Writes row changes to Redis, exactly once and monotonically.
 pub trait RedisSink<'scope> {

@@ -10,7 +10,9 @@ use timely::scheduling::SyncActivator;
 
 use schemas::Entity;
 
-use super::{connect, encode_value, load_function, RedisSinkConfig, RowWrite, SinkError, SinkMetrics};
+use super::{
+    connect, encode_value, load_function, RedisSinkConfig, RowWrite, SinkError, SinkMetrics,
+};
 
 /// Work for the writer.
 #[derive(Debug)]
