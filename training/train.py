@@ -32,7 +32,7 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 
 # Must stay equal to schemas::features::FEATURE_SET_VERSION.
-FEATURE_SET_VERSION = 1
+FEATURE_SET_VERSION = 2
 DAY_SECS = 86_400.0
 
 CARD = [

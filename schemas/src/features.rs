@@ -14,7 +14,7 @@ use std::collections::HashMap;
 use std::fmt;
 
 /// Version of the feature definitions below; bump on any change of meaning.
-pub const FEATURE_SET_VERSION: u32 = 1;
+pub const FEATURE_SET_VERSION: u32 = 2;
 /// Default key prefix of every key the system writes to Redis.
 pub const DEFAULT_KEY_PREFIX: &str = "sfs:";
 /// Hash field holding the frontier time (ms) a row reflects.

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use schemas::features::{Entity, FeatureRow};
+use schemas::features::{Entity, FeatureRow, RowError};
 
 use crate::breaker::{Admit, Breaker, BreakerState};
 use crate::error::ApiError;
@@ -177,6 +177,16 @@ impl FeatureStore {
     }
 }
 
+/// Decodes a stored row. A row of another feature-set version is one the
+/// stream job has not rewritten yet after a feature-set change: it is treated
+/// as missing (the response says cold start) rather than failing the request.
 fn decode(entity: Entity, id: &str, hash: &Hash) -> Result<Option<FeatureRow>, ApiError> {
-    FeatureRow::decode(entity, id, hash).map_err(|e| ApiError::BadRow(e.to_string()))
+    match FeatureRow::decode(entity, id, hash) {
+        Ok(row) => Ok(row),
+        Err(e @ RowError::Version { .. }) => {
+            tracing::debug!(error = %e, "row of another feature-set version treated as missing");
+            Ok(None)
+        }
+        Err(e) => Err(ApiError::BadRow(e.to_string())),
+    }
 }

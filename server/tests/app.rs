@@ -51,6 +51,33 @@ async fn as_of_is_the_stream_frontier_for_rows_unchanged_since() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_of_another_feature_set_version_scores_as_cold_start() {
+    let cfg = config("oldfv", &shipped_models());
+    let app = build(&cfg).unwrap();
+    let now = now_ms();
+    write_row(
+        &cfg.redis_url,
+        &cfg.key_prefix,
+        &card_row("c1", now, now - 1_000),
+        &[("_fv", "1")],
+    )
+    .await;
+    let (status, body) = call(
+        &app,
+        "POST",
+        "/score/fraud",
+        r#"{"card_id":"c1","amount_minor":100}"#,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(
+        body["cold_start_entities"],
+        serde_json::json!(["card", "user"]),
+        "{body}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fraud_scores_known_and_cold_start_entities() {
     let cfg = config("fraud", &shipped_models());
     let app = build(&cfg).unwrap();
