@@ -3,6 +3,7 @@
 pub mod cli;
 pub mod config;
 pub mod decode;
+pub mod dlq;
 pub mod graph;
 pub mod metrics;
 pub mod oracle;

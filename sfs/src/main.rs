@@ -27,6 +27,15 @@ enum Command {
     Serve(server::ServeArgs),
     /// Run the streaming feature job: Kafka -> sliding-window features -> Redis.
     Stream(dataflow::cli::StreamArgs),
+    /// Dead-letter topics: replay fixed records to their source topic.
+    #[command(subcommand)]
+    Dlq(DlqCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum DlqCommand {
+    /// Re-publish a dead-letter topic's records to the topics they came from.
+    Replay(dataflow::dlq::ReplayArgs),
 }
 
 fn init_tracing(json: bool) {
@@ -50,6 +59,7 @@ fn main() -> anyhow::Result<()> {
         Command::Generate(args) => generator::run(args)?,
         Command::Serve(args) => server::run(args)?,
         Command::Stream(args) => dataflow::cli::run(args)?,
+        Command::Dlq(DlqCommand::Replay(args)) => dataflow::dlq::run(args)?,
     }
     Ok(())
 }
