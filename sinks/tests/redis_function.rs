@@ -151,8 +151,7 @@ fn one_call_mixes_entities_and_deletes_with_exact_encoding() -> anyhow::Result<(
     assert_eq!((applied.written, applied.deleted), (4, 1));
     for id in ["c1", "c2"] {
         let key = Entity::Card.key(&config.key_prefix, id);
-        let fields: HashMap<String, String> =
-            redis::cmd("HGETALL").arg(&key).query(&mut conn)?;
+        let fields: HashMap<String, String> = redis::cmd("HGETALL").arg(&key).query(&mut conn)?;
         let row = FeatureRow::decode(Entity::Card, id, &fields)?.unwrap();
         assert_eq!((row.as_of_ms, &row.values), (7000, &card));
         // Byte-exact with the shared contract's encoding.
@@ -167,8 +166,14 @@ fn one_call_mixes_entities_and_deletes_with_exact_encoding() -> anyhow::Result<(
         }
         assert_eq!(fields.len(), Entity::Card.features().len() + 2);
     }
-    assert_eq!(stored(&mut conn, &config, "u1").unwrap().values, user_row(7));
-    assert_eq!(stored(&mut conn, &config, "u3").unwrap().values, user_row(9));
+    assert_eq!(
+        stored(&mut conn, &config, "u1").unwrap().values,
+        user_row(7)
+    );
+    assert_eq!(
+        stored(&mut conn, &config, "u3").unwrap().values,
+        user_row(9)
+    );
     assert_eq!(stored(&mut conn, &config, "u2"), None);
     Ok(())
 }
