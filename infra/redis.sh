@@ -22,7 +22,7 @@ case "${1:-}" in
     [[ "${version:-0}" -ge 7 ]] || die "redis-server $version is too old: Redis 7 or newer is needed for functions"
     redis-server --bind 127.0.0.1 --port "$PORT" --dir "$DIR" --pidfile "$PIDFILE" \
       --daemonize yes --logfile "$DIR/redis.log" --save "" --appendonly yes \
-      --appendfsync everysec --protected-mode yes
+      --appendfsync everysec --auto-aof-rewrite-min-size 1gb --protected-mode yes
     wait_for 20 "redis ping" ping || die "redis did not answer on 127.0.0.1:$PORT within 20 s: see $DIR/redis.log"
     say "running on 127.0.0.1:$PORT (data in $DIR)"
     ;;

@@ -10,7 +10,7 @@ use schemas::{EventKind, Topics};
 use crate::output::{
     ensure_topics, FileFormat, FileSink, KafkaOutput, KafkaSink, NullSink, Sink, WireFormat,
 };
-use crate::sim::{EventBuf, GenEvent, Generator, GeneratorConfig};
+use crate::sim::{rhythm_at, EventBuf, GenEvent, Generator, GeneratorConfig};
 
 /// Where `sfs generate` writes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -47,10 +47,19 @@ pub struct GenerateArgs {
     /// Without it, pacing follows --rate only.
     #[arg(long)]
     pub speedup: Option<f64>,
-    /// Mean events per simulated second. Default: --rate/--speedup when both
-    /// are set, --rate when only it is, else 1000.
+    /// Mean events per simulated second over a day. Default: when --rate and
+    /// --speedup are both set, --rate/--speedup divided by the daily rhythm at
+    /// --start-time (so the steady-state rate at the start is --rate);
+    /// --rate when only it is set; else 1000.
     #[arg(long)]
     pub sim_rate: Option<f64>,
+    /// Simulate this long before --start-time without emitting (e.g. 10m):
+    /// sessions already under way at the start, so the event rate is at its
+    /// steady state from the first event instead of ramping up over minutes.
+    /// Under --speedup 1 the events are moved by the time it (and the setup)
+    /// took, so they stay in step with the wall clock.
+    #[arg(long, default_value = "0s", value_parser = parse_duration_ms)]
+    pub warmup: i64,
     /// Number of users.
     #[arg(long, default_value_t = 100_000)]
     pub users: u32,
@@ -117,6 +126,10 @@ pub struct GenerateArgs {
     /// Never draw a progress bar.
     #[arg(long)]
     pub no_progress: bool,
+    /// Wall-clock ms when the flags were read (set by `run`): under
+    /// --speedup 1 the simulation moves by the setup time after it.
+    #[arg(skip)]
+    pub read_at_ms: Option<i64>,
 }
 
 /// `--rate`.
@@ -282,13 +295,13 @@ impl GenerateArgs {
     /// The simulation config these flags describe.
     pub fn generator_config(&self) -> GeneratorConfig {
         let events_per_sec = self.sim_rate.unwrap_or(match (self.rate, self.speedup) {
-            (Rate::PerSec(r), Some(s)) if s > 0.0 => r / s,
+            (Rate::PerSec(r), Some(s)) if s > 0.0 => r / s / rhythm_at(self.start_time),
             (Rate::PerSec(r), None) => r,
             _ => 1_000.0,
         });
         GeneratorConfig {
             seed: self.seed,
-            start_time_ms: self.start_time,
+            start_time_ms: self.start_time - self.warmup.max(0),
             users: self.users,
             cards_per_user: self.cards_per_user,
             merchants: self.merchants,
@@ -310,7 +323,7 @@ impl GenerateArgs {
     }
 }
 
-/// Sleeps as needed so that event `n` at simulated `time_ms` is not emitted
+/// Paces events so that event `n` at simulated `time_ms` is not emitted
 /// before its wall-clock slot under --rate and --speedup.
 struct Pacer {
     start: Instant,
@@ -320,7 +333,8 @@ struct Pacer {
 }
 
 impl Pacer {
-    fn wait(&self, n: u64, time_ms: i64) {
+    /// How long event `n` at `time_ms` must wait for its slot.
+    fn ahead(&self, n: u64, time_ms: i64) -> Option<Duration> {
         let mut due = 0.0f64;
         if let Some(rate) = self.rate {
             due = due.max(n as f64 / rate);
@@ -329,14 +343,13 @@ impl Pacer {
             due = due.max((time_ms - self.sim_start_ms) as f64 / 1_000.0 / speedup);
         }
         let ahead = due - self.start.elapsed().as_secs_f64();
-        if ahead > 0.002 {
-            std::thread::sleep(Duration::from_secs_f64(ahead));
-        }
+        (ahead > 0.0).then(|| Duration::from_secs_f64(ahead))
     }
 }
 
 /// Runs `sfs generate`.
-pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
+pub fn run(mut args: GenerateArgs) -> anyhow::Result<()> {
+    args.read_at_ms.get_or_insert_with(now_ms);
     if args.events.is_none()
         && args.duration.is_none()
         && args.rate == Rate::Max
@@ -417,8 +430,34 @@ pub fn generate(
     args: &GenerateArgs,
     progress: &indicatif::ProgressBar,
 ) -> anyhow::Result<Summary> {
+    let mut sim_start = args.start_time;
+    let began = Instant::now();
+    if args.warmup > 0 {
+        // The generator started --warmup earlier: run it up to the start
+        // without emitting.
+        let skipped = generator.skip_until(sim_start);
+        tracing::info!(
+            skipped,
+            took_ms = began.elapsed().as_millis() as u64,
+            "warmed up"
+        );
+    }
+    if args.speedup == Some(1.0) {
+        // Event times keep their relation to the wall clock as of when the
+        // flags were read (with `--start-time now` the first event is at about
+        // now, not behind it by the setup and warm-up, which would make a
+        // consumer that advanced idle partitions with the clock see it late):
+        // what is still to come moves by the time that took.
+        let setup_ms = match args.read_at_ms {
+            Some(read) => now_ms() - read,
+            None => began.elapsed().as_millis() as i64,
+        };
+        if setup_ms > 0 {
+            generator.shift(setup_ms);
+            sim_start += setup_ms;
+        }
+    }
     let start = Instant::now();
-    let sim_start = generator.config().start_time_ms;
     let end_ms = args.duration.map(|d| sim_start.saturating_add(d));
     let pacer = Pacer {
         start,
@@ -440,7 +479,17 @@ pub fn generate(
             break;
         }
         if paced {
-            pacer.wait(summary.events, event.time_ms());
+            // Before waiting, everything earlier leaves (a partial batch
+            // must not sit in a buffer while the generator sleeps: the
+            // events would reach Kafka late and in bursts).
+            if pacer.ahead(summary.events, event.time_ms()).is_some() {
+                sink.idle()?;
+                if let Some(ahead) = pacer.ahead(summary.events, event.time_ms()) {
+                    if ahead > Duration::from_millis(1) {
+                        std::thread::sleep(ahead);
+                    }
+                }
+            }
         }
         sink.send(event)
             .with_context(|| format!("sending a {} event", event.kind()))?;

@@ -27,6 +27,11 @@ use crate::sim::GenEvent;
 /// A destination of events.
 pub trait Sink {
     fn send(&mut self, event: &GenEvent) -> anyhow::Result<()>;
+    /// The caller is about to wait (pacing): hand over anything buffered so
+    /// that events leave at their wall-clock slot, not when a batch fills.
+    fn idle(&mut self) -> anyhow::Result<()> {
+        Ok(())
+    }
     /// Flushes everything; errors if any event was not delivered.
     fn finish(self: Box<Self>) -> anyhow::Result<()>;
 }
@@ -180,6 +185,21 @@ impl KafkaSink {
         let producer: BaseProducer<Delivery> = client
             .create_with_context(Delivery::default())
             .context("creating the kafka producer")?;
+        // Connect and learn the partitions now: otherwise the first records
+        // wait in librdkafka for the broker connection and topic metadata
+        // (their timestamps are taken before), a burst at the start.
+        for topic in [
+            &config.topics.txn,
+            &config.topics.click,
+            &config.topics.label,
+        ] {
+            if let Err(error) = producer
+                .client()
+                .fetch_metadata(Some(topic), Duration::from_secs(10))
+            {
+                tracing::warn!(%topic, %error, "could not fetch topic metadata up front");
+            }
+        }
         let (to_producer, batches) = sync_channel::<Batch>(BATCHES_IN_FLIGHT);
         let (recycle, recycled) = sync_channel::<Batch>(BATCHES_IN_FLIGHT + 2);
         let topics = config.topics.clone();
@@ -333,6 +353,13 @@ impl Sink for KafkaSink {
             GenEvent::Label(l) => self.encode(l)?,
         }
         if self.batch.records.len() >= BATCH_RECORDS {
+            self.ship()?;
+        }
+        Ok(())
+    }
+
+    fn idle(&mut self) -> anyhow::Result<()> {
+        if !self.batch.records.is_empty() {
             self.ship()?;
         }
         Ok(())

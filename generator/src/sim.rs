@@ -131,6 +131,13 @@ const RHYTHM: [f64; 24] = [
     1.55, 1.7, 1.75, 1.6, 1.3, 0.95, 0.62,
 ];
 const RHYTHM_MAX: f64 = 1.75;
+
+/// The daily rhythm at `time_ms`: relative activity of that hour (UTC), mean 1
+/// over a day. `events_per_sec` times this is the event rate at that hour (in
+/// steady state).
+pub fn rhythm_at(time_ms: i64) -> f64 {
+    RHYTHM[(time_ms.rem_euclid(DAY_MS) / HOUR_MS) as usize]
+}
 const HOUR_MS: i64 = 3_600_000;
 const DAY_MS: i64 = 24 * HOUR_MS;
 
@@ -876,6 +883,39 @@ impl Generator {
         }
     }
 
+    /// Runs the simulation without producing events until the next event is
+    /// at or after `until` (ms); returns how many were skipped. The state is
+    /// exactly as if they had been taken with [`Generator::next_into`].
+    pub fn skip_until(&mut self, until: i64) -> u64 {
+        let mut skipped = 0;
+        loop {
+            let next = match self.queue.peek() {
+                Some(head) if (head.time as f64) <= self.next_arrival => head.time,
+                // The next arrival spawns activity at its own time or later.
+                _ => self.next_arrival as i64,
+            };
+            if next >= until {
+                return skipped;
+            }
+            self.next_emitted();
+            skipped += 1;
+        }
+    }
+
+    /// Moves everything still to come (pending events and arrivals) by
+    /// `delta_ms` of simulated time.
+    pub fn shift(&mut self, delta_ms: i64) {
+        let entries = std::mem::take(&mut self.queue).into_vec();
+        self.queue = entries
+            .into_iter()
+            .map(|e| Entry {
+                time: e.time + delta_ms,
+                ..e
+            })
+            .collect();
+        self.next_arrival += delta_ms as f64;
+    }
+
     /// The next event in compact form.
     fn next_emitted(&mut self) -> Emitted {
         loop {
@@ -1036,5 +1076,35 @@ impl Iterator for Generator {
         };
         self.write(emitted, &mut event, &mut Vec::new());
         Some(event)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn times(g: &mut Generator, n: usize) -> Vec<(i64, String)> {
+        let mut buf = EventBuf::default();
+        (0..n)
+            .map(|_| {
+                let e = g.next_into(&mut buf);
+                (e.time_ms(), e.key().to_owned())
+            })
+            .collect()
+    }
+
+    #[test]
+    fn skipping_then_shifting_continues_the_same_simulation() {
+        let config = GeneratorConfig::default();
+        let until = config.start_time_ms + 60_000;
+        let mut plain = Generator::new(config.clone());
+        let mut all = times(&mut plain, 20_000);
+        all.retain(|(t, _)| *t >= until);
+        let mut skipping = Generator::new(config);
+        assert!(skipping.skip_until(until) > 0);
+        skipping.shift(1_234);
+        let after = times(&mut skipping, all.len());
+        let expected: Vec<_> = all.iter().map(|(t, k)| (t + 1_234, k.clone())).collect();
+        assert_eq!(after, expected);
     }
 }
