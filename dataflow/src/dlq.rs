@@ -73,6 +73,23 @@ fn header<'a>(message: &'a impl Message, name: &str) -> Option<&'a str> {
         .and_then(|v| std::str::from_utf8(v).ok())
 }
 
+/// Calls `f` until it succeeds or `limit` has passed; returns its last result.
+fn retrying<T>(
+    limit: Duration,
+    mut f: impl FnMut() -> rdkafka::error::KafkaResult<T>,
+) -> rdkafka::error::KafkaResult<T> {
+    let deadline = Instant::now() + limit;
+    loop {
+        match f() {
+            Err(e) if Instant::now() < deadline => {
+                tracing::debug!(error = %e, "kafka group call failed, retrying");
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            result => return result,
+        }
+    }
+}
+
 /// Replays `args.topic` to the end it had at start. Blocking.
 pub async fn replay(args: &ReplayArgs) -> anyhow::Result<ReplaySummary> {
     let timeout = Duration::from_secs(args.timeout_secs);
@@ -109,9 +126,13 @@ pub async fn replay(args: &ReplayArgs) -> anyhow::Result<ReplaySummary> {
     for &p in &partitions {
         wanted.add_partition(&args.topic, p);
     }
-    let committed = consumer
-        .committed_offsets(wanted, timeout)
-        .context("reading the replay group's committed offsets")?;
+    // A fresh group coordinator answers NotCoordinator / load-in-progress for
+    // a moment (the offsets topic is being created or loaded): retry until the
+    // timeout, then report the last error.
+    let committed = retrying(timeout, || {
+        consumer.committed_offsets(wanted.clone(), timeout)
+    })
+    .context("reading the replay group's committed offsets")?;
     let mut assignment = TopicPartitionList::new();
     let mut ends = BTreeMap::new();
     for &p in &partitions {
@@ -197,8 +218,7 @@ pub async fn replay(args: &ReplayArgs) -> anyhow::Result<ReplaySummary> {
         for (p, offset) in &next {
             commit.add_partition_offset(&args.topic, *p, Offset::Offset(*offset))?;
         }
-        consumer
-            .commit(&commit, CommitMode::Sync)
+        retrying(timeout, || consumer.commit(&commit, CommitMode::Sync))
             .context("committing the replayed dead-letter offsets")?;
     }
     Ok(summary)
