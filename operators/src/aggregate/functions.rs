@@ -5,10 +5,7 @@
 //! Money is integer: sums of `i64` are kept in `i128` (sums of squares too), so
 //! a retraction cancels its insertion exactly and no rounding ever drifts.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::hash::Hash;
-
-use crate::window::{key_hash, FxBuildHasher};
+use std::collections::{BTreeMap, VecDeque};
 
 /// An aggregate over the multiset of values in one window.
 ///
@@ -206,88 +203,30 @@ impl<T: Ord + Clone> Aggregate<T> for Min<T> {
 /// are event times.
 pub type LastTime = Max<i64>;
 
-/// Small multisets live in a vector (a linear scan beats hashing); larger
-/// ones move to a hash map.
-const SMALL_DISTINCT: usize = 16;
-
-/// Number of distinct values: a multiset of value multiplicities.
+/// Number of distinct values in the window: the multiset of [`Mode`],
+/// reporting its size.
 #[derive(Debug, Clone)]
-pub enum DistinctCount<T> {
-    /// At most `SMALL_DISTINCT` distinct values, each with its hash (compared
-    /// first, so a scan rarely compares values) and multiplicity.
-    Small(Vec<(u64, T, u32)>),
-    /// More.
-    Large(HashMap<T, u32, FxBuildHasher>),
-}
+pub struct DistinctCount<T>(Mode<T>);
 
 impl<T> Default for DistinctCount<T> {
     fn default() -> Self {
-        DistinctCount::Small(Vec::new())
+        DistinctCount(Mode::default())
     }
 }
 
-impl<T: Hash + Eq + Clone> Aggregate<T> for DistinctCount<T> {
+impl<T: Ord + Clone> Aggregate<T> for DistinctCount<T> {
     type Output = i64;
     #[inline]
     fn insert(&mut self, value: &T) {
-        match self {
-            DistinctCount::Small(entries) => {
-                let hash = key_hash(value);
-                if let Some(entry) = entries
-                    .iter_mut()
-                    .find(|(h, v, _)| *h == hash && v == value)
-                {
-                    entry.2 += 1;
-                } else if entries.len() < SMALL_DISTINCT {
-                    entries.push((hash, value.clone(), 1));
-                } else {
-                    let mut map: HashMap<T, u32, FxBuildHasher> =
-                        entries.drain(..).map(|(_, v, n)| (v, n)).collect();
-                    map.insert(value.clone(), 1);
-                    *self = DistinctCount::Large(map);
-                }
-            }
-            DistinctCount::Large(map) => {
-                if let Some(n) = map.get_mut(value) {
-                    *n += 1;
-                } else {
-                    map.insert(value.clone(), 1);
-                }
-            }
-        }
+        self.0.insert(value);
     }
     #[inline]
     fn retract(&mut self, value: &T) {
-        match self {
-            DistinctCount::Small(entries) => {
-                let hash = key_hash(value);
-                let i = entries
-                    .iter()
-                    .position(|(h, v, _)| *h == hash && v == value)
-                    .expect("retracted values were inserted");
-                entries[i].2 -= 1;
-                if entries[i].2 == 0 {
-                    entries.swap_remove(i);
-                }
-            }
-            DistinctCount::Large(map) => {
-                let n = map.get_mut(value).expect("retracted values were inserted");
-                *n -= 1;
-                if *n == 0 {
-                    map.remove(value);
-                    if map.is_empty() {
-                        *self = DistinctCount::default();
-                    }
-                }
-            }
-        }
+        self.0.retract(value);
     }
     #[inline]
     fn value(&self) -> i64 {
-        match self {
-            DistinctCount::Small(entries) => entries.len() as i64,
-            DistinctCount::Large(map) => map.len() as i64,
-        }
+        self.0.distinct()
     }
 }
 
@@ -536,7 +475,7 @@ mod tests {
         (0..40).for_each(|v| d.insert(&v));
         assert_eq!(Aggregate::<i32>::value(&d), 40);
         (0..40).for_each(|v| d.retract(&v));
-        assert!(matches!(d, DistinctCount::Small(ref e) if e.is_empty()));
+        assert!(matches!(d.0, Mode::Small(ref e) if e.is_empty()));
     }
 
     #[test]
