@@ -97,13 +97,13 @@ struct StatsContext {
 
 impl ClientContext for StatsContext {
     fn stats(&self, statistics: Statistics) {
-        for (topic, t) in &statistics.topics {
-            for (partition, p) in &t.partitions {
-                if let Some(cell) = self.high.get(&(topic.clone(), *partition)) {
-                    if p.hi_offset >= 0 {
-                        cell.store(p.hi_offset, Ordering::Relaxed);
-                    }
-                }
+        for ((topic, partition), cell) in &self.high {
+            let stats = statistics
+                .topics
+                .get(topic)
+                .and_then(|t| t.partitions.get(partition));
+            if let Some(p) = stats.filter(|p| p.hi_offset >= 0) {
+                cell.store(p.hi_offset, Ordering::Relaxed);
             }
         }
     }
