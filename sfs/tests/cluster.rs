@@ -5,7 +5,7 @@
 mod stream_support;
 
 use std::io::Write;
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
 use dataflow::GraphConfig;
@@ -16,25 +16,6 @@ fn free_port() -> u16 {
         .and_then(|l| l.local_addr())
         .expect("a free loopback port")
         .port()
-}
-
-fn spawn(topics: &Topics, prefix: &str, cluster: &[&str]) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_sfs"))
-        .args(["stream", "--until-end", "--metrics-listen", ""])
-        .args(cluster)
-        .args(["--txn-topic", &topics.txn, "--click-topic", &topics.click])
-        .args([
-            "--key-prefix",
-            prefix,
-            "--group-id",
-            &format!("{prefix}group"),
-        ])
-        .env("KAFKA_BROKERS", brokers())
-        .env("REDIS_URL", redis_url())
-        .env("SFS_LOG", "warn")
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("the sfs binary starts")
 }
 
 /// Waits for every child to exit successfully, killing all on a timeout.
@@ -75,7 +56,7 @@ fn two_processes_write_the_rows_of_one() {
     let processes = (0..2)
         .map(|p| {
             let p = p.to_string();
-            spawn(
+            spawn_stream(
                 &topics,
                 &two,
                 &["-w", "1", "-n", "2", "-p", &p, "--hostfile", hosts],
@@ -85,7 +66,7 @@ fn two_processes_write_the_rows_of_one() {
     wait_all(processes, Duration::from_secs(120));
     let one = format!("{}:", unique("cluster1"));
     wait_all(
-        vec![spawn(&topics, &one, &["-w", "2"])],
+        vec![spawn_stream(&topics, &one, &["-w", "2"])],
         Duration::from_secs(120),
     );
     let _ = std::fs::remove_file(&hostfile);

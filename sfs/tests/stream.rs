@@ -6,7 +6,7 @@
 mod stream_support;
 
 use std::collections::BTreeMap;
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -156,23 +156,7 @@ fn poison_messages_land_in_the_dead_letter_topic_while_valid_traffic_flows() {
 }
 
 fn spawn_job(topics: &Topics, prefix: &str) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_sfs"))
-        .args(["stream", "--until-end", "-w", "2", "--metrics-listen", ""])
-        .args([
-            "--txn-topic",
-            &topics.txn,
-            "--click-topic",
-            &topics.click,
-            "--key-prefix",
-            prefix,
-        ])
-        .args(["--group-id", &format!("{prefix}group")])
-        .env("KAFKA_BROKERS", brokers())
-        .env("REDIS_URL", redis_url())
-        .env("SFS_LOG", "warn")
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("the sfs binary starts")
+    spawn_stream(topics, prefix, &["-w", "2"])
 }
 
 /// Polls every row under `prefix` and records any `_as_of` that went backwards.

@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 use std::collections::{BTreeMap, HashMap};
+use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use clap::Parser;
@@ -253,4 +254,25 @@ pub fn assert_rows_match_oracle(
             "row {key:?} is ahead of the frontier"
         );
     }
+}
+
+/// Starts the real `sfs stream --until-end` binary over the test's topics and
+/// key prefix; `extra` adds flags (workers, cluster).
+pub fn spawn_stream(topics: &Topics, prefix: &str, extra: &[&str]) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_sfs"))
+        .args(["stream", "--until-end", "--metrics-listen", ""])
+        .args(extra)
+        .args(["--txn-topic", &topics.txn, "--click-topic", &topics.click])
+        .args([
+            "--key-prefix",
+            prefix,
+            "--group-id",
+            &format!("{prefix}group"),
+        ])
+        .env("KAFKA_BROKERS", brokers())
+        .env("REDIS_URL", redis_url())
+        .env("SFS_LOG", "warn")
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("the sfs binary starts")
 }
