@@ -1,133 +1,915 @@
-//! The feature sets and the feature-row encoding of the online store.
+//! The feature definitions (`features.toml`) and the feature-row encoding of
+//! the online store.
 //!
-//! A row is one Redis hash, `{prefix}{entity}:{id}` (prefix `sfs:` by default),
-//! whose fields are the feature names of its entity plus `_as_of` (the
-//! dataflow frontier, in ms, that the row reflects) and `_fv` (the
-//! feature-set version). Integer features (counts, minor-unit money, times)
-//! are written as decimal integers; real features (mean, std) with Rust's
-//! shortest round-trip float formatting, so decoding gives back the same bits.
+//! A [`FeatureSet`] is parsed and validated from TOML (documented field by
+//! field in `docs/FEATURES.md`): sources (a topic and the schema of its
+//! events), entities (a key field and the sources that feed them) and
+//! features (entity, source, aggregation, field, window, filter). Everything
+//! else derives from it: the row layout, the Redis field names, the server's
+//! catalogue, the training columns, the replay horizon and the feature-set
+//! version, a stable hash of the definitions.
+//!
+//! A row is one Redis hash, `{prefix}{entity}:{id}` (prefix `sfs:` by
+//! default), whose fields are the feature names of its entity plus `_as_of`
+//! (the dataflow frontier, in ms, that the row reflects) and `_fv` (the
+//! feature-set version). Integer features are written as decimal integers;
+//! real features (mean, std) with Rust's shortest round-trip float
+//! formatting, so decoding gives back the same bits.
 //!
 //! Windows are `[t - W, t)`: the row as of `t` aggregates events strictly
 //! before `t`.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
+use std::path::Path;
+use std::sync::Arc;
 
-/// Version of the feature definitions below; bump on any change of meaning.
-pub const FEATURE_SET_VERSION: u32 = 2;
+use serde::{Deserialize, Serialize};
+
+use crate::event::{Channel, Click, ClickAction, Txn};
+
 /// Default key prefix of every key the system writes to Redis.
 pub const DEFAULT_KEY_PREFIX: &str = "sfs:";
 /// Hash field holding the frontier time (ms) a row reflects.
 pub const AS_OF_FIELD: &str = "_as_of";
 /// Hash field holding the feature-set version of a row.
 pub const VERSION_FIELD: &str = "_fv";
+/// The file every command reads unless told otherwise.
+pub const DEFAULT_FEATURES_PATH: &str = "features.toml";
+/// Environment variable naming the feature-definition file.
+pub const FEATURES_ENV: &str = "SFS_FEATURES";
+/// The widest window a feature may have: 30 days.
+pub const MAX_WINDOW_MS: u64 = 30 * 24 * 3_600_000;
+/// Most distinct windows among the features of one entity.
+pub const MAX_WINDOWS_PER_ENTITY: usize = 8;
+/// Most features of one entity.
+pub const MAX_FEATURES_PER_ENTITY: usize = 64;
 
-/// Window lengths in milliseconds.
-pub const MINUTE_MS: i64 = 60_000;
-pub const HOUR_MS: i64 = 60 * MINUTE_MS;
-pub const DAY_MS: i64 = 24 * HOUR_MS;
+// ---------------------------------------------------------------------------
+// Event schemas and their fields.
 
-/// The entities that own feature rows.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Entity {
-    /// Keyed by `card_id`, from `txn.events`.
-    Card,
-    /// Keyed by `user_id`, from `click.events` and `txn.events`.
-    User,
+/// The event schemas a source may carry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Schema {
+    /// Card transactions ([`Txn`]).
+    Txn,
+    /// Browsing events ([`Click`]).
+    Click,
 }
 
-impl Entity {
-    pub const ALL: [Entity; 2] = [Entity::Card, Entity::User];
+impl Schema {
+    /// The fields of this schema's events.
+    pub fn fields(self) -> &'static [FieldSpec] {
+        match self {
+            Schema::Txn => TXN_FIELDS,
+            Schema::Click => CLICK_FIELDS,
+        }
+    }
 
-    /// The name used in keys and URLs.
+    /// The field called `name`, with its index in [`Schema::fields`].
+    pub fn field(self, name: &str) -> Option<(usize, &'static FieldSpec)> {
+        self.fields().iter().enumerate().find(|(_, f)| f.name == name)
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
-            Entity::Card => "card",
-            Entity::User => "user",
+            Schema::Txn => "txn",
+            Schema::Click => "click",
         }
-    }
-
-    /// Parses `card` or `user`.
-    pub fn parse(s: &str) -> Option<Entity> {
-        match s {
-            "card" => Some(Entity::Card),
-            "user" => Some(Entity::User),
-            _ => None,
-        }
-    }
-
-    /// The features of this entity, in row order.
-    pub fn features(self) -> &'static [FeatureSpec] {
-        match self {
-            Entity::Card => CARD_FEATURES,
-            Entity::User => USER_FEATURES,
-        }
-    }
-
-    /// The Redis key of the row of `id`.
-    pub fn key(self, prefix: &str, id: &str) -> String {
-        format!("{prefix}{}:{id}", self.as_str())
     }
 }
 
-impl fmt::Display for Entity {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
+/// The type of an event field, as far as aggregations care.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FieldType {
+    /// An integer (money in minor units, codes).
+    Int,
+    /// Milliseconds since the Unix epoch.
+    Time,
+    /// An ISO 3166 alpha-2 code, aggregated as its [`pack_country`] integer.
+    Country,
+    /// A string (ids, categories).
+    Str,
+    /// One of a fixed set of strings (`channel`, `action`).
+    Enum(&'static [&'static str]),
+}
+
+impl FieldType {
+    /// Whether aggregations see an integer (min, max, mode, last need one).
+    pub fn is_integer(self) -> bool {
+        matches!(self, FieldType::Int | FieldType::Time | FieldType::Country)
+    }
+
+    fn describe(self) -> &'static str {
+        match self {
+            FieldType::Int => "integer",
+            FieldType::Time => "time",
+            FieldType::Country => "country",
+            FieldType::Str => "string",
+            FieldType::Enum(_) => "enum",
+        }
+    }
+}
+
+/// One field of an event schema.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FieldSpec {
+    pub name: &'static str,
+    pub ty: FieldType,
+    /// Absent in some events (v1 writers): such events do not contribute to
+    /// a feature on this field, nor pass a filter on it.
+    pub optional: bool,
+}
+
+const fn field(name: &'static str, ty: FieldType) -> FieldSpec {
+    FieldSpec {
+        name,
+        ty,
+        optional: false,
+    }
+}
+
+const fn optional(name: &'static str, ty: FieldType) -> FieldSpec {
+    FieldSpec {
+        name,
+        ty,
+        optional: true,
+    }
+}
+
+const CHANNELS: &[&str] = &["pos", "ecom", "atm"];
+const ACTIONS: &[&str] = &["view", "add_to_cart", "purchase"];
+
+/// Fields of [`Txn`], in [`txn_field`] order.
+pub const TXN_FIELDS: &[FieldSpec] = &[
+    field("event_id", FieldType::Str),
+    field("card_id", FieldType::Str),
+    field("user_id", FieldType::Str),
+    field("merchant_id", FieldType::Str),
+    field("mcc", FieldType::Int),
+    field("amount_minor", FieldType::Int),
+    field("currency", FieldType::Str),
+    field("country", FieldType::Country),
+    field("channel", FieldType::Enum(CHANNELS)),
+    field("event_time", FieldType::Time),
+    optional("device_id", FieldType::Str),
+    optional("ip_country", FieldType::Country),
+];
+
+/// Fields of [`Click`], in [`click_field`] order.
+pub const CLICK_FIELDS: &[FieldSpec] = &[
+    field("event_id", FieldType::Str),
+    field("user_id", FieldType::Str),
+    field("session_id", FieldType::Str),
+    field("item_id", FieldType::Str),
+    field("category", FieldType::Str),
+    field("action", FieldType::Enum(ACTIONS)),
+    field("event_time", FieldType::Time),
+    optional("dwell_ms", FieldType::Int),
+];
+
+/// The value of an event field as aggregations see it: integers (country
+/// codes packed by [`pack_country`], 0 when not a code) or strings.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum Datum {
+    Int(i64),
+    Str(String),
+}
+
+impl Datum {
+    /// The integer of an integer datum.
+    pub fn as_int(&self) -> Option<i64> {
+        match self {
+            Datum::Int(i) => Some(*i),
+            Datum::Str(_) => None,
+        }
+    }
+}
+
+fn country(code: &str) -> Datum {
+    Datum::Int(pack_country(code).unwrap_or(0))
+}
+
+fn channel_str(c: Channel) -> &'static str {
+    match c {
+        Channel::Pos => "pos",
+        Channel::Ecom => "ecom",
+        Channel::Atm => "atm",
+    }
+}
+
+fn action_str(a: ClickAction) -> &'static str {
+    match a {
+        ClickAction::View => "view",
+        ClickAction::AddToCart => "add_to_cart",
+        ClickAction::Purchase => "purchase",
+    }
+}
+
+/// Field `index` of [`TXN_FIELDS`] of `t`; `None` when absent.
+pub fn txn_field(t: &Txn, index: usize) -> Option<Datum> {
+    Some(match index {
+        0 => Datum::Str(t.event_id.clone()),
+        1 => Datum::Str(t.card_id.clone()),
+        2 => Datum::Str(t.user_id.clone()),
+        3 => Datum::Str(t.merchant_id.clone()),
+        4 => Datum::Int(t.mcc as i64),
+        5 => Datum::Int(t.amount_minor),
+        6 => Datum::Str(t.currency.clone()),
+        7 => country(&t.country),
+        8 => Datum::Str(channel_str(t.channel).to_owned()),
+        9 => Datum::Int(t.event_time),
+        10 => Datum::Str(t.device_id.clone()?),
+        11 => country(t.ip_country.as_deref()?),
+        _ => return None,
+    })
+}
+
+/// Field `index` of [`CLICK_FIELDS`] of `c`; `None` when absent.
+pub fn click_field(c: &Click, index: usize) -> Option<Datum> {
+    Some(match index {
+        0 => Datum::Str(c.event_id.clone()),
+        1 => Datum::Str(c.user_id.clone()),
+        2 => Datum::Str(c.session_id.clone()),
+        3 => Datum::Str(c.item_id.clone()),
+        4 => Datum::Str(c.category.clone()),
+        5 => Datum::Str(action_str(c.action).to_owned()),
+        6 => Datum::Int(c.event_time),
+        7 => Datum::Int(c.dwell_ms? as i64),
+        _ => return None,
+    })
+}
+
+/// Whether field `index` of `t` equals `value` (a filter), without copying.
+pub fn txn_field_is(t: &Txn, index: usize, value: &Datum) -> bool {
+    match (index, value) {
+        (1, Datum::Str(v)) => t.card_id == *v,
+        (2, Datum::Str(v)) => t.user_id == *v,
+        (3, Datum::Str(v)) => t.merchant_id == *v,
+        (8, Datum::Str(v)) => channel_str(t.channel) == v,
+        _ => txn_field(t, index).as_ref() == Some(value),
+    }
+}
+
+/// Whether field `index` of `c` equals `value` (a filter), without copying.
+pub fn click_field_is(c: &Click, index: usize, value: &Datum) -> bool {
+    match (index, value) {
+        (4, Datum::Str(v)) => c.category == *v,
+        (5, Datum::Str(v)) => action_str(c.action) == v,
+        _ => click_field(c, index).as_ref() == Some(value),
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The definitions.
+
+/// How a feature aggregates the events in its window.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Aggregation {
+    /// Number of events (with `field`: of events where it is present).
+    Count,
+    /// Sum of an integer field (saturating to i64).
+    Sum,
+    /// Mean of an integer field (0.0 for an empty window).
+    Mean,
+    /// Population standard deviation of an integer field (0.0 when empty).
+    Std,
+    /// Smallest value of an integer field (0 when empty).
+    Min,
+    /// Largest value of an integer field (0 when empty).
+    Max,
+    /// Number of distinct values of any field.
+    DistinctCount,
+    /// Most frequent value of an integer field, ties to the smallest (0 when empty).
+    Mode,
+    /// Value of the latest event (greatest event time; ties to the largest value).
+    Last,
+    /// Event time (ms) of the latest event (0 when empty).
+    LastTime,
+}
+
+impl Aggregation {
+    /// The kind of value it yields.
+    pub fn kind(self) -> ValueKind {
+        match self {
+            Aggregation::Mean | Aggregation::Std => ValueKind::Float,
+            _ => ValueKind::Int,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Aggregation::Count => "count",
+            Aggregation::Sum => "sum",
+            Aggregation::Mean => "mean",
+            Aggregation::Std => "std",
+            Aggregation::Min => "min",
+            Aggregation::Max => "max",
+            Aggregation::DistinctCount => "distinct_count",
+            Aggregation::Mode => "mode",
+            Aggregation::Last => "last",
+            Aggregation::LastTime => "last_time",
+        }
     }
 }
 
 /// Whether a feature is an exact integer or a real number.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ValueKind {
     Int,
     Float,
 }
 
-/// One feature: its name and kind.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct FeatureSpec {
-    pub name: &'static str,
-    pub kind: ValueKind,
+/// A source of events: a Kafka topic whose records follow one schema.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SourceDef {
+    pub name: String,
+    pub topic: String,
+    pub schema: Schema,
+    /// Fields that key entities.
+    pub keys: Vec<String>,
+    /// The event-time field (ms since the epoch).
+    pub time_field: String,
 }
 
-const fn int(name: &'static str) -> FeatureSpec {
-    FeatureSpec {
-        name,
-        kind: ValueKind::Int,
+/// One feature, resolved against its source's schema.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FeatureDef {
+    pub name: String,
+    /// Index into [`FeatureSet::sources`].
+    pub source: usize,
+    pub aggregation: Aggregation,
+    /// Index into the source schema's fields; `None` only for `count`.
+    pub field: Option<usize>,
+    pub window_ms: u64,
+    /// Equality conditions on fields (index into the schema's fields), all of
+    /// which an event must meet.
+    pub filter: Vec<(usize, Datum)>,
+}
+
+impl FeatureDef {
+    pub fn kind(&self) -> ValueKind {
+        self.aggregation.kind()
     }
 }
 
-const fn float(name: &'static str) -> FeatureSpec {
-    FeatureSpec {
-        name,
-        kind: ValueKind::Float,
+/// An entity: what a row is about, keyed by a field of its sources.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EntityDef {
+    pub name: String,
+    /// The key field, present in each of its sources.
+    pub key: String,
+    /// Indices into [`FeatureSet::sources`].
+    pub sources: Vec<usize>,
+    /// The features, in row order (file order).
+    pub features: Vec<FeatureDef>,
+}
+
+impl EntityDef {
+    /// The Redis key of the row of `id`.
+    pub fn redis_key(&self, prefix: &str, id: &str) -> String {
+        format!("{prefix}{}:{id}", self.name)
+    }
+
+    /// The index of the feature called `name`.
+    pub fn position(&self, name: &str) -> Option<usize> {
+        self.features.iter().position(|f| f.name == name)
+    }
+
+    /// The distinct windows of the features, ascending.
+    pub fn windows(&self) -> Vec<u64> {
+        let set: BTreeSet<u64> = self.features.iter().map(|f| f.window_ms).collect();
+        set.into_iter().collect()
     }
 }
 
-/// Card features, from `txn.events` keyed by `card_id`. Money in minor units.
-/// A card row exists only while the card has a transaction in the last 24h, so
-/// the 24h mean, std and max are always defined. `amount_std_24h` is the
-/// population standard deviation. `last_txn_time` is in ms.
-/// `top_country_24h` is the country with the most transactions of the card in
-/// the 24h window (ties: the lexicographically smallest), encoded as an
-/// integer by [`pack_country`] (decode with [`unpack_country`]); 0 if that
-/// country is not two ASCII uppercase letters (validated events always are).
-pub const CARD_FEATURES: &[FeatureSpec] = &[
-    int("txn_count_1m"),
-    int("txn_count_5m"),
-    int("txn_count_1h"),
-    int("txn_count_24h"),
-    int("amount_sum_1h"),
-    int("amount_sum_24h"),
-    float("amount_mean_24h"),
-    float("amount_std_24h"),
-    int("amount_max_24h"),
-    int("distinct_merchants_1h"),
-    int("distinct_merchants_24h"),
-    int("distinct_countries_24h"),
-    int("last_txn_time"),
-    int("top_country_24h"),
-];
+/// A handle on an entity of a feature set.
+pub type Entity = Arc<EntityDef>;
+
+/// Validated feature definitions.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FeatureSet {
+    pub sources: Vec<SourceDef>,
+    pub entities: Vec<Entity>,
+    /// The stable hash of the definitions, `fs-` and 16 hex digits.
+    pub version: String,
+}
+
+/// A problem with feature definitions: what and where.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DefinitionError {
+    #[error("cannot read {path}: {reason}")]
+    Read { path: String, reason: String },
+    #[error("{path}: invalid TOML: {reason}")]
+    Syntax { path: String, reason: String },
+    #[error("{path}: {problems} problem(s):\n  {}", .list.join("\n  "))]
+    Invalid {
+        path: String,
+        problems: usize,
+        list: Vec<String>,
+    },
+}
+
+// The file as written.
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileDef {
+    #[serde(default)]
+    sources: Vec<FileSource>,
+    #[serde(default)]
+    entities: Vec<FileEntity>,
+    #[serde(default)]
+    features: Vec<FileFeature>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileSource {
+    name: String,
+    topic: String,
+    schema: String,
+    keys: Vec<String>,
+    time_field: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileEntity {
+    name: String,
+    key: String,
+    sources: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileFeature {
+    name: String,
+    entity: String,
+    source: String,
+    aggregation: String,
+    #[serde(default)]
+    field: Option<String>,
+    window: String,
+    #[serde(default)]
+    filter: BTreeMap<String, toml_value::Scalar>,
+}
+
+/// Scalars a filter may compare with.
+mod toml_value {
+    use serde::Deserialize;
+
+    #[derive(Debug, Clone, Deserialize)]
+    #[serde(untagged)]
+    pub enum Scalar {
+        Int(i64),
+        Str(String),
+    }
+}
+
+/// Parses a window such as `500ms`, `10s`, `5m`, `1h`, `30d` into ms.
+pub fn parse_window(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .ok_or_else(|| format!("window {text:?} has no unit (ms, s, m, h, d)"))?;
+    let (number, unit) = text.split_at(split);
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("window {text:?} does not start with a whole number"))?;
+    let scale = match unit {
+        "ms" => 1,
+        "s" => 1_000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        "d" => 86_400_000,
+        _ => return Err(format!("window {text:?}: unknown unit {unit:?} (ms, s, m, h, d)")),
+    };
+    let ms = n.saturating_mul(scale);
+    if ms == 0 || ms > MAX_WINDOW_MS {
+        return Err(format!("window {text:?} must be positive and at most 30d"));
+    }
+    Ok(ms)
+}
+
+/// Formats ms as the largest exact unit (`86400000` -> `1d`).
+pub fn format_window(ms: u64) -> String {
+    for (unit, scale) in [("d", 86_400_000), ("h", 3_600_000), ("m", 60_000), ("s", 1_000)] {
+        if ms.is_multiple_of(scale) {
+            return format!("{}{unit}", ms / scale);
+        }
+    }
+    format!("{ms}ms")
+}
+
+fn is_identifier(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+        && !name.starts_with('_')
+}
+
+fn check_aggregation(
+    agg: Aggregation,
+    field: Option<&FieldSpec>,
+    problem: &mut dyn FnMut(String),
+) {
+    use Aggregation::*;
+    match (agg, field) {
+        (Count, _) | (LastTime, None) | (DistinctCount, Some(_)) => {}
+        (_, None) => problem(format!("aggregation {} needs a field", agg.as_str())),
+        (Sum | Mean | Std, Some(f)) if f.ty != FieldType::Int => problem(format!(
+            "aggregation {} needs an integer field, {} is {}",
+            agg.as_str(),
+            f.name,
+            f.ty.describe()
+        )),
+        (Min | Max | Mode | Last, Some(f)) if !f.ty.is_integer() => problem(format!(
+            "aggregation {} needs an integer, time or country field, {} is {}",
+            agg.as_str(),
+            f.name,
+            f.ty.describe()
+        )),
+        (LastTime, Some(f)) => problem(format!(
+            "aggregation last_time takes no field (it reads the source's time field), got {}",
+            f.name
+        )),
+        _ => {}
+    }
+}
+
+impl FeatureSet {
+    /// Reads and validates the file at `path`.
+    pub fn load(path: impl AsRef<Path>) -> Result<FeatureSet, DefinitionError> {
+        let path = path.as_ref();
+        let text = std::fs::read_to_string(path).map_err(|e| DefinitionError::Read {
+            path: path.display().to_string(),
+            reason: e.to_string(),
+        })?;
+        FeatureSet::parse(&path.display().to_string(), &text)
+    }
+
+    /// The file named by `path`, else `$SFS_FEATURES`, else `features.toml`.
+    pub fn load_default(path: Option<&Path>) -> Result<FeatureSet, DefinitionError> {
+        match path {
+            Some(p) => FeatureSet::load(p),
+            None => match std::env::var_os(FEATURES_ENV) {
+                Some(p) => FeatureSet::load(p),
+                None => FeatureSet::load(DEFAULT_FEATURES_PATH),
+            },
+        }
+    }
+
+    /// Parses and validates definitions; `origin` names them in errors.
+    pub fn parse(origin: &str, text: &str) -> Result<FeatureSet, DefinitionError> {
+        let file: FileDef = toml::from_str(text).map_err(|e| DefinitionError::Syntax {
+            path: origin.to_owned(),
+            reason: e.to_string(),
+        })?;
+        let mut problems = Vec::new();
+        let set = resolve(file, &mut problems);
+        if problems.is_empty() {
+            Ok(set)
+        } else {
+            Err(DefinitionError::Invalid {
+                path: origin.to_owned(),
+                problems: problems.len(),
+                list: problems,
+            })
+        }
+    }
+
+    /// The entity called `name`.
+    pub fn entity(&self, name: &str) -> Option<&Entity> {
+        self.entities.iter().find(|e| e.name == name)
+    }
+
+    /// The index of the entity called `name`.
+    pub fn entity_index(&self, name: &str) -> Option<usize> {
+        self.entities.iter().position(|e| e.name == name)
+    }
+
+    /// The source called `name`.
+    pub fn source(&self, name: &str) -> Option<&SourceDef> {
+        self.sources.iter().find(|s| s.name == name)
+    }
+
+    /// The widest window of any feature (ms).
+    pub fn widest_window_ms(&self) -> u64 {
+        self.entities
+            .iter()
+            .flat_map(|e| &e.features)
+            .map(|f| f.window_ms)
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// Every feature as `entity.feature`, in row order, entity by entity.
+    pub fn qualified_names(&self) -> Vec<String> {
+        self.entities
+            .iter()
+            .flat_map(|e| e.features.iter().map(move |f| format!("{}.{}", e.name, f.name)))
+            .collect()
+    }
+
+    /// Checks that every window is a multiple of `tick_ms`; the error names
+    /// each feature that is not.
+    pub fn check_tick(&self, tick_ms: u64) -> Result<(), String> {
+        if tick_ms == 0 {
+            return Err("tick_ms must be positive".into());
+        }
+        let bad: Vec<String> = self
+            .entities
+            .iter()
+            .flat_map(|e| &e.features)
+            .filter(|f| !f.window_ms.is_multiple_of(tick_ms))
+            .map(|f| {
+                format!(
+                    "feature {}: window {} is not a multiple of the tick ({tick_ms} ms)",
+                    f.name,
+                    format_window(f.window_ms)
+                )
+            })
+            .collect();
+        if bad.is_empty() {
+            Ok(())
+        } else {
+            Err(bad.join("; "))
+        }
+    }
+}
+
+fn resolve(file: FileDef, problems: &mut Vec<String>) -> FeatureSet {
+    let mut sources: Vec<SourceDef> = Vec::new();
+    for s in file.sources {
+        let mut bad = |p: String| problems.push(format!("source {}: {p}", s.name));
+        if !is_identifier(&s.name) {
+            bad("name must be lowercase letters, digits and _".into());
+        }
+        if sources.iter().any(|o| o.name == s.name) {
+            bad("duplicate source name".into());
+        }
+        let schema = match s.schema.as_str() {
+            "txn" => Schema::Txn,
+            "click" => Schema::Click,
+            other => {
+                bad(format!("unknown schema {other:?} (txn, click)"));
+                continue;
+            }
+        };
+        for key in &s.keys {
+            match schema.field(key) {
+                Some((_, f)) if f.ty == FieldType::Str && !f.optional => {}
+                Some(_) => bad(format!("key field {key} must be a required string field")),
+                None => bad(format!("unknown key field {key} in schema {}", s.schema)),
+            }
+        }
+        match schema.field(&s.time_field) {
+            Some((_, f)) if f.ty == FieldType::Time => {}
+            _ => bad(format!(
+                "time_field {} is not a time field of schema {}",
+                s.time_field, s.schema
+            )),
+        }
+        sources.push(SourceDef {
+            name: s.name,
+            topic: s.topic,
+            schema,
+            keys: s.keys,
+            time_field: s.time_field,
+        });
+    }
+
+    let mut entities: Vec<EntityDef> = Vec::new();
+    for e in file.entities {
+        let mut bad = |p: String| problems.push(format!("entity {}: {p}", e.name));
+        if !is_identifier(&e.name) {
+            bad("name must be lowercase letters, digits and _".into());
+        }
+        if entities.iter().any(|o| o.name == e.name) {
+            bad("duplicate entity name".into());
+        }
+        let mut indices = Vec::new();
+        for name in &e.sources {
+            match sources.iter().position(|s| &s.name == name) {
+                Some(i) if sources[i].keys.contains(&e.key) => indices.push(i),
+                Some(_) => bad(format!("source {name} does not list key {}", e.key)),
+                None => bad(format!("unknown source {name}")),
+            }
+        }
+        entities.push(EntityDef {
+            name: e.name,
+            key: e.key,
+            sources: indices,
+            features: Vec::new(),
+        });
+    }
+
+    let mut names = BTreeSet::new();
+    for f in file.features {
+        let mut bad = |p: String| problems.push(format!("feature {}: {p}", f.name));
+        if !is_identifier(&f.name) {
+            bad("name must be lowercase letters, digits and _ (not starting with _)".into());
+        }
+        if !names.insert((f.entity.clone(), f.name.clone())) {
+            bad(format!("duplicate feature name in entity {}", f.entity));
+        }
+        let Some(entity) = entities.iter().position(|e| e.name == f.entity) else {
+            bad(format!("unknown entity {}", f.entity));
+            continue;
+        };
+        let Some(source) = sources.iter().position(|s| s.name == f.source) else {
+            bad(format!("unknown source {}", f.source));
+            continue;
+        };
+        if !entities[entity].sources.contains(&source) {
+            bad(format!(
+                "source {} does not feed entity {}",
+                f.source, f.entity
+            ));
+        }
+        let schema = sources[source].schema;
+        let aggregation = match serde_json::from_value::<Aggregation>(serde_json::Value::String(
+            f.aggregation.clone(),
+        )) {
+            Ok(a) => a,
+            Err(_) => {
+                bad(format!(
+                    "unknown aggregation {:?} (count, sum, mean, std, min, max, distinct_count, mode, last, last_time)",
+                    f.aggregation
+                ));
+                continue;
+            }
+        };
+        let field = match &f.field {
+            Some(name) => match schema.field(name) {
+                Some((i, spec)) => Some((i, spec)),
+                None => {
+                    bad(format!("unknown field {name} in source {}", f.source));
+                    continue;
+                }
+            },
+            None => None,
+        };
+        check_aggregation(aggregation, field.map(|(_, s)| s), &mut bad);
+        let field = match aggregation {
+            Aggregation::LastTime => schema.field(&sources[source].time_field).map(|(i, _)| i),
+            _ => field.map(|(i, _)| i),
+        };
+        let window_ms = match parse_window(&f.window) {
+            Ok(w) => w,
+            Err(e) => {
+                bad(e);
+                continue;
+            }
+        };
+        let mut filter = Vec::new();
+        for (name, value) in &f.filter {
+            let Some((i, spec)) = schema.field(name) else {
+                bad(format!("filter on unknown field {name} in source {}", f.source));
+                continue;
+            };
+            let datum = match (spec.ty, value) {
+                (FieldType::Enum(allowed), toml_value::Scalar::Str(v)) => {
+                    if !allowed.contains(&v.as_str()) {
+                        bad(format!(
+                            "filter {name} = {v:?}: not one of {}",
+                            allowed.join(", ")
+                        ));
+                    }
+                    Datum::Str(v.clone())
+                }
+                (FieldType::Str, toml_value::Scalar::Str(v)) => Datum::Str(v.clone()),
+                (FieldType::Country, toml_value::Scalar::Str(v)) => match pack_country(v) {
+                    Some(code) => Datum::Int(code),
+                    None => {
+                        bad(format!("filter {name} = {v:?}: not a country code"));
+                        continue;
+                    }
+                },
+                (FieldType::Int | FieldType::Time, toml_value::Scalar::Int(v)) => Datum::Int(*v),
+                (ty, _) => {
+                    bad(format!(
+                        "filter {name}: value does not fit the {} field",
+                        ty.describe()
+                    ));
+                    continue;
+                }
+            };
+            filter.push((i, datum));
+        }
+        entities[entity].features.push(FeatureDef {
+            name: f.name,
+            source,
+            aggregation,
+            field,
+            window_ms,
+            filter,
+        });
+    }
+    for e in &entities {
+        if e.features.is_empty() {
+            problems.push(format!("entity {}: has no features", e.name));
+        }
+        if e.features.len() > MAX_FEATURES_PER_ENTITY {
+            problems.push(format!(
+                "entity {}: {} features, at most {MAX_FEATURES_PER_ENTITY}",
+                e.name,
+                e.features.len()
+            ));
+        }
+        let windows = e.windows().len();
+        if windows > MAX_WINDOWS_PER_ENTITY {
+            problems.push(format!(
+                "entity {}: {windows} distinct windows, at most {MAX_WINDOWS_PER_ENTITY}",
+                e.name
+            ));
+        }
+    }
+    if entities.is_empty() {
+        problems.push("no entities defined".into());
+    }
+    let version = version_of(&sources, &entities);
+    FeatureSet {
+        sources,
+        entities: entities.into_iter().map(Arc::new).collect(),
+        version,
+    }
+}
+
+/// FNV-1a over a canonical JSON form of the definitions that ignores the
+/// order of lines and features (the row layout is by name everywhere it is
+/// stored), comments and formatting.
+fn version_of(sources: &[SourceDef], entities: &[EntityDef]) -> String {
+    let source_name = |i: usize| sources[i].name.as_str();
+    let mut canonical: BTreeSet<String> = BTreeSet::new();
+    for s in sources {
+        canonical.insert(
+            serde_json::json!(["source", s.name, s.topic, s.schema, s.keys, s.time_field])
+                .to_string(),
+        );
+    }
+    for e in entities {
+        let feeds: BTreeSet<&str> = e.sources.iter().map(|&i| source_name(i)).collect();
+        canonical.insert(serde_json::json!(["entity", e.name, e.key, feeds]).to_string());
+        for f in &e.features {
+            canonical.insert(
+                serde_json::json!([
+                    "feature",
+                    e.name,
+                    f.name,
+                    source_name(f.source),
+                    f.aggregation,
+                    f.field,
+                    f.window_ms,
+                    f.filter
+                ])
+                .to_string(),
+            );
+        }
+    }
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for line in &canonical {
+        for b in line.bytes().chain(std::iter::once(b'\n')) {
+            hash ^= b as u64;
+            hash = hash.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    format!("fs-{hash:016x}")
+}
+
+impl fmt::Display for FeatureSet {
+    /// A catalogue: one line per feature.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for e in &self.entities {
+            for d in &e.features {
+                let source = &self.sources[d.source];
+                write!(
+                    f,
+                    "{}.{}: {} of {} over {} from {}",
+                    e.name,
+                    d.name,
+                    d.aggregation.as_str(),
+                    d.field
+                        .map_or("events", |i| source.schema.fields()[i].name),
+                    format_window(d.window_ms),
+                    source.name
+                )?;
+                for (i, v) in &d.filter {
+                    write!(f, " where {} = {v:?}", source.schema.fields()[*i].name)?;
+                }
+                writeln!(f)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Rows.
 
 /// Encodes an ISO 3166 alpha-2 country code (two ASCII uppercase letters
 /// `b0 b1`) as the integer `(b0 << 8) | b1` (e.g. `"FR"` = 70 * 256 + 82 =
@@ -153,20 +935,8 @@ pub fn unpack_country(code: i64) -> Option<String> {
         .then(|| String::from_utf8(vec![b0, b1]).expect("ASCII"))
 }
 
-/// User features, from `click.events` and `txn.events` keyed by `user_id`.
-pub const USER_FEATURES: &[FeatureSpec] = &[
-    int("click_count_5m"),
-    int("click_count_1h"),
-    int("click_count_24h"),
-    int("add_to_cart_count_1h"),
-    int("purchase_count_24h"),
-    int("distinct_categories_1h"),
-    int("txn_count_24h"),
-    int("amount_sum_24h"),
-];
-
 /// A feature value.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub enum Value {
     Int(i64),
     Float(f64),
@@ -181,10 +951,19 @@ impl Value {
         }
     }
 
-    fn encode(self) -> String {
+    /// The value as written to Redis.
+    pub fn encode(self) -> String {
         match self {
             Value::Int(v) => v.to_string(),
             Value::Float(v) => format!("{v:?}"),
+        }
+    }
+
+    /// Parses the Redis encoding of a value of `kind`.
+    pub fn decode(kind: ValueKind, raw: &str) -> Option<Value> {
+        match kind {
+            ValueKind::Int => raw.parse::<i64>().map(Value::Int).ok(),
+            ValueKind::Float => raw.parse::<f64>().map(Value::Float).ok(),
         }
     }
 }
@@ -193,11 +972,11 @@ impl Value {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RowError {
     #[error("row {key} lacks field {field}")]
-    MissingField { key: String, field: &'static str },
+    MissingField { key: String, field: String },
     #[error("row {key} field {field} is not a valid {kind:?}: {value:?}")]
     BadValue {
         key: String,
-        field: &'static str,
+        field: String,
         kind: ValueKind,
         value: String,
     },
@@ -205,7 +984,7 @@ pub enum RowError {
     Version {
         key: String,
         found: String,
-        expected: u32,
+        expected: String,
     },
 }
 
@@ -216,57 +995,58 @@ pub struct FeatureRow {
     pub id: String,
     /// The frontier (ms) the row reflects: it aggregates events strictly before it.
     pub as_of_ms: i64,
-    /// One value per `entity.features()`, in that order.
+    /// One value per `entity.features`, in that order.
     pub values: Vec<Value>,
 }
 
 impl FeatureRow {
     /// The value of the feature called `name`, if the entity has it.
     pub fn get(&self, name: &str) -> Option<Value> {
-        let index = self.entity.features().iter().position(|f| f.name == name)?;
-        self.values.get(index).copied()
+        self.values.get(self.entity.position(name)?).copied()
     }
 
-    /// The hash fields of this row, including `_as_of` and `_fv`.
-    pub fn encode_fields(&self) -> Vec<(&'static str, String)> {
-        debug_assert_eq!(self.values.len(), self.entity.features().len());
+    /// The hash fields of this row, including `_as_of` and `_fv` (`version`).
+    pub fn encode_fields(&self, version: &str) -> Vec<(String, String)> {
+        debug_assert_eq!(self.values.len(), self.entity.features.len());
         let mut fields = Vec::with_capacity(self.values.len() + 2);
-        for (spec, value) in self.entity.features().iter().zip(&self.values) {
-            fields.push((spec.name, value.encode()));
+        for (spec, value) in self.entity.features.iter().zip(&self.values) {
+            fields.push((spec.name.clone(), value.encode()));
         }
-        fields.push((AS_OF_FIELD, self.as_of_ms.to_string()));
-        fields.push((VERSION_FIELD, FEATURE_SET_VERSION.to_string()));
+        fields.push((AS_OF_FIELD.to_owned(), self.as_of_ms.to_string()));
+        fields.push((VERSION_FIELD.to_owned(), version.to_owned()));
         fields
     }
 
-    /// Decodes a row from the fields of its hash (as returned by `HGETALL`).
-    /// Returns `Ok(None)` for an empty hash, which is how Redis reports a
-    /// missing key.
+    /// Decodes a row from the fields of its hash (as returned by `HGETALL`),
+    /// written under feature-set `version`. Returns `Ok(None)` for an empty
+    /// hash, which is how Redis reports a missing key.
     pub fn decode(
-        entity: Entity,
+        entity: &Entity,
+        version: &str,
         id: &str,
         fields: &HashMap<String, String>,
     ) -> Result<Option<FeatureRow>, RowError> {
         if fields.is_empty() {
             return Ok(None);
         }
-        let key = || entity.key(DEFAULT_KEY_PREFIX, id);
-        let get = |field: &'static str| {
-            fields
-                .get(field)
-                .ok_or_else(|| RowError::MissingField { key: key(), field })
+        let key = || entity.redis_key(DEFAULT_KEY_PREFIX, id);
+        let get = |field: &str| {
+            fields.get(field).ok_or_else(|| RowError::MissingField {
+                key: key(),
+                field: field.to_owned(),
+            })
         };
-        let version = get(VERSION_FIELD)?;
-        if version.parse::<u32>().ok() != Some(FEATURE_SET_VERSION) {
+        let found = get(VERSION_FIELD)?;
+        if found != version {
             return Err(RowError::Version {
                 key: key(),
-                found: version.clone(),
-                expected: FEATURE_SET_VERSION,
+                found: found.clone(),
+                expected: version.to_owned(),
             });
         }
-        let bad = |field: &'static str, kind, value: &String| RowError::BadValue {
+        let bad = |field: &str, kind, value: &String| RowError::BadValue {
             key: key(),
-            field,
+            field: field.to_owned(),
             kind,
             value: value.clone(),
         };
@@ -274,17 +1054,13 @@ impl FeatureRow {
         let as_of_ms = as_of
             .parse::<i64>()
             .map_err(|_| bad(AS_OF_FIELD, ValueKind::Int, as_of))?;
-        let mut values = Vec::with_capacity(entity.features().len());
-        for spec in entity.features() {
-            let raw = get(spec.name)?;
-            let value = match spec.kind {
-                ValueKind::Int => raw.parse::<i64>().map(Value::Int).ok(),
-                ValueKind::Float => raw.parse::<f64>().map(Value::Float).ok(),
-            };
-            values.push(value.ok_or_else(|| bad(spec.name, spec.kind, raw))?);
+        let mut values = Vec::with_capacity(entity.features.len());
+        for spec in &entity.features {
+            let raw = get(&spec.name)?;
+            values.push(Value::decode(spec.kind(), raw).ok_or_else(|| bad(&spec.name, spec.kind(), raw))?);
         }
         Ok(Some(FeatureRow {
-            entity,
+            entity: entity.clone(),
             id: id.to_owned(),
             as_of_ms,
             values,
@@ -297,41 +1073,153 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    fn row(entity: Entity, ints: &[i64], floats: &[f64], as_of_ms: i64) -> FeatureRow {
-        let (mut i, mut f) = (ints.iter(), floats.iter());
+    const SHIPPED: &str = include_str!("../../features.toml");
+
+    fn shipped() -> FeatureSet {
+        FeatureSet::parse("features.toml", SHIPPED).unwrap()
+    }
+
+    /// Definitions with one feature replaced by `feature` (TOML body lines).
+    fn with_feature(feature: &str) -> Result<FeatureSet, DefinitionError> {
+        let text = format!(
+            r#"
+[[sources]]
+name = "txn"
+topic = "t"
+schema = "txn"
+keys = ["card_id"]
+time_field = "event_time"
+[[entities]]
+name = "card"
+key = "card_id"
+sources = ["txn"]
+[[features]]
+entity = "card"
+source = "txn"
+{feature}
+"#
+        );
+        FeatureSet::parse("test.toml", &text)
+    }
+
+    fn problem(feature: &str) -> String {
+        match with_feature(feature) {
+            Err(DefinitionError::Invalid { list, .. }) => list.join("\n"),
+            other => panic!("expected a validation error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_shipped_file_has_the_22_features_of_today() {
+        let set = shipped();
+        let card = set.entity("card").unwrap();
+        let user = set.entity("user").unwrap();
+        assert_eq!(card.features.len(), 14);
+        assert_eq!(user.features.len(), 8);
+        assert_eq!(card.windows(), vec![60_000, 300_000, 3_600_000, 86_400_000]);
+        assert_eq!(set.widest_window_ms(), 86_400_000);
+        let atc = &user.features[user.position("add_to_cart_count_1h").unwrap()];
+        assert_eq!(atc.filter, vec![(5, Datum::Str("add_to_cart".into()))]);
+        assert_eq!(
+            card.features[card.position("amount_mean_24h").unwrap()].kind(),
+            ValueKind::Float
+        );
+        assert!(set.version.starts_with("fs-") && set.version.len() == 19);
+    }
+
+    #[test]
+    fn the_version_ignores_layout_and_changes_with_meaning() {
+        let set = shipped();
+        let reformatted = format!("# a comment\n{}", SHIPPED.replace(" = ", "="));
+        assert_eq!(FeatureSet::parse("x", &reformatted).unwrap().version, set.version);
+        let changed = SHIPPED.replacen("window = \"1m\"", "window = \"2m\"", 1);
+        assert_ne!(FeatureSet::parse("x", &changed).unwrap().version, set.version);
+        // Moving a feature to the end keeps the version.
+        let block = "[[features]]\nname = \"txn_count_1m\"\nentity = \"card\"\nsource = \"txn\"\naggregation = \"count\"\nwindow = \"1m\"\n";
+        assert!(SHIPPED.contains(block));
+        let moved = format!("{}\n{block}", SHIPPED.replacen(block, "", 1));
+        assert_eq!(FeatureSet::parse("x", &moved).unwrap().version, set.version);
+    }
+
+    #[test]
+    fn errors_name_the_feature_and_the_problem() {
+        let p = problem("name = \"a\"\naggregation = \"sum\"\nfield = \"merchant_id\"\nwindow = \"1h\"");
+        assert!(p.contains("feature a: aggregation sum needs an integer field, merchant_id is string"), "{p}");
+        let p = problem("name = \"b\"\naggregation = \"count\"\nwindow = \"1h\"\nfilter = { nope = 1 }");
+        assert!(p.contains("feature b: filter on unknown field nope"), "{p}");
+        let p = problem("name = \"c\"\naggregation = \"max\"\nfield = \"amount\"\nwindow = \"1h\"");
+        assert!(p.contains("feature c: unknown field amount in source txn"), "{p}");
+        let p = problem("name = \"d\"\naggregation = \"count\"\nwindow = \"31d\"");
+        assert!(p.contains("feature d: window \"31d\" must be positive and at most 30d"), "{p}");
+        let p = problem("name = \"e\"\naggregation = \"median\"\nwindow = \"1h\"");
+        assert!(p.contains("feature e: unknown aggregation \"median\""), "{p}");
+        let p = problem("name = \"f\"\naggregation = \"count\"\nwindow = \"1h\"\nfilter = { channel = \"web\" }");
+        assert!(p.contains("feature f: filter channel = \"web\": not one of pos, ecom, atm"), "{p}");
+        let p = problem("name = \"g\"\naggregation = \"mode\"\nfield = \"merchant_id\"\nwindow = \"1h\"");
+        assert!(p.contains("feature g: aggregation mode needs an integer"), "{p}");
+        let dup = SHIPPED.replacen("name = \"txn_count_5m\"", "name = \"txn_count_1m\"", 1);
+        match FeatureSet::parse("x", &dup) {
+            Err(e) => assert!(e.to_string().contains("feature txn_count_1m: duplicate feature name in entity card"), "{e}"),
+            Ok(_) => panic!("duplicate accepted"),
+        }
+        let unknown_source = SHIPPED.replacen("source = \"txn\"", "source = \"txns\"", 1);
+        let e = FeatureSet::parse("x", &unknown_source).unwrap_err().to_string();
+        assert!(e.contains("feature txn_count_1m: unknown source txns"), "{e}");
+    }
+
+    #[test]
+    fn windows_must_be_multiples_of_the_tick() {
+        let set = with_feature("name = \"w\"\naggregation = \"count\"\nwindow = \"1500ms\"").unwrap();
+        assert!(set.check_tick(500).is_ok());
+        let e = set.check_tick(1000).unwrap_err();
+        assert!(e.contains("feature w: window 1500ms is not a multiple of the tick (1000 ms)"), "{e}");
+    }
+
+    #[test]
+    fn windows_parse_and_format() {
+        for (text, ms) in [("100ms", 100), ("10s", 10_000), ("5m", 300_000), ("24h", 86_400_000), ("30d", MAX_WINDOW_MS)] {
+            assert_eq!(parse_window(text), Ok(ms));
+        }
+        assert_eq!(format_window(86_400_000), "1d");
+        assert_eq!(format_window(90_000), "90s");
+        for bad in ["", "5", "m", "0m", "5 weeks", "-1h", "1.5h"] {
+            assert!(parse_window(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    fn row(entity: &Entity, ints: &[i64], floats: &[f64], as_of_ms: i64) -> FeatureRow {
+        let (mut i, mut f) = (ints.iter().cycle(), floats.iter().cycle());
         let values = entity
-            .features()
+            .features
             .iter()
-            .map(|spec| match spec.kind {
+            .map(|spec| match spec.kind() {
                 ValueKind::Int => Value::Int(*i.next().unwrap_or(&0)),
                 ValueKind::Float => Value::Float(*f.next().unwrap_or(&0.0)),
             })
             .collect();
         FeatureRow {
-            entity,
+            entity: entity.clone(),
             id: "c-1".into(),
             as_of_ms,
             values,
         }
     }
 
-    fn as_map(row: &FeatureRow) -> HashMap<String, String> {
-        row.encode_fields()
-            .into_iter()
-            .map(|(k, v)| (k.to_owned(), v))
-            .collect()
+    fn as_map(row: &FeatureRow, version: &str) -> HashMap<String, String> {
+        row.encode_fields(version).into_iter().collect()
     }
 
     proptest! {
         #[test]
         fn rows_round_trip_bit_exactly(
-            ints in proptest::collection::vec(any::<i64>(), 13),
-            floats in proptest::collection::vec(any::<f64>().prop_filter("finite", |f| f.is_finite()), 2),
+            ints in proptest::collection::vec(any::<i64>(), 1..14),
+            floats in proptest::collection::vec(any::<f64>().prop_filter("finite", |f| f.is_finite()), 1..3),
             as_of in any::<i64>(),
         ) {
-            for entity in Entity::ALL {
+            let set = shipped();
+            for entity in &set.entities {
                 let original = row(entity, &ints, &floats, as_of);
-                let decoded = FeatureRow::decode(entity, "c-1", &as_map(&original)).unwrap().unwrap();
+                let decoded = FeatureRow::decode(entity, &set.version, "c-1", &as_map(&original, &set.version)).unwrap().unwrap();
                 prop_assert_eq!(&decoded, &original);
             }
         }
@@ -339,35 +1227,33 @@ mod tests {
 
     #[test]
     fn an_empty_hash_is_a_missing_row() {
+        let set = shipped();
         assert_eq!(
-            FeatureRow::decode(Entity::Card, "x", &HashMap::new()),
+            FeatureRow::decode(&set.entities[0], &set.version, "x", &HashMap::new()),
             Ok(None)
         );
     }
 
     #[test]
-    fn decoding_names_the_broken_field() {
-        let mut fields = as_map(&row(Entity::Card, &[1; 13], &[2.5, 0.5], 10));
+    fn decoding_names_the_broken_field_and_rejects_other_versions() {
+        let set = shipped();
+        let card = set.entity("card").unwrap();
+        let mut fields = as_map(&row(card, &[1], &[2.5], 10), &set.version);
         fields.insert("amount_std_24h".into(), "abc".into());
-        let err = FeatureRow::decode(Entity::Card, "x", &fields).unwrap_err();
+        let err = FeatureRow::decode(card, &set.version, "x", &fields).unwrap_err();
         assert!(err.to_string().contains("amount_std_24h"), "{err}");
         fields.remove("txn_count_1m");
-        let err = FeatureRow::decode(Entity::Card, "x", &fields).unwrap_err();
+        let err = FeatureRow::decode(card, &set.version, "x", &fields).unwrap_err();
         assert_eq!(
             err,
             RowError::MissingField {
                 key: "sfs:card:x".into(),
-                field: "txn_count_1m"
+                field: "txn_count_1m".into()
             }
         );
-    }
-
-    #[test]
-    fn another_feature_set_version_is_rejected() {
-        let mut fields = as_map(&row(Entity::User, &[1; 8], &[], 10));
-        fields.insert(VERSION_FIELD.into(), "999".into());
+        let fields = as_map(&row(card, &[1], &[2.5], 10), "fs-0000000000000000");
         assert!(matches!(
-            FeatureRow::decode(Entity::User, "x", &fields),
+            FeatureRow::decode(card, &set.version, "x", &fields),
             Err(RowError::Version { .. })
         ));
     }
@@ -382,7 +1268,6 @@ mod tests {
         for bad in [0, -1, 65, 0x4161, 0x10000 + 0x4646, i64::MAX] {
             assert_eq!(unpack_country(bad), None, "{bad}");
         }
-        assert_eq!(CARD_FEATURES.last().unwrap().name, "top_country_24h");
     }
 
     proptest! {
@@ -397,10 +1282,50 @@ mod tests {
     }
 
     #[test]
-    fn get_reads_by_name() {
-        let r = row(Entity::Card, &[1, 2, 3, 4], &[7.5], 10);
-        assert_eq!(r.get("txn_count_5m"), Some(Value::Int(2)));
-        assert_eq!(r.get("amount_mean_24h"), Some(Value::Float(7.5)));
-        assert_eq!(r.get("nope"), None);
+    fn field_accessors_follow_the_field_tables() {
+        let t = Txn {
+            event_id: "e".into(),
+            card_id: "c".into(),
+            user_id: "u".into(),
+            merchant_id: "m".into(),
+            mcc: 5411,
+            amount_minor: 1234,
+            currency: "EUR".into(),
+            country: "FR".into(),
+            channel: Channel::Ecom,
+            event_time: 99,
+            device_id: None,
+            ip_country: Some("DE".into()),
+        };
+        let get = |name: &str| txn_field(&t, Schema::Txn.field(name).unwrap().0);
+        assert_eq!(get("amount_minor"), Some(Datum::Int(1234)));
+        assert_eq!(get("country"), Some(Datum::Int(pack_country("FR").unwrap())));
+        assert_eq!(get("channel"), Some(Datum::Str("ecom".into())));
+        assert_eq!(get("device_id"), None);
+        assert_eq!(get("ip_country"), Some(Datum::Int(pack_country("DE").unwrap())));
+        assert_eq!(get("event_time"), Some(Datum::Int(99)));
+        for (i, _) in TXN_FIELDS.iter().enumerate() {
+            if let Some(d) = txn_field(&t, i) {
+                assert!(txn_field_is(&t, i, &d), "field {i}");
+            }
+        }
+        let c = Click {
+            event_id: "e".into(),
+            user_id: "u".into(),
+            session_id: "s".into(),
+            item_id: "i".into(),
+            category: "books".into(),
+            action: ClickAction::AddToCart,
+            event_time: 7,
+            dwell_ms: Some(30),
+        };
+        let get = |name: &str| click_field(&c, Schema::Click.field(name).unwrap().0);
+        assert_eq!(get("action"), Some(Datum::Str("add_to_cart".into())));
+        assert_eq!(get("dwell_ms"), Some(Datum::Int(30)));
+        for (i, _) in CLICK_FIELDS.iter().enumerate() {
+            if let Some(d) = click_field(&c, i) {
+                assert!(click_field_is(&c, i, &d), "field {i}");
+            }
+        }
     }
 }

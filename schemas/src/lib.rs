@@ -15,5 +15,8 @@ pub mod validate;
 pub use avro::EventKind;
 pub use codec::{DecodeError, Decoder, EncodeError, Encoder, Event, Topics};
 pub use event::{Channel, Click, ClickAction, Label, Txn};
-pub use features::{Entity, FeatureRow, FeatureSpec, RowError, Value, ValueKind};
+pub use features::{
+    Aggregation, DefinitionError, Entity, EntityDef, FeatureDef, FeatureRow, FeatureSet, RowError,
+    Value, ValueKind,
+};
 pub use validate::{Limits, ValidationError};

@@ -8,14 +8,14 @@ use std::hash::{BuildHasherDefault, Hash, Hasher};
 /// For every window `w`, values leave in the order they entered (FIFO), and a
 /// value enters every window at the same time. Implementations keep whatever
 /// incremental state they need (counts, sums, multisets) and must return to
-/// their `Default` state once every value has left.
-pub trait WindowFold<V>: Default {
+/// their initial state once every value has left.
+pub trait WindowFold<V> {
     /// The windows `value` takes part in, as a bit set over window indices
     /// (bit `w` = window `w`); it must include the store's widest window.
     /// A value never enters (nor leaves) the others, and costs nothing there:
     /// no departure is scheduled for it. Default: every window.
     #[inline]
-    fn windows_of(_value: &V) -> u32 {
+    fn windows_of(&self, _value: &V) -> u32 {
         u32::MAX
     }
     /// `value` entered window `window` (an index into the store's window list).
@@ -133,15 +133,18 @@ pub struct WindowStore<K, V, F> {
     due: Box<[VecDeque<(u64, usize)>]>,
     touched: Vec<usize>,
     last_insert: u64,
+    /// The fold of a key with no values, cloned for each new key.
+    prototype: F,
 }
 
 impl<K, V, F> WindowStore<K, V, F>
 where
     K: Hash + Eq + Clone,
-    F: WindowFold<V>,
+    F: WindowFold<V> + Clone,
 {
-    /// A store for the given window lengths (each positive, same unit as times).
-    pub fn new(windows: &[u64]) -> Self {
+    /// A store for the given window lengths (each positive, same unit as
+    /// times); each new key starts with a clone of `prototype`.
+    pub fn new(windows: &[u64], prototype: F) -> Self {
         assert!(!windows.is_empty(), "at least one window");
         assert!(windows.iter().all(|w| *w > 0), "windows must be positive");
         assert!(
@@ -161,6 +164,7 @@ where
             due: (0..windows.len()).map(|_| VecDeque::new()).collect(),
             touched: Vec::new(),
             last_insert: 0,
+            prototype,
         }
     }
 
@@ -197,7 +201,7 @@ where
                             events: VecDeque::new(),
                             base: 0,
                             cursors: [0; MAX_WINDOWS],
-                            fold: F::default(),
+                            fold: self.prototype.clone(),
                             touched: false,
                             scheduled_time: 0,
                             scheduled: 0,
@@ -212,7 +216,7 @@ where
         };
         let s = &mut self.slots[slot];
         let all = (1u32 << self.windows.len()) - 1;
-        let member = F::windows_of(&value) & all;
+        let member = s.fold.windows_of(&value) & all;
         debug_assert!(
             member & (1 << self.widest) != 0,
             "every value takes part in the widest window"
@@ -272,7 +276,7 @@ where
                 break;
             }
             // Values not in window `w` never entered it: skip them.
-            if F::windows_of(value) & (1 << w) != 0 {
+            if s.fold.windows_of(value) & (1 << w) != 0 {
                 s.fold.leave(w, value);
                 left += 1;
             }
@@ -312,7 +316,7 @@ where
                 self.index.remove(&key);
                 // Free the memory of idle keys: a fresh deque and fold.
                 s.events = VecDeque::new();
-                s.fold = F::default();
+                s.fold = self.prototype.clone();
                 s.base = 0;
                 s.cursors.iter_mut().for_each(|c| *c = 0);
                 s.scheduled = 0;
@@ -326,7 +330,7 @@ where
 mod tests {
     use super::*;
 
-    #[derive(Default)]
+    #[derive(Default, Clone)]
     struct Counts([i64; 2]);
     impl WindowFold<u32> for Counts {
         fn enter(&mut self, w: usize, _: &u32) {
@@ -348,7 +352,7 @@ mod tests {
 
     #[test]
     fn values_leave_each_window_at_t_plus_w_and_idle_keys_are_freed() {
-        let mut store = WindowStore::<&str, u32, Counts>::new(&[10, 5]);
+        let mut store = WindowStore::<&str, u32, Counts>::new(&[10, 5], Counts::default());
         store.insert(0, "a", 1);
         store.insert(0, "a", 2);
         store.insert(3, "b", 3);
@@ -377,18 +381,18 @@ mod tests {
     }
 
     /// A fold whose values say which windows they take part in.
-    #[derive(Default)]
+    #[derive(Default, Clone)]
     struct Masked([i64; 3]);
     impl WindowFold<u32> for Masked {
-        fn windows_of(value: &u32) -> u32 {
+        fn windows_of(&self, value: &u32) -> u32 {
             *value | 0b100
         }
         fn enter(&mut self, w: usize, v: &u32) {
-            assert!(Self::windows_of(v) & (1 << w) != 0);
+            assert!(self.windows_of(v) & (1 << w) != 0);
             self.0[w] += 1;
         }
         fn leave(&mut self, w: usize, v: &u32) {
-            assert!(Self::windows_of(v) & (1 << w) != 0);
+            assert!(self.windows_of(v) & (1 << w) != 0);
             self.0[w] -= 1;
         }
     }
@@ -407,7 +411,7 @@ mod tests {
                     .wrapping_add(1442695040888963407);
                 (rng >> 33) % n
             };
-            let mut store = WindowStore::<u8, u32, Masked>::new(&windows);
+            let mut store = WindowStore::<u8, u32, Masked>::new(&windows, Masked::default());
             let mut log: Vec<(u64, u8, u32)> = Vec::new();
             let mut rows: std::collections::BTreeMap<u8, [i64; 3]> = Default::default();
             for time in 0..120u64 {
