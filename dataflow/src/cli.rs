@@ -2,15 +2,24 @@
 
 use std::path::PathBuf;
 
+use schemas::FeatureSet;
+
 use crate::config::StreamConfig;
 use crate::metrics::Metrics;
 
+/// Exit code of a command given invalid feature definitions or config.
+pub const EXIT_INVALID: i32 = 2;
+
 /// Run the streaming feature job: Kafka -> features -> Redis.
 #[derive(Debug, Clone, Default, clap::Args)]
+#[command(after_help = "Example:\n  sfs stream --features features.toml -w 2 --until-end")]
 pub struct StreamArgs {
     /// TOML config file (see config/stream.example.toml); flags and env override it.
     #[arg(long, short = 'c', env = "SFS_STREAM_CONFIG")]
     pub config: Option<PathBuf>,
+    /// Feature definitions (default: features.toml).
+    #[arg(long, env = "SFS_FEATURES")]
+    pub features: Option<PathBuf>,
     /// Worker threads per process.
     #[arg(short = 'w', long = "workers", env = "SFS_WORKERS")]
     pub workers: Option<usize>,
@@ -29,19 +38,17 @@ pub struct StreamArgs {
     /// Consumer group for committed offsets.
     #[arg(long, env = "SFS_GROUP_ID")]
     pub group_id: Option<String>,
-    /// Topic of card transactions.
-    #[arg(long, env = "SFS_TXN_TOPIC")]
-    pub txn_topic: Option<String>,
-    /// Topic of browsing events.
-    #[arg(long, env = "SFS_CLICK_TOPIC")]
-    pub click_topic: Option<String>,
+    /// Read source SOURCE from TOPIC instead of its topic in the feature
+    /// definitions (repeatable: --topic txn=txn.test --topic click=click.test).
+    #[arg(long = "topic", value_name = "SOURCE=TOPIC", value_parser = parse_topic)]
+    pub topics: Vec<(String, String)>,
     /// Redis URL.
     #[arg(long, env = "REDIS_URL")]
     pub redis_url: Option<String>,
     /// Prefix of every Redis key written.
     #[arg(long, env = "SFS_KEY_PREFIX")]
     pub key_prefix: Option<String>,
-    /// Dataflow tick (ms); must divide 60000.
+    /// Dataflow tick (ms); every feature window must be a multiple of it.
     #[arg(long, env = "SFS_TICK_MS")]
     pub tick_ms: Option<u64>,
     /// Allowed lateness (ms).
@@ -73,8 +80,8 @@ impl StreamArgs {
             hostfile,
             brokers,
             group_id,
-            txn_topic,
-            click_topic,
+            features: _,
+            topics,
             redis_url,
             key_prefix,
             tick_ms,
@@ -94,8 +101,7 @@ impl StreamArgs {
         set(&mut config.cluster.hostfile, hostfile);
         set(&mut config.kafka.brokers, brokers);
         set(&mut config.kafka.group_id, group_id);
-        set(&mut config.kafka.txn_topic, txn_topic);
-        set(&mut config.kafka.click_topic, click_topic);
+        config.kafka.topics.extend(topics);
         set(&mut config.redis.url, redis_url);
         set(&mut config.redis.key_prefix, key_prefix);
         set(&mut config.time.tick_ms, tick_ms);
@@ -108,15 +114,45 @@ impl StreamArgs {
     }
 }
 
+fn parse_topic(text: &str) -> Result<(String, String), String> {
+    match text.split_once('=') {
+        Some((source, topic)) if !source.is_empty() && !topic.is_empty() => {
+            Ok((source.to_owned(), topic.to_owned()))
+        }
+        _ => Err(format!("{text:?} is not SOURCE=TOPIC")),
+    }
+}
+
+/// The feature definitions at `path` (else `$SFS_FEATURES`, else
+/// `features.toml`); on a problem, prints every one and exits with code 2.
+pub fn load_features_or_exit(path: Option<&std::path::Path>) -> FeatureSet {
+    match FeatureSet::load_default(path) {
+        Ok(set) => set,
+        Err(e) => {
+            eprintln!("error: {e}");
+            eprintln!("fix the feature definitions (docs/FEATURES.md), then run again");
+            std::process::exit(EXIT_INVALID);
+        }
+    }
+}
+
 /// `sfs stream`.
 pub fn run(args: StreamArgs) -> anyhow::Result<()> {
-    let config = args.resolve()?;
+    let set = load_features_or_exit(args.features.as_deref());
+    let config = match args.resolve().and_then(|c| Ok(c.validate_with(&set).map(|_| c)?)) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("error: {e}");
+            std::process::exit(EXIT_INVALID);
+        }
+    };
     let metrics = Metrics::new();
     if !config.metrics.listen.is_empty() {
         let addr = offset_port(&config.metrics.listen, config.cluster.process)?;
         metrics.serve(&addr)?;
     }
-    let summary = crate::worker::run(config, metrics)?;
+    tracing::info!(version = %set.version, entities = set.entities.len(), "feature definitions loaded");
+    let summary = crate::worker::run(config, std::sync::Arc::new(set), metrics)?;
     if let Some(progress) = summary.progress {
         tracing::info!(frontier_ms = progress.frontier_ms, "stream job finished");
         println!(
@@ -155,7 +191,13 @@ mod tests {
         assert_eq!(config.cluster.workers, 4);
         assert_eq!(config.redis.key_prefix, "t:");
         assert!(config.cluster.until_end);
-        assert_eq!(config.kafka.txn_topic, "txn.events");
+        assert!(config.kafka.topics.is_empty());
+        let args = StreamArgs {
+            topics: vec![parse_topic("txn=t.x").unwrap()],
+            ..Default::default()
+        };
+        assert_eq!(args.resolve().unwrap().kafka.topics["txn"], "t.x");
+        assert!(parse_topic("txn").is_err());
         assert_eq!(offset_port("127.0.0.1:8088", 2).unwrap(), "127.0.0.1:8090");
     }
 }

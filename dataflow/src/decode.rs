@@ -7,14 +7,11 @@ use std::time::Duration;
 
 use operators::kafka::SourceRecord;
 use schemas::codec::{DecodeError, Decoder};
-use schemas::{Click, Txn};
+use schemas::features::Schema;
+use schemas::FeatureSet;
 
-/// An event of one of the input topics.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Event {
-    Txn(Txn),
-    Click(Click),
-}
+pub use crate::compile::Event;
+use crate::graph::SourceEvent;
 
 /// Why a record did not decode: a stable reason code and the message.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -46,27 +43,34 @@ impl From<DecodeError> for DecodeFailure {
     }
 }
 
-/// Decodes the records of the transaction and click topics.
+/// Decodes the records of the sources' topics.
 #[derive(Debug, Clone)]
 pub struct EventDecoder {
     decoder: Decoder,
-    txn_topic: String,
-    click_topic: String,
+    /// Per topic: the index of its source and the source's schema.
+    topics: Vec<(String, usize, Schema)>,
 }
 
 impl EventDecoder {
-    pub fn new(decoder: Decoder, txn_topic: String, click_topic: String) -> Self {
-        EventDecoder {
-            decoder,
-            txn_topic,
-            click_topic,
-        }
+    /// A decoder of the topics of `set`'s sources (`topic_of` gives each
+    /// source's topic, with any override applied).
+    pub fn new(decoder: Decoder, set: &FeatureSet, topic_of: impl Fn(&str) -> String) -> Self {
+        let topics = set
+            .sources
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (topic_of(&s.name), i, s.schema))
+            .collect();
+        EventDecoder { decoder, topics }
     }
 
     /// The event and its event time (ms), or why not. A schema registry that
     /// is unreachable is an infrastructure fault, not bad data: the decoder
     /// retries (stalling this worker) rather than dead-lettering.
-    pub fn decode(&mut self, record: &SourceRecord<'_>) -> Result<(Event, i64), DecodeFailure> {
+    pub fn decode(
+        &mut self,
+        record: &SourceRecord<'_>,
+    ) -> Result<(SourceEvent, i64), DecodeFailure> {
         let Some(payload) = record.payload else {
             return Err(DecodeFailure {
                 reason: "empty",
@@ -79,23 +83,24 @@ impl EventDecoder {
             .timestamp_ms
             .filter(|ts| *ts > 0)
             .unwrap_or_else(wall_ms);
+        let Some(&(_, source, schema)) = self.topics.iter().find(|(t, _, _)| t == record.topic)
+        else {
+            return Err(DecodeFailure {
+                reason: "unknown_topic",
+                message: format!("no decoder for topic {}", record.topic),
+            });
+        };
         let mut backoff = Duration::from_millis(100);
         loop {
-            let result = if record.topic == self.txn_topic {
-                self.decoder.decode_txn(payload, now_ms).map(|t| {
+            let result = match schema {
+                Schema::Txn => self.decoder.decode_txn(payload, now_ms).map(|t| {
                     let time = t.event_time;
-                    (Event::Txn(t), time)
-                })
-            } else if record.topic == self.click_topic {
-                self.decoder.decode_click(payload, now_ms).map(|c| {
+                    ((source, Event::Txn(t)), time)
+                }),
+                Schema::Click => self.decoder.decode_click(payload, now_ms).map(|c| {
                     let time = c.event_time;
-                    (Event::Click(c), time)
-                })
-            } else {
-                return Err(DecodeFailure {
-                    reason: "unknown_topic",
-                    message: format!("no decoder for topic {}", record.topic),
-                });
+                    ((source, Event::Click(c)), time)
+                }),
             };
             match result {
                 Err(e) if e.is_retryable() => {
@@ -150,7 +155,11 @@ mod tests {
     }
 
     fn decoder() -> EventDecoder {
-        EventDecoder::new(Decoder::default(), "t".into(), "c".into())
+        let set = FeatureSet::load(concat!(env!("CARGO_MANIFEST_DIR"), "/../features.toml")).unwrap();
+        EventDecoder::new(Decoder::default(), &set, |source| match source {
+            "txn" => "t".into(),
+            _ => "c".into(),
+        })
     }
 
     #[test]
@@ -160,12 +169,12 @@ mod tests {
             .encode_avro(&txn(), 2, &mut bytes)
             .unwrap();
         let (event, time) = decoder().decode(&record("t", &bytes)).unwrap();
-        assert_eq!(event, Event::Txn(txn()));
+        assert_eq!(event, (0, Event::Txn(txn())));
         assert_eq!(time, 1_699_999_999_000);
         let json = serde_json::to_vec(&txn()).unwrap();
         assert_eq!(
             decoder().decode(&record("t", &json)).unwrap().0,
-            Event::Txn(txn())
+            (0, Event::Txn(txn()))
         );
     }
 

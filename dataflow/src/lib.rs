@@ -1,13 +1,14 @@
-//! The feature graph: config, decode, graph, worker orchestration (threads and processes), replay.
+//! The feature graph: config, features.toml compiled to differential
+//! operators, decode, worker orchestration (threads and processes), replay.
 
 pub mod cli;
+pub mod compile;
 pub mod config;
 pub mod decode;
 pub mod dlq;
 pub mod graph;
 pub mod metrics;
-pub mod oracle;
 pub mod stream;
 pub mod worker;
 
-pub use graph::{build_features, GraphConfig, RowUpdate};
+pub use graph::{build_features, events_collection, GraphConfig, SourceEvent};

@@ -6,26 +6,28 @@ use std::collections::BTreeMap;
 use operators::kafka::{
     KafkaSource, KafkaSourceConfig, OffsetCommitter, SourceError, TopicPartition,
 };
+use std::sync::Arc;
+
 use schemas::codec::Decoder;
-use schemas::features::DAY_MS;
+use schemas::FeatureSet;
 use sinks::kafka::DeadLetterSink;
 use sinks::redis::{
     progress_stage, AppendTimes, ProgressRecord, ProgressStage, RedisSink, RedisSinkConfig,
-    RowWrite,
 };
-use timely::dataflow::operators::vec::Map;
-use timely::dataflow::operators::{Concat, OkErr};
-use timely::dataflow::{Scope, StreamVec};
+use timely::dataflow::operators::Concat;
+use timely::dataflow::Scope;
 
 use crate::config::StreamConfig;
-use crate::decode::{Event, EventDecoder};
+use crate::decode::EventDecoder;
 use crate::metrics::Metrics;
-use crate::{build_features, GraphConfig};
+use crate::{build_features, events_collection, GraphConfig};
 
 /// What every worker of a process shares, prepared once before the workers start.
 #[derive(Debug, Clone)]
 pub struct Prepared {
     pub config: StreamConfig,
+    /// The feature definitions the graph computes.
+    pub features: Arc<FeatureSet>,
     /// The progress record to resume from (`None`: a fresh start).
     pub progress: Option<ProgressRecord>,
     pub decoder: Decoder,
@@ -39,7 +41,7 @@ impl Prepared {
         RedisSinkConfig {
             url: c.redis.url.clone(),
             key_prefix: c.redis.key_prefix.clone(),
-            feature_set_version: schemas::features::FEATURE_SET_VERSION,
+            features: Arc::clone(&self.features),
             rows_per_call: c.sink.rows_per_call,
             calls_per_round_trip: c.sink.calls_per_round_trip,
             backoff_initial_ms: c.sink.backoff_initial_ms,
@@ -51,7 +53,12 @@ impl Prepared {
     /// The source configuration, resuming from the progress record.
     pub fn source_config(&self) -> KafkaSourceConfig {
         let c = &self.config;
-        let topics = vec![c.kafka.txn_topic.clone(), c.kafka.click_topic.clone()];
+        let topics = self
+            .features
+            .sources
+            .iter()
+            .map(|s| c.topic_of(&self.features, &s.name))
+            .collect();
         let mut source =
             KafkaSourceConfig::new(c.kafka.brokers.clone(), c.kafka.group_id.clone(), topics);
         source.clock = operators::kafka::ClockConfig {
@@ -59,8 +66,10 @@ impl Prepared {
             allowed_lateness_ms: c.time.allowed_lateness_ms,
             late_limit_ms: (c.time.late_limit_ms > 0).then_some(c.time.late_limit_ms),
         };
-        // Rows at F aggregate events in [F - 24h, F): replay those, plus slack.
-        source.resume_horizon_ms = DAY_MS as u64 + c.time.tick_ms + c.time.resume_slack_ms;
+        // Rows at F aggregate events in [F - W, F) for the widest window W:
+        // replay those, plus slack.
+        source.resume_horizon_ms =
+            self.features.widest_window_ms() + c.time.tick_ms + c.time.resume_slack_ms;
         source.idle_timeout_ms = (c.time.idle_timeout_ms > 0).then_some(c.time.idle_timeout_ms);
         source.bounded = c.cluster.until_end;
         source.max_records_per_activation = c.kafka.max_records_per_activation;
@@ -104,11 +113,10 @@ pub fn build<'scope>(
     prepared: &Prepared,
 ) -> Result<ProgressStage, BuildError> {
     let config = &prepared.config;
-    let mut decoder = EventDecoder::new(
-        prepared.decoder.clone(),
-        config.kafka.txn_topic.clone(),
-        config.kafka.click_topic.clone(),
-    );
+    let features = &prepared.features;
+    let mut decoder = EventDecoder::new(prepared.decoder.clone(), features, |source| {
+        config.topic_of(features, source)
+    });
     let output = scope.kafka_source(
         prepared.source_config(),
         prepared.metrics.source.clone(),
@@ -122,20 +130,10 @@ pub fn build<'scope>(
             .observe(move |time, append_ms| append_times.record(time, append_ms));
     }
 
-    // Splitting by value moves each event once; boxing would allocate per record.
-    #[allow(clippy::result_large_err)]
-    let (txns, clicks): (
-        StreamVec<'scope, u64, schemas::Txn>,
-        StreamVec<'scope, u64, schemas::Click>,
-    ) = output.data.ok_err(|event| match event {
-        Event::Txn(t) => Ok(t),
-        Event::Click(c) => Err(c),
-    });
     let graph = GraphConfig {
         tick_ms: config.time.tick_ms,
     };
-    let rows =
-        build_features(txns, clicks, &graph).map(|u| RowWrite::from_values(u.entity, u.id, u.row));
+    let rows = build_features(events_collection(output.data), features, &graph);
 
     let sink_config = prepared.sink_config();
     let floor = prepared.progress.as_ref().map_or(0, |p| p.frontier_ms);

@@ -1,8 +1,10 @@
 //! Runs the streaming job on a timely cluster: threads (`-w`) and processes
 //! (`-n`, `-p`, `--hostfile`).
 
+use std::sync::Arc;
 use std::time::Duration;
 
+use schemas::FeatureSet;
 use sinks::redis::{connect, load_function, read_progress, ProgressRecord};
 use timely::{CommunicationConfig, WorkerConfig};
 
@@ -18,9 +20,14 @@ pub struct RunSummary {
 }
 
 /// Loads the Redis function and reads the progress record to resume from.
-pub fn prepare(config: &StreamConfig, metrics: Metrics) -> anyhow::Result<Prepared> {
+pub fn prepare(
+    config: &StreamConfig,
+    features: Arc<FeatureSet>,
+    metrics: Metrics,
+) -> anyhow::Result<Prepared> {
     let probe = Prepared {
         config: config.clone(),
+        features,
         progress: None,
         decoder: Default::default(),
         metrics,
@@ -30,10 +37,10 @@ pub fn prepare(config: &StreamConfig, metrics: Metrics) -> anyhow::Result<Prepar
     load_function(&mut conn)?;
     let mut progress = read_progress(&mut conn, &sink)?;
     if let Some(p) = &progress {
-        if p.feature_set_version != sink.feature_set_version {
+        if p.feature_set_version != sink.features.version {
             tracing::warn!(
-                found = p.feature_set_version,
-                expected = sink.feature_set_version,
+                found = %p.feature_set_version,
+                expected = %sink.features.version,
                 "progress record is of another feature-set version: starting over"
             );
             progress = None;
@@ -98,9 +105,14 @@ fn timely_config(config: &StreamConfig) -> anyhow::Result<timely::Config> {
 }
 
 /// Runs the job until it ends (bounded) or forever.
-pub fn run(config: StreamConfig, metrics: Metrics) -> anyhow::Result<RunSummary> {
+pub fn run(
+    config: StreamConfig,
+    features: Arc<FeatureSet>,
+    metrics: Metrics,
+) -> anyhow::Result<RunSummary> {
     config.validate()?;
-    let prepared = prepare(&config, metrics)?;
+    config.validate_with(&features)?;
+    let prepared = prepare(&config, features, metrics)?;
     let timely = timely_config(&config)?;
     tracing::info!(
         workers = config.cluster.workers.max(1),

@@ -935,11 +935,65 @@ pub fn unpack_country(code: i64) -> Option<String> {
         .then(|| String::from_utf8(vec![b0, b1]).expect("ASCII"))
 }
 
-/// A feature value.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+/// A feature value. Equality, order and hash are bitwise on floats (as
+/// `f64::total_cmp`), so values can be dataflow data and a row compares equal
+/// exactly when its encoding does.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
 pub enum Value {
     Int(i64),
     Float(f64),
+}
+
+impl Value {
+    fn order_key(&self) -> (u8, i64) {
+        match *self {
+            Value::Int(i) => (0, i),
+            Value::Float(f) => (1, f.to_bits() as i64),
+        }
+    }
+}
+
+impl PartialEq for Value {
+    fn eq(&self, other: &Self) -> bool {
+        self.order_key() == other.order_key()
+    }
+}
+
+impl Eq for Value {}
+
+impl PartialOrd for Value {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Value {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        match (self, other) {
+            (Value::Float(a), Value::Float(b)) => a.total_cmp(b),
+            _ => self.order_key().cmp(&other.order_key()),
+        }
+    }
+}
+
+impl std::hash::Hash for Value {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.order_key().hash(state);
+    }
+}
+
+/// One version of one feature row: the data of the graph's output collection
+/// (a change is the old version at `-1` and the new at `+1`), which the Redis
+/// sink consolidates per frontier. Reading a row back from the store gives a
+/// [`FeatureRow`], which adds the frontier it reflects.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Row {
+    /// Index into [`FeatureSet::entities`].
+    pub entity: u8,
+    /// The entity key (`card_id`, `user_id`, ...).
+    pub id: String,
+    /// One value per feature of the entity, in its row order.
+    pub values: Vec<Value>,
 }
 
 impl Value {

@@ -16,7 +16,8 @@ pub use avro::EventKind;
 pub use codec::{DecodeError, Decoder, EncodeError, Encoder, Event, Topics};
 pub use event::{Channel, Click, ClickAction, Label, Txn};
 pub use features::{
-    Aggregation, DefinitionError, Entity, EntityDef, FeatureDef, FeatureRow, FeatureSet, RowError,
+    Aggregation, DefinitionError, Entity, EntityDef, FeatureDef, FeatureRow, FeatureSet, Row,
+    RowError,
     Value, ValueKind,
 };
 pub use validate::{Limits, ValidationError};

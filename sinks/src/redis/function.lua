@@ -81,6 +81,9 @@ local function apply(keys, args)
       end
       if tomb then
         redis.call('ZREM', tombs, key)
+      elseif stored[1] and stored[2] ~= fv then
+        -- Another feature set's row: drop its fields, not just overwrite.
+        redis.call('DEL', key)
       end
       redis.call('HSET', unpack(t))
       written = written + 1

@@ -21,11 +21,12 @@ mod metrics;
 mod sink;
 mod writer;
 
-use std::hash::Hasher;
 use std::time::Duration;
 
 use operators::kafka::{ResumePoint, TopicPartition};
-use schemas::{Entity, Value};
+use std::sync::Arc;
+
+use schemas::{FeatureSet, Row, Value};
 use serde::{Deserialize, Serialize};
 
 pub use freshness::AppendTimes;
@@ -44,8 +45,9 @@ pub struct RedisSinkConfig {
     pub url: String,
     /// Prefix of every key written (`sfs:` by default).
     pub key_prefix: String,
-    /// Feature-set version written as `_fv` and compared by the CAS.
-    pub feature_set_version: u32,
+    /// The feature definitions: the entities' names and field names, and the
+    /// version written as `_fv`.
+    pub features: Arc<FeatureSet>,
     /// Rows per `FCALL`.
     pub rows_per_call: usize,
     /// `FCALL`s per pipelined round trip.
@@ -59,12 +61,12 @@ pub struct RedisSinkConfig {
 }
 
 impl RedisSinkConfig {
-    /// Local defaults for `url`.
-    pub fn new(url: impl Into<String>) -> RedisSinkConfig {
+    /// Local defaults for `url` and the rows of `features`.
+    pub fn new(url: impl Into<String>, features: Arc<FeatureSet>) -> RedisSinkConfig {
         RedisSinkConfig {
             url: url.into(),
             key_prefix: schemas::features::DEFAULT_KEY_PREFIX.to_owned(),
-            feature_set_version: schemas::features::FEATURE_SET_VERSION,
+            features,
             rows_per_call: 500,
             calls_per_round_trip: 32,
             backoff_initial_ms: 50,
@@ -95,95 +97,39 @@ pub enum SinkError {
     BadProgress { key: String, reason: String },
 }
 
-/// A row change routed to the sink: the new value of a row, or its deletion.
+/// A write of one row: its new values, or its deletion. The sink builds
+/// these from the row collection it consolidates (one per key and frontier).
 ///
 /// Values stay typed until the writer thread encodes them straight into the
 /// Redis request (the encoding of `schemas::features`), so the many changes
 /// superseded before they are written cost no formatting or allocation.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct RowWrite {
-    /// Index into `Entity::ALL`.
-    entity: u8,
+    /// Index into the feature set's entities.
+    pub entity: u8,
     /// The entity id.
     pub id: String,
-    /// Feature values in `entity.features()` order; `None` deletes the row.
-    #[serde(with = "values_serde")]
+    /// Feature values in the entity's row order; `None` deletes the row.
     pub values: Option<Vec<Value>>,
 }
 
-/// Serde for row values between processes (`schemas::Value` has none).
-mod values_serde {
-    use schemas::Value;
-    use serde::{Deserialize, Deserializer, Serialize, Serializer};
-
-    #[derive(Serialize, Deserialize)]
-    enum Wire {
-        I(i64),
-        F(f64),
-    }
-
-    fn wire(v: &Value) -> Wire {
-        match *v {
-            Value::Int(i) => Wire::I(i),
-            Value::Float(f) => Wire::F(f),
-        }
-    }
-
-    struct Seq<'a>(&'a [Value]);
-
-    impl Serialize for Seq<'_> {
-        fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-            s.collect_seq(self.0.iter().map(wire))
-        }
-    }
-
-    pub fn serialize<S: Serializer>(v: &Option<Vec<Value>>, s: S) -> Result<S::Ok, S::Error> {
-        match v {
-            None => s.serialize_none(),
-            Some(v) => s.serialize_some(&Seq(v)),
-        }
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<Value>>, D::Error> {
-        let wire: Option<Vec<Wire>> = Option::deserialize(d)?;
-        Ok(wire.map(|v| {
-            v.into_iter()
-                .map(|w| match w {
-                    Wire::I(i) => Value::Int(i),
-                    Wire::F(f) => Value::Float(f),
-                })
-                .collect()
-        }))
-    }
-}
-
 impl RowWrite {
-    /// The change of `entity`'s row `id` to `values` (`None`: all windows empty).
-    pub fn new(entity: Entity, id: String, values: Option<&[Value]>) -> RowWrite {
-        RowWrite::from_values(entity, id, values.map(<[Value]>::to_vec))
-    }
-
-    /// Like [`RowWrite::new`], taking the values without copying them.
-    pub fn from_values(entity: Entity, id: String, values: Option<Vec<Value>>) -> RowWrite {
+    /// The write of `row`'s values.
+    pub fn upsert(row: Row) -> RowWrite {
         RowWrite {
-            entity: entity_index(entity),
-            id,
-            values,
+            entity: row.entity,
+            id: row.id,
+            values: Some(row.values),
         }
     }
 
-    pub(crate) fn from_parts(entity: u8, id: String, values: Option<Vec<Value>>) -> RowWrite {
-        RowWrite { entity, id, values }
-    }
-
-    /// Index of the entity in `Entity::ALL`.
-    pub(crate) fn entity_index(&self) -> u8 {
-        self.entity
-    }
-
-    /// The entity of the row.
-    pub fn entity(&self) -> Entity {
-        Entity::ALL[self.entity as usize]
+    /// The deletion of entity `entity`'s row `id`.
+    pub fn delete(entity: u8, id: String) -> RowWrite {
+        RowWrite {
+            entity,
+            id,
+            values: None,
+        }
     }
 
     /// The values as written to the row's hash (the shared contract's encoding).
@@ -200,22 +146,6 @@ impl RowWrite {
                 .collect()
         })
     }
-
-    /// A stable hash of the row's key, to route it to one worker (the same
-    /// in every process: FNV-1a over the entity and id).
-    pub fn route(&self) -> u64 {
-        let mut h = Fnv::default();
-        h.write_u8(self.entity);
-        h.write(self.id.as_bytes());
-        h.finish()
-    }
-}
-
-fn entity_index(entity: Entity) -> u8 {
-    Entity::ALL
-        .iter()
-        .position(|e| *e == entity)
-        .expect("entity is in Entity::ALL") as u8
 }
 
 /// Appends `value` as `schemas::features` encodes it in a row hash: integers
@@ -227,31 +157,6 @@ pub(crate) fn encode_value(value: Value, out: &mut Vec<u8>) {
             use std::io::Write;
             write!(out, "{v:?}").expect("writing to a Vec cannot fail");
         }
-    }
-}
-
-/// FNV-1a: deterministic across processes and cheap for short keys.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct Fnv(u64);
-
-impl Default for Fnv {
-    fn default() -> Self {
-        Fnv(0xcbf2_9ce4_8422_2325)
-    }
-}
-
-impl Hasher for Fnv {
-    fn write(&mut self, bytes: &[u8]) {
-        for b in bytes {
-            self.0 ^= u64::from(*b);
-            self.0 = self.0.wrapping_mul(0x0000_0100_0000_01b3);
-        }
-    }
-
-    fn finish(&self) -> u64 {
-        // Mix the high bits down: exchange and hash tables use the low ones.
-        let h = self.0;
-        h ^ (h >> 29) ^ (h >> 47)
     }
 }
 
@@ -271,8 +176,8 @@ pub struct PartitionProgress {
 pub struct ProgressRecord {
     /// Every row change before this time is durable.
     pub frontier_ms: u64,
-    /// Feature-set version of the rows.
-    pub feature_set_version: u32,
+    /// Feature-set version of the rows (`FeatureSet::version`).
+    pub feature_set_version: String,
     pub partitions: Vec<PartitionProgress>,
 }
 
@@ -314,7 +219,7 @@ pub fn read_progress(
     config: &RedisSinkConfig,
 ) -> Result<Option<ProgressRecord>, SinkError> {
     let key = config.progress_key();
-    let (frontier, fv, offsets): (Option<u64>, Option<u32>, Option<String>) = ::redis::cmd("HMGET")
+    let (frontier, fv, offsets): (Option<u64>, Option<String>, Option<String>) = ::redis::cmd("HMGET")
         .arg(&key)
         .arg("frontier_ms")
         .arg("fv")
@@ -332,7 +237,7 @@ pub fn read_progress(
     };
     Ok(Some(ProgressRecord {
         frontier_ms,
-        feature_set_version: fv.unwrap_or(0),
+        feature_set_version: fv.unwrap_or_default(),
         partitions,
     }))
 }
@@ -362,7 +267,7 @@ pub fn apply(
         config,
         &config.progress_key(),
         &config.tombstone_key(),
-        &config.feature_set_version.to_string(),
+        &config.features.version,
         frontier,
         rows,
         json.as_deref(),
@@ -385,27 +290,14 @@ mod tests {
     use super::*;
     use schemas::FeatureRow;
 
+    fn features() -> FeatureSet {
+        FeatureSet::load(concat!(env!("CARGO_MANIFEST_DIR"), "/../features.toml")).unwrap()
+    }
+
     #[test]
     fn row_writes_encode_values_as_the_shared_contract_does() {
-        let values: Vec<Value> = Entity::User
-            .features()
-            .iter()
-            .enumerate()
-            .map(|(i, _)| Value::Int(i as i64 * 10))
-            .collect();
-        let write = RowWrite::new(Entity::User, "u1".into(), Some(&values));
-        assert_eq!(write.entity(), Entity::User);
-        assert_eq!(write.encoded_values().unwrap()[3], "30");
-        let mut card: Vec<Value> = Entity::Card
-            .features()
-            .iter()
-            .map(|_| Value::Int(1))
-            .collect();
-        card[6] = Value::Float(2.5);
-        let write = RowWrite::new(Entity::Card, "c".into(), Some(&card));
-        assert_eq!(write.encoded_values().unwrap()[6], "2.5");
-        assert_eq!(RowWrite::new(Entity::Card, "c".into(), None).values, None);
-        // Exactly the shared contract's encoding, for awkward values too.
+        let set = features();
+        let card = set.entity("card").unwrap();
         let awkward = [
             Value::Int(i64::MIN),
             Value::Int(0),
@@ -416,54 +308,28 @@ mod tests {
             Value::Float(f64::MAX),
             Value::Float(-0.0),
         ];
-        let mut values: Vec<Value> = Entity::Card
-            .features()
-            .iter()
-            .map(|_| Value::Int(7))
-            .collect();
+        let mut values: Vec<Value> = card.features.iter().map(|_| Value::Int(7)).collect();
         for (i, v) in awkward.iter().enumerate() {
             values[i] = *v;
         }
         let row = FeatureRow {
-            entity: Entity::Card,
+            entity: card.clone(),
             id: "c".into(),
             as_of_ms: 0,
             values: values.clone(),
         };
         let expected: Vec<String> = row
-            .encode_fields()
+            .encode_fields(&set.version)
             .into_iter()
             .take(values.len())
             .map(|(_, v)| v)
             .collect();
-        let write = RowWrite::from_values(Entity::Card, "c".into(), Some(values));
+        let write = RowWrite::upsert(Row {
+            entity: 0,
+            id: "c".into(),
+            values,
+        });
         assert_eq!(write.encoded_values().unwrap(), expected);
-    }
-
-    #[test]
-    fn row_writes_round_trip_through_serde() {
-        let write = RowWrite::from_values(
-            Entity::Card,
-            "c".into(),
-            Some(vec![Value::Int(-3), Value::Float(0.25)]),
-        );
-        let json = serde_json::to_string(&write).unwrap();
-        assert_eq!(serde_json::from_str::<RowWrite>(&json).unwrap(), write);
-        let gone = RowWrite::new(Entity::User, "u".into(), None);
-        let json = serde_json::to_string(&gone).unwrap();
-        assert_eq!(serde_json::from_str::<RowWrite>(&json).unwrap(), gone);
-    }
-
-    #[test]
-    fn routing_is_stable_across_processes() {
-        let a = RowWrite::new(Entity::Card, "c-1".into(), None);
-        assert_eq!(
-            a.route(),
-            RowWrite::new(Entity::Card, "c-1".into(), None).route()
-        );
-        assert_ne!(
-            a.route(),
-            RowWrite::new(Entity::User, "c-1".into(), None).route()
-        );
+        assert_eq!(RowWrite::delete(0, "c".into()).encoded_values(), None);
     }
 }

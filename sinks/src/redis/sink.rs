@@ -2,22 +2,23 @@
 
 use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
-use std::hash::BuildHasherDefault;
 use std::rc::Rc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use operators::kafka::{OffsetCommitter, PartitionMark, SourceHandle, TopicPartition};
+use operators::window::FxBuildHasher;
 use timely::dataflow::channels::pact::{Exchange, Pipeline};
 use timely::dataflow::operators::generic::builder_rc::OperatorBuilder;
 use timely::dataflow::operators::Capability;
 use timely::dataflow::Stream;
 use timely::progress::frontier::MutableAntichain;
 
-use schemas::Value;
+use differential_dataflow::VecCollection;
+use schemas::{Row, Value};
 
 use super::writer::{Job, Writer};
 use super::{
-    AppendTimes, Fnv, PartitionProgress, ProgressRecord, RedisSinkConfig, RowWrite, SinkMetrics,
+    AppendTimes, PartitionProgress, ProgressRecord, RedisSinkConfig, RowWrite, SinkMetrics,
 };
 
 fn wall_ms() -> i64 {
@@ -39,7 +40,7 @@ fn target(frontier: &MutableAntichain<u64>, source: &SourceHandle) -> Option<u64
 }
 
 /// Pending rows by key: the time and values of the key's last change.
-type ReadyRows = HashMap<(u8, String), (u64, Option<Vec<Value>>), BuildHasherDefault<Fnv>>;
+type ReadyRows = HashMap<(u8, String), (u64, Option<Vec<Value>>), FxBuildHasher>;
 
 /// Writes row changes to Redis, exactly once and monotonically.
 pub trait RedisSink<'scope> {
@@ -58,7 +59,7 @@ pub trait RedisSink<'scope> {
     ) -> Stream<'scope, u64, Vec<()>>;
 }
 
-impl<'scope> RedisSink<'scope> for Stream<'scope, u64, Vec<RowWrite>> {
+impl<'scope> RedisSink<'scope> for VecCollection<'scope, u64, Row, isize> {
     fn redis_sink(
         self,
         config: &RedisSinkConfig,
@@ -69,7 +70,8 @@ impl<'scope> RedisSink<'scope> for Stream<'scope, u64, Vec<RowWrite>> {
         let scope = self.scope();
         let mut builder = OperatorBuilder::new("RedisSink".to_owned(), scope);
         let info = builder.operator_info();
-        let mut input = builder.new_input(self, Exchange::new(|row: &RowWrite| row.route()));
+        // Rows arrive on the worker their key was routed to upstream.
+        let mut input = builder.new_input(self.inner, Pipeline);
         let (_acks_out, acks) = builder.new_output::<Vec<()>>();
         let activator = scope.worker().sync_activator_for(info.address.to_vec());
         let name = format!("sfs-redis-sink-{}", scope.index());
@@ -78,18 +80,26 @@ impl<'scope> RedisSink<'scope> for Stream<'scope, u64, Vec<RowWrite>> {
         builder.build(move |mut caps| {
             let mut held: Option<Capability<u64>> = caps.pop();
             // Changes not yet before the frontier, by time.
-            let mut pending: BTreeMap<u64, Vec<Vec<RowWrite>>> = BTreeMap::new();
+            let mut pending: BTreeMap<u64, Vec<(Row, isize)>> = BTreeMap::new();
             // The last change of each key before `ready_at`.
             let mut ready: ReadyRows = HashMap::default();
             let mut ready_at = floor;
             let mut sent_at = floor;
 
             move |frontiers| {
-                input.for_each(|cap, data| {
-                    let time = *cap.least().expect("rows are sent under a capability");
-                    if time >= floor {
-                        // Keep the received batch as is (no copy).
-                        pending.entry(time).or_default().push(std::mem::take(data));
+                input.for_each(|_cap, data| {
+                    // A batch usually holds one time: look it up once per run.
+                    let mut run: Option<(u64, &mut Vec<(Row, isize)>)> = None;
+                    for (row, time, diff) in data.drain(..) {
+                        if time < floor {
+                            continue;
+                        }
+                        let bucket = match run.take() {
+                            Some((t, bucket)) if t == time => bucket,
+                            _ => pending.entry(time).or_default(),
+                        };
+                        bucket.push((row, diff));
+                        run = Some((time, bucket));
                     }
                 });
                 while let Some(done) = writer.try_done() {
@@ -107,11 +117,23 @@ impl<'scope> RedisSink<'scope> for Stream<'scope, u64, Vec<RowWrite>> {
                 };
                 if frontier > ready_at {
                     let later = pending.split_off(&frontier);
-                    for (time, batches) in std::mem::replace(&mut pending, later) {
-                        // Times ascend, so a later change of a key replaces an earlier one.
-                        for row in batches.into_iter().flatten() {
-                            let entity = row.entity_index();
-                            ready.insert((entity, row.id), (time, row.values));
+                    for (time, changes) in std::mem::replace(&mut pending, later) {
+                        // Consolidate: a key's change at `time` is its old row
+                        // at -1 and its new row (if any) at +1. Times ascend,
+                        // so a later change replaces an earlier one; within a
+                        // time the +1 wins over the -1, in either order.
+                        for (row, diff) in changes {
+                            let key = (row.entity, row.id);
+                            if diff > 0 {
+                                ready.insert(key, (time, Some(row.values)));
+                            } else {
+                                match ready.get(&key) {
+                                    Some((t, Some(_))) if *t == time => {}
+                                    _ => {
+                                        ready.insert(key, (time, None));
+                                    }
+                                }
+                            }
                         }
                     }
                     ready_at = frontier;
@@ -119,7 +141,7 @@ impl<'scope> RedisSink<'scope> for Stream<'scope, u64, Vec<RowWrite>> {
                 if writer.idle() && ready_at > sent_at {
                     let rows: Vec<RowWrite> = ready
                         .drain()
-                        .map(|((entity, id), (_, values))| RowWrite::from_parts(entity, id, values))
+                        .map(|((entity, id), (_, values))| RowWrite { entity, id, values })
                         .collect();
                     if rows.is_empty() {
                         if let Some(cap) = held.as_mut() {
@@ -205,7 +227,7 @@ pub fn progress_stage<'scope>(
     let stage = ProgressStage::default();
     let durable = Rc::clone(&stage.durable);
     let finished = Rc::clone(&stage.finished);
-    let fv = config.feature_set_version;
+    let fv = config.features.version.clone();
     let floor = start.as_ref().map_or(0, |p| p.frontier_ms);
 
     builder.build_reschedule(move |_caps| {
@@ -302,7 +324,7 @@ pub fn progress_stage<'scope>(
                     }
                     let record = ProgressRecord {
                         frontier_ms: frontier,
-                        feature_set_version: fv,
+                        feature_set_version: fv.clone(),
                         partitions,
                     };
                     let json =

@@ -8,7 +8,6 @@ use std::time::{Duration, Instant};
 
 use timely::scheduling::SyncActivator;
 
-use schemas::Entity;
 
 use super::{
     connect, encode_value, load_function, RedisSinkConfig, RowWrite, SinkError, SinkMetrics,
@@ -107,7 +106,7 @@ fn run(
     let mut conn: Option<::redis::Connection> = None;
     let progress_key = config.progress_key();
     let tombstone_key = config.tombstone_key();
-    let fv = config.feature_set_version.to_string();
+    let fv = config.features.version.clone();
     let mut calls = Calls::default();
     while let Ok(Job::Apply {
         frontier,
@@ -244,7 +243,7 @@ impl Calls {
                     None => 0,
                     Some(v) => {
                         values += v.len();
-                        let schema = (row.entity_index(), v.len());
+                        let schema = (row.entity, v.len());
                         match self.schemas.iter().position(|s| *s == schema) {
                             Some(p) => p + 1,
                             None => {
@@ -265,7 +264,7 @@ impl Calls {
             self.bulk(progress_key.as_bytes());
             self.bulk(tombstone_key.as_bytes());
             for row in chunk {
-                let entity = row.entity().as_str();
+                let entity = config.features.entities[row.entity as usize].name.as_str();
                 let len = config.key_prefix.len() + entity.len() + 1 + row.id.len();
                 self.header(b'$', len);
                 self.buf.extend_from_slice(config.key_prefix.as_bytes());
@@ -290,7 +289,7 @@ impl Calls {
             for s in 0..self.schemas.len() {
                 let (entity, width) = self.schemas[s];
                 self.bulk_int(width as u64);
-                for spec in Entity::ALL[entity as usize].features().iter().take(width) {
+                for spec in config.features.entities[entity as usize].features.iter().take(width) {
                     self.bulk(spec.name.as_bytes());
                 }
             }
