@@ -124,7 +124,7 @@ fn wall_ms() -> i64 {
 mod tests {
     use super::*;
     use schemas::codec::Encoder;
-    use schemas::Channel;
+    use schemas::{Channel, Txn};
 
     fn record<'a>(topic: &'a str, payload: &'a [u8]) -> SourceRecord<'a> {
         SourceRecord {

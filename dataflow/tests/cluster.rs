@@ -7,7 +7,7 @@ mod common;
 use std::net::TcpListener;
 use std::sync::Arc;
 
-use common::{frontiers, random_log, run, run_shared, Shared};
+use common::{frontiers, random_log, run, run_shared, Shared, SHIPPED};
 use dataflow::GraphConfig;
 
 fn free_port() -> u16 {
@@ -22,10 +22,12 @@ fn free_port() -> u16 {
 fn two_processes_give_the_same_rows_as_one() {
     let config = GraphConfig::default();
     let log = Arc::new(random_log(77, 400));
-    let frontiers = Arc::new(frontiers(&log, &config, 77));
+    let defs = Arc::new(SHIPPED.to_owned());
+    let frontiers = Arc::new(frontiers(&log, &defs, &config, 77));
     let single = run(
         timely::Config::process(1),
         log.clone(),
+        defs.clone(),
         config.clone(),
         frontiers.clone(),
         true,
@@ -47,14 +49,15 @@ fn two_processes_give_the_same_rows_as_one() {
                 },
                 worker: timely::WorkerConfig::default(),
             };
-            let (log, config, frontiers, shared) = (
+            let (log, defs, config, frontiers, shared) = (
                 log.clone(),
+                defs.clone(),
                 config.clone(),
                 frontiers.clone(),
                 shared.clone(),
             );
             std::thread::spawn(move || {
-                run_shared(timely_config, log, config, frontiers, true, &shared)
+                run_shared(timely_config, log, defs, config, frontiers, true, &shared)
             })
         })
         .collect();

@@ -10,11 +10,20 @@ use std::sync::Arc;
 
 use proptest::prelude::*;
 
-use common::{run_shared, Log, Shared, T0};
-use dataflow::graph::CARD_WINDOWS_MS;
-use dataflow::{GraphConfig, RowUpdate};
+use common::{parse, run_shared, Log, Shared, SHIPPED, T0};
+use dataflow::GraphConfig;
 use schemas::event::{Channel, Txn};
-use schemas::features::{pack_country, unpack_country, Entity, Value, CARD_FEATURES};
+use schemas::features::{pack_country, unpack_country};
+use schemas::{Row, Value};
+
+const MINUTE: u64 = 60_000;
+/// The card windows of the shipped definitions: 1m, 5m, 1h, 24h.
+const CARD_WINDOWS: [u64; 4] = [MINUTE, 5 * MINUTE, 60 * MINUTE, 24 * 60 * MINUTE];
+
+/// Index of card feature `name` in the row of the shipped definitions.
+fn card(name: &str) -> usize {
+    parse(SHIPPED).entity("card").unwrap().position(name).unwrap()
+}
 
 fn txn(card: &str, event_time: i64, amount_minor: i64) -> Txn {
     Txn {
@@ -33,8 +42,9 @@ fn txn(card: &str, event_time: i64, amount_minor: i64) -> Txn {
     }
 }
 
-/// Runs `txns` on 2 workers and returns every update, in timestamp order.
-fn updates(txns: Vec<Txn>, frontiers: Vec<u64>) -> Vec<(u64, RowUpdate)> {
+/// Runs `txns` through the shipped definitions on 2 workers and returns
+/// every change `(row, time, diff)`, in timestamp order.
+fn updates(txns: Vec<Txn>, frontiers: Vec<u64>) -> Vec<(Row, u64, isize)> {
     let shared = Shared::default();
     let log = Arc::new(Log {
         txns,
@@ -43,27 +53,29 @@ fn updates(txns: Vec<Txn>, frontiers: Vec<u64>) -> Vec<(u64, RowUpdate)> {
     run_shared(
         timely::Config::process(2),
         log,
+        Arc::new(SHIPPED.to_owned()),
         GraphConfig::default(),
         Arc::new(frontiers),
         false,
         &shared,
     );
     let mut all = std::mem::take(&mut *shared.output.lock().unwrap());
-    all.sort_by_key(|(t, _)| *t);
+    all.sort_by_key(|(_, t, diff)| (*t, *diff));
     all
 }
 
-/// The card row as of `frontier`, as the Redis sink would write it.
-fn card_as_of(updates: &[(u64, RowUpdate)], card: &str, frontier: u64) -> Option<Vec<Value>> {
-    let mut rows = BTreeMap::new();
-    for (t, u) in updates
+/// The card row as of `frontier`: the changes before it, accumulated.
+fn card_as_of(updates: &[(Row, u64, isize)], card: &str, frontier: u64) -> Option<Vec<Value>> {
+    let mut rows: BTreeMap<Vec<Value>, isize> = BTreeMap::new();
+    for (row, _, diff) in updates
         .iter()
-        .filter(|(t, u)| *t < frontier && u.entity == Entity::Card)
+        .filter(|(row, t, _)| *t < frontier && row.entity == 0 && row.id == card)
     {
-        let _ = t;
-        rows.insert(u.id.clone(), u.row.clone());
+        *rows.entry(row.values.clone()).or_default() += diff;
     }
-    rows.remove(card).flatten()
+    rows.retain(|_, n| *n != 0);
+    assert!(rows.values().all(|n| *n == 1) && rows.len() <= 1, "one row per key");
+    rows.into_keys().next()
 }
 
 fn int(row: &[Value], i: usize) -> i64 {
@@ -82,7 +94,7 @@ fn an_event_at_f_minus_w_is_in_and_one_at_f_is_out() {
         None,
         "an event at F is not in the row as of F"
     );
-    for (i, w) in CARD_WINDOWS_MS.iter().enumerate() {
+    for (i, w) in CARD_WINDOWS.iter().enumerate() {
         let at_edge = card_as_of(&all, "c", t + w).expect("24h window holds the event");
         assert_eq!(
             int(&at_edge, i),
@@ -95,7 +107,7 @@ fn an_event_at_f_minus_w_is_in_and_one_at_f_is_out() {
         }
     }
     assert_eq!(
-        int(&card_as_of(&all, "c", t + 1).unwrap(), 12),
+        int(&card_as_of(&all, "c", t + 1).unwrap(), card("last_txn_time")),
         T0,
         "last_txn_time is raw"
     );
@@ -109,10 +121,7 @@ fn in_country(mut t: Txn, country: &str) -> Txn {
 
 #[test]
 fn top_country_is_the_24h_mode_with_ties_to_the_smallest() {
-    let top = CARD_FEATURES
-        .iter()
-        .position(|f| f.name == "top_country_24h")
-        .unwrap();
+    let top = card("top_country_24h");
     let h: i64 = 3_600_000;
     // t0: FR, US; t0+1h: US, DE, DE; t0+2h: FR, FR.
     let txns = vec![
@@ -125,7 +134,7 @@ fn top_country_is_the_24h_mode_with_ties_to_the_smallest() {
         in_country(txn("c", T0 + 2 * h, 7), "FR"),
     ];
     let all = updates(txns, vec![]);
-    let (t, day, h) = (T0 as u64, CARD_WINDOWS_MS[3], h as u64);
+    let (t, day, h) = (T0 as u64, CARD_WINDOWS[3], h as u64);
     let country = |f: u64| {
         let row = card_as_of(&all, "c", f)?;
         unpack_country(int(&row, top))
@@ -156,7 +165,7 @@ proptest! {
         let all = updates(txns.clone(), vec![]);
         let config = GraphConfig::default();
         // At every update time the 1h and 24h sums equal the exact sums.
-        for (t, _) in &all {
+        for (_, t, _) in &all {
             let f = t + 1;
             let row = card_as_of(&all, "c", f);
             let within = |w: u64| txns.iter().filter(|x| {
@@ -165,10 +174,10 @@ proptest! {
             }).map(|x| x.amount_minor as i128).sum::<i128>();
             match row {
                 Some(row) => {
-                    prop_assert_eq!(int(&row, 4) as i128, within(CARD_WINDOWS_MS[2]));
-                    prop_assert_eq!(int(&row, 5) as i128, within(CARD_WINDOWS_MS[3]));
+                    prop_assert_eq!(int(&row, card("amount_sum_1h")) as i128, within(CARD_WINDOWS[2]));
+                    prop_assert_eq!(int(&row, card("amount_sum_24h")) as i128, within(CARD_WINDOWS[3]));
                 }
-                None => prop_assert_eq!(within(CARD_WINDOWS_MS[3]), 0),
+                None => prop_assert_eq!(within(CARD_WINDOWS[3]), 0),
             }
         }
         // Everything retracted: the row is deleted, not left at zero.
@@ -179,10 +188,9 @@ proptest! {
     fn std_of_identical_amounts_is_zero(amount in -1_000_000_000i64..1_000_000_000, n in 1usize..30, spread in 1i64..100_000_000) {
         let txns: Vec<Txn> = (0..n).map(|i| txn("c", T0 + (i as i64 * spread) % 80_000_000, amount)).collect();
         let all = updates(txns, vec![]);
-        for (_, u) in all.iter().filter(|(_, u)| u.entity == Entity::Card && u.row.is_some()) {
-            let row = u.row.as_ref().unwrap();
-            prop_assert_eq!(row[7], Value::Float(0.0));
-            prop_assert_eq!(row[6], Value::Float(amount as f64));
+        for (row, _, _) in all.iter().filter(|(row, _, diff)| row.entity == 0 && *diff == 1) {
+            prop_assert_eq!(row.values[card("amount_std_24h")], Value::Float(0.0));
+            prop_assert_eq!(row.values[card("amount_mean_24h")], Value::Float(amount as f64));
         }
     }
 }
