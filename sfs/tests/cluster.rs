@@ -5,10 +5,8 @@
 mod stream_support;
 
 use std::io::Write;
-use std::process::Child;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use dataflow::GraphConfig;
 use stream_support::*;
 
 fn free_port() -> u16 {
@@ -18,29 +16,6 @@ fn free_port() -> u16 {
         .port()
 }
 
-/// Waits for every child to exit successfully, killing all on a timeout.
-fn wait_all(mut children: Vec<Child>, limit: Duration) {
-    let deadline = Instant::now() + limit;
-    let mut done = vec![false; children.len()];
-    while done.iter().any(|d| !d) {
-        for (i, child) in children.iter_mut().enumerate() {
-            if !done[i] {
-                if let Some(status) = child.try_wait().unwrap() {
-                    assert!(status.success(), "process {i} failed: {status}");
-                    done[i] = true;
-                }
-            }
-        }
-        if Instant::now() > deadline {
-            for child in &mut children {
-                let _ = child.kill();
-                let _ = child.wait();
-            }
-            panic!("the cluster did not finish within {limit:?}");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
 
 #[test]
 fn two_processes_write_the_rows_of_one() {
@@ -79,19 +54,18 @@ fn two_processes_write_the_rows_of_one() {
         "same final frontier"
     );
     let (txns, clicks) = read_events(&topics);
-    let oracle = dataflow::oracle::rows_as_of(&txns, &clicks, &GraphConfig::default(), frontier);
+    let oracle = oracle(SHIPPED, &txns, &clicks, frontier);
     assert!(oracle.len() > 50, "the oracle has rows");
-    let rows_two = redis_rows(&mut conn, &two);
+    let rows_two = redis_rows(&mut conn, &two, SHIPPED);
     assert_rows_match_oracle(&rows_two, &oracle, frontier);
     // Values, not `_as_of`: a row's `_as_of` is the frontier at which its batch
     // was written, which depends on how fast each run's frontier moved.
-    type Rows = std::collections::BTreeMap<(schemas::Entity, String), schemas::FeatureRow>;
     let values = |rows: &Rows| {
         rows.iter()
             .map(|(k, r)| (k.clone(), r.values.clone()))
             .collect::<Vec<_>>()
     };
-    let (two, one) = (values(&rows_two), values(&redis_rows(&mut conn, &one)));
+    let (two, one) = (values(&rows_two), values(&redis_rows(&mut conn, &one, SHIPPED)));
     let differing = two.iter().zip(&one).filter(|(a, b)| a != b).count();
     assert!(
         two.len() == one.len() && differing == 0,

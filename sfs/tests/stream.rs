@@ -12,7 +12,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use dataflow::metrics::Metrics;
-use dataflow::GraphConfig;
 use rdkafka::message::Message;
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use rdkafka::ClientConfig;
@@ -26,7 +25,7 @@ fn generated_events_through_kafka_and_the_job_equal_the_oracle() {
     generate(&topics, 4000, 7);
     let prefix = format!("{}:", unique("oracle"));
     let config = stream_config(&topics, &prefix, 2);
-    let summary = dataflow::worker::run(config, Metrics::new()).expect("the bounded job runs");
+    let summary = dataflow::worker::run(config, shipped(), Metrics::new()).expect("the bounded job runs");
     let frontier = summary
         .progress
         .expect("worker 0 recorded progress")
@@ -41,9 +40,44 @@ fn generated_events_through_kafka_and_the_job_equal_the_oracle() {
         txns.len(),
         clicks.len()
     );
-    let oracle = dataflow::oracle::rows_as_of(&txns, &clicks, &GraphConfig::default(), frontier);
+    let oracle = oracle(SHIPPED, &txns, &clicks, frontier);
     assert!(oracle.len() > 50, "the oracle has rows");
-    assert_rows_match_oracle(&redis_rows(&mut conn, &prefix), &oracle, frontier);
+    assert_rows_match_oracle(&redis_rows(&mut conn, &prefix, SHIPPED), &oracle, frontier);
+}
+
+/// Adding a feature is one definition and no code: a 7-day count appended to
+/// the shipped file, run by the real binary with `--features`, lands in Redis
+/// under its name with the interpreter's values, and the replay horizon grows
+/// with it.
+#[test]
+fn a_feature_added_to_the_definitions_flows_end_to_end() {
+    let topics = Topics::new("txn7d");
+    generate(&topics, 3000, 11);
+    let prefix = format!("{}:", unique("txn7d"));
+    let defs = format!(
+        "{SHIPPED}\n[[features]]\nname = \"txn_count_7d\"\nentity = \"card\"\nsource = \"txn\"\naggregation = \"count\"\nwindow = \"7d\"\n"
+    );
+    let path = std::env::temp_dir().join(format!("{}.toml", unique("features")));
+    std::fs::write(&path, &defs).unwrap();
+    let child = spawn_stream(&topics, &prefix, &["--features", path.to_str().unwrap()]);
+    wait_all(vec![child], Duration::from_secs(120));
+    let _ = std::fs::remove_file(&path);
+
+    let mut conn = redis();
+    let frontier = progress_frontier(&mut conn, &prefix).expect("the job recorded progress");
+    let (txns, clicks) = read_events(&topics);
+    let expected = oracle(&defs, &txns, &clicks, frontier);
+    let rows = redis_rows(&mut conn, &prefix, &defs);
+    assert_rows_match_oracle(&rows, &expected, frontier);
+    let card = rows
+        .values()
+        .find(|r| r.entity.name == "card")
+        .expect("card rows");
+    let count_7d = card.get("txn_count_7d").expect("the new feature is in the row");
+    assert!(count_7d.as_f64() >= card.get("txn_count_24h").unwrap().as_f64());
+    let set = schemas::FeatureSet::parse("x", &defs).unwrap();
+    assert_eq!(set.widest_window_ms(), 7 * 86_400_000, "replay horizon follows the widest window");
+    assert_ne!(set.version, shipped().version);
 }
 
 fn txn(i: u64, base_ms: i64) -> Txn {
@@ -123,7 +157,7 @@ fn poison_messages_land_in_the_dead_letter_topic_while_valid_traffic_flows() {
     producer.flush(Duration::from_secs(10)).unwrap();
 
     let prefix = format!("{}:", unique("poison"));
-    let summary = dataflow::worker::run(stream_config(&topics, &prefix, 2), Metrics::new())
+    let summary = dataflow::worker::run(stream_config(&topics, &prefix, 2), shipped(), Metrics::new())
         .expect("the job runs");
     let frontier = summary.progress.unwrap().frontier_ms;
 
@@ -151,8 +185,8 @@ fn poison_messages_land_in_the_dead_letter_topic_while_valid_traffic_flows() {
     // Valid traffic flowed around the poison.
     let (txns, clicks) = read_events(&topics);
     assert_eq!(txns.len(), 300);
-    let oracle = dataflow::oracle::rows_as_of(&txns, &clicks, &GraphConfig::default(), frontier);
-    assert_rows_match_oracle(&redis_rows(&mut redis(), &prefix), &oracle, frontier);
+    let oracle = oracle(SHIPPED, &txns, &clicks, frontier);
+    assert_rows_match_oracle(&redis_rows(&mut redis(), &prefix, SHIPPED), &oracle, frontier);
 }
 
 fn spawn_job(topics: &Topics, prefix: &str) -> Child {
@@ -247,8 +281,8 @@ fn sigkill_at_random_moments_changes_nothing_and_no_row_regresses() {
     );
     let frontier = progress_frontier(&mut conn, &reference).unwrap();
     assert_eq!(progress_frontier(&mut conn, &prefix), Some(frontier));
-    let expected = redis_rows(&mut conn, &reference);
-    let actual = redis_rows(&mut conn, &prefix);
+    let expected = redis_rows(&mut conn, &reference, SHIPPED);
+    let actual = redis_rows(&mut conn, &prefix, SHIPPED);
     assert_eq!(
         actual.keys().collect::<Vec<_>>(),
         expected.keys().collect::<Vec<_>>()
@@ -259,6 +293,6 @@ fn sigkill_at_random_moments_changes_nothing_and_no_row_regresses() {
     }
     // Both equal the oracle.
     let (txns, clicks) = read_events(&topics);
-    let oracle = dataflow::oracle::rows_as_of(&txns, &clicks, &GraphConfig::default(), frontier);
+    let oracle = oracle(SHIPPED, &txns, &clicks, frontier);
     assert_rows_match_oracle(&actual, &oracle, frontier);
 }

@@ -3,7 +3,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::process::{Child, Command, Stdio};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use clap::Parser;
 use dataflow::config::StreamConfig;
@@ -11,8 +11,34 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers, Message};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use schemas::codec::Decoder;
-use schemas::features::{Entity, FeatureRow, Value};
-use schemas::{Click, Txn};
+use schemas::features::{FeatureRow, Value};
+use schemas::{Click, FeatureSet, Txn};
+
+/// The brute-force interpreter of feature definitions the dataflow tests
+/// check the graph against (it shares no code with the graph).
+#[path = "../../../dataflow/tests/common/interpreter.rs"]
+pub mod interpreter;
+
+use interpreter::{Definitions, Val};
+
+/// The shipped feature definitions.
+pub const SHIPPED: &str = include_str!("../../../features.toml");
+
+/// The shipped feature definitions, parsed.
+pub fn shipped() -> std::sync::Arc<FeatureSet> {
+    std::sync::Arc::new(FeatureSet::parse("features.toml", SHIPPED).unwrap())
+}
+
+/// The rows of `defs` as of `frontier` over the events, by the interpreter,
+/// at the job's default tick (1 s).
+pub fn oracle(
+    defs: &str,
+    txns: &[Txn],
+    clicks: &[Click],
+    frontier: u64,
+) -> BTreeMap<(String, String), Vec<Val>> {
+    Definitions::new(defs, 1000).rows_as_of(txns, clicks, frontier)
+}
 
 pub fn brokers() -> String {
     std::env::var("KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into())
@@ -178,8 +204,10 @@ pub fn stream_config(topics: &Topics, prefix: &str, workers: usize) -> StreamCon
     let mut config = StreamConfig::default();
     config.kafka.brokers = brokers();
     config.kafka.group_id = format!("{prefix}group");
-    config.kafka.txn_topic = topics.txn.clone();
-    config.kafka.click_topic = topics.click.clone();
+    config.kafka.topics = [("txn", &topics.txn), ("click", &topics.click)]
+        .into_iter()
+        .map(|(s, t)| (s.to_owned(), t.clone()))
+        .collect();
     config.redis.url = redis_url();
     config.redis.key_prefix = prefix.to_owned();
     config.metrics.listen = String::new();
@@ -195,11 +223,12 @@ pub fn redis() -> redis::Connection {
         .unwrap()
 }
 
-/// Every feature row under `prefix`.
-pub fn redis_rows(
-    conn: &mut redis::Connection,
-    prefix: &str,
-) -> BTreeMap<(Entity, String), FeatureRow> {
+/// Stored rows by (entity, id).
+pub type Rows = BTreeMap<(String, String), FeatureRow>;
+
+/// Every feature row of `defs` under `prefix`.
+pub fn redis_rows(conn: &mut redis::Connection, prefix: &str, defs: &str) -> Rows {
+    let set = FeatureSet::parse("test", defs).unwrap();
     let mut rows = BTreeMap::new();
     let keys: Vec<String> = redis::cmd("KEYS")
         .arg(format!("{prefix}*"))
@@ -212,12 +241,12 @@ pub fn redis_rows(
         let Some((entity, id)) = rest.split_once(':') else {
             continue;
         };
-        let Some(entity) = Entity::parse(entity) else {
+        let Some(entity) = set.entity(entity) else {
             continue;
         };
         let fields: HashMap<String, String> = redis::cmd("HGETALL").arg(&key).query(conn).unwrap();
-        if let Some(row) = FeatureRow::decode(entity, id, &fields).unwrap() {
-            rows.insert((entity, id.to_owned()), row);
+        if let Some(row) = FeatureRow::decode(entity, &set.version, id, &fields).unwrap() {
+            rows.insert((entity.name.clone(), id.to_owned()), row);
         }
     }
     rows
@@ -234,8 +263,8 @@ pub fn progress_frontier(conn: &mut redis::Connection, prefix: &str) -> Option<u
 
 /// Asserts the stored rows are the oracle's rows as of `frontier`.
 pub fn assert_rows_match_oracle(
-    stored: &BTreeMap<(Entity, String), FeatureRow>,
-    oracle: &BTreeMap<(Entity, String), Vec<Value>>,
+    stored: &Rows,
+    oracle: &BTreeMap<(String, String), Vec<Val>>,
     frontier: u64,
 ) {
     let stored_keys: Vec<_> = stored.keys().collect();
@@ -248,7 +277,15 @@ pub fn assert_rows_match_oracle(
     assert_eq!(stored_keys, oracle_keys);
     for (key, values) in oracle {
         let row = &stored[key];
-        assert_eq!(&row.values, values, "row {key:?}");
+        let got: Vec<Val> = row
+            .values
+            .iter()
+            .map(|v| match *v {
+                Value::Int(i) => Val::Int(i),
+                Value::Float(f) => Val::FloatBits(f.to_bits()),
+            })
+            .collect();
+        assert_eq!(&got, values, "row {key:?}");
         assert!(
             row.as_of_ms as u64 <= frontier,
             "row {key:?} is ahead of the frontier"
@@ -262,7 +299,8 @@ pub fn spawn_stream(topics: &Topics, prefix: &str, extra: &[&str]) -> Child {
     Command::new(env!("CARGO_BIN_EXE_sfs"))
         .args(["stream", "--until-end", "--metrics-listen", ""])
         .args(extra)
-        .args(["--txn-topic", &topics.txn, "--click-topic", &topics.click])
+        .args(["--topic", &format!("txn={}", topics.txn)])
+        .args(["--topic", &format!("click={}", topics.click)])
         .args([
             "--key-prefix",
             prefix,
@@ -272,7 +310,35 @@ pub fn spawn_stream(topics: &Topics, prefix: &str, extra: &[&str]) -> Child {
         .env("KAFKA_BROKERS", brokers())
         .env("REDIS_URL", redis_url())
         .env("SFS_LOG", "warn")
+        .env(
+            "SFS_FEATURES",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/../features.toml"),
+        )
         .stdout(Stdio::null())
         .spawn()
         .expect("the sfs binary starts")
+}
+
+/// Waits for every child to exit successfully, killing all on a timeout.
+pub fn wait_all(mut children: Vec<Child>, limit: Duration) {
+    let deadline = Instant::now() + limit;
+    let mut done = vec![false; children.len()];
+    while done.iter().any(|d| !d) {
+        for (i, child) in children.iter_mut().enumerate() {
+            if !done[i] {
+                if let Some(status) = child.try_wait().unwrap() {
+                    assert!(status.success(), "process {i} failed: {status}");
+                    done[i] = true;
+                }
+            }
+        }
+        if Instant::now() > deadline {
+            for child in &mut children {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+            panic!("the processes did not finish within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
