@@ -13,11 +13,12 @@ use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use hyper::body::Body;
 use hyper::header::{HeaderValue, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
-use schemas::features::{Entity, FeatureRow, FEATURE_SET_VERSION};
+use prometheus_client::metrics::counter::Counter;
+use schemas::features::FeatureRow;
 use serde_json::{json, Value};
 
 use crate::error::ApiError;
-use crate::features::{Context, TxnContext};
+use crate::features::{Context, TxnContext, CARD_ENTITY, USER_ENTITY};
 use crate::metrics::{Metrics, Route};
 use crate::model::registry::Registry;
 use crate::model::{now_ms, Model, ModelKind};
@@ -31,27 +32,53 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     pub max_body_bytes: usize,
     pub log_sample_every: u64,
+    /// Index of the card entity in the feature set (keyed by `card_id`).
+    card: usize,
+    /// Index of the user entity in the feature set (keyed by `user_id`).
+    user: usize,
+    /// The cold-start counter of each entity of the feature set.
+    cold_starts: Vec<Counter>,
     scored: AtomicU64,
     draining: AtomicBool,
 }
 
 impl AppState {
+    /// The state over the store's feature set, which must define the
+    /// entities the scoring routes read (the error says which is missing).
     pub fn new(
         store: FeatureStore,
         models: Registry,
         metrics: Arc<Metrics>,
         max_body_bytes: usize,
         log_sample_every: u64,
-    ) -> AppState {
-        AppState {
+    ) -> Result<AppState, String> {
+        let set = store.features().clone();
+        let entity = |name: &str| {
+            set.entity_index(name).ok_or_else(|| {
+                format!(
+                    "the feature set ({}) has no entity {name}, which the scoring routes read",
+                    set.version
+                )
+            })
+        };
+        let (card, user) = (entity(CARD_ENTITY)?, entity(USER_ENTITY)?);
+        let cold_starts = set
+            .entities
+            .iter()
+            .map(|e| metrics.cold_start_counter(&e.name))
+            .collect();
+        Ok(AppState {
             store,
             models,
             metrics,
             max_body_bytes,
             log_sample_every,
+            card,
+            user,
+            cold_starts,
             scored: AtomicU64::new(0),
             draining: AtomicBool::new(false),
-        }
+        })
     }
 }
 
@@ -188,20 +215,13 @@ impl App {
     {
         let body = self.body(req.into_body()).await?;
         let r = FraudRequest::parse(&body)?;
-        let rows = self
-            .state
-            .store
-            .rows(&self.state.metrics, Some(&r.card_id), r.user_id.as_deref())
-            .await?;
+        let (card, user) = (self.state.card, self.state.user);
+        let mut reads = vec![(card, r.card_id.as_str())];
+        reads.extend(r.user_id.as_deref().map(|id| (user, id)));
+        let Rows { rows, frontier_ms } = self.state.store.rows(&self.state.metrics, &reads).await?;
         let now = now_ms();
-        let Rows {
-            card,
-            user,
-            frontier_ms,
-        } = rows;
         let ctx = Context {
-            card,
-            user,
+            rows,
             frontier_ms,
             txn: TxnContext {
                 amount_minor: r.amount_minor,
@@ -210,7 +230,7 @@ impl App {
                 time_ms: r.event_time_ms.unwrap_or(now),
             },
         };
-        self.score(ModelKind::Fraud, &ctx, explain, now, start, true)
+        self.score(ModelKind::Fraud, &ctx, &[card, user], explain, now, start)
     }
 
     async fn propensity<B>(
@@ -225,32 +245,34 @@ impl App {
     {
         let body = self.body(req.into_body()).await?;
         let r = PropensityRequest::parse(&body)?;
-        let rows = self
+        let user = self.state.user;
+        let Rows { rows, frontier_ms } = self
             .state
             .store
-            .rows(&self.state.metrics, None, Some(&r.user_id))
+            .rows(&self.state.metrics, &[(user, r.user_id.as_str())])
             .await?;
         let now = now_ms();
         let ctx = Context {
-            user: rows.user,
-            frontier_ms: rows.frontier_ms,
+            rows,
+            frontier_ms,
             txn: TxnContext {
                 time_ms: now,
                 ..Default::default()
             },
-            ..Default::default()
         };
-        self.score(ModelKind::Propensity, &ctx, explain, now, start, false)
+        self.score(ModelKind::Propensity, &ctx, &[user], explain, now, start)
     }
 
+    /// Scores `ctx` with the active model of `kind`; `entities` are the
+    /// entities the route reads, reported as cold starts when absent.
     fn score(
         &self,
         kind: ModelKind,
         ctx: &Context,
+        entities: &[usize],
         explain: bool,
         now: i64,
         start: Instant,
-        with_card: bool,
     ) -> Result<Resp, ApiError> {
         let model: Arc<Model> = self.state.models.slot(kind).get();
         let mut x = Vec::with_capacity(model.plan.len());
@@ -267,22 +289,20 @@ impl App {
             model_start.elapsed(),
         );
 
-        let mut cold = Vec::with_capacity(2);
-        if with_card && ctx.card.is_none() {
-            cold.push("card");
-        }
-        if ctx.user.is_none() {
-            cold.push("user");
-        }
-        for entity in &cold {
-            metrics.cold_start(entity);
+        let features = self.state.store.features();
+        let mut cold = Vec::with_capacity(entities.len());
+        for &e in entities {
+            if ctx.row(e).is_none() {
+                self.state.cold_starts[e].inc();
+                cold.push(features.entities[e].name.as_str());
+            }
         }
         // A stored row is exact as of the job's durable frontier even when it
         // has not changed (and so not been rewritten) since its own `_as_of`.
         let as_of = ctx
-            .card
+            .rows
             .iter()
-            .chain(ctx.user.iter())
+            .flatten()
             .map(|r| r.as_of_ms.max(ctx.frontier_ms.unwrap_or(i64::MIN)))
             .min();
         let decision = model.decide(score);
@@ -325,10 +345,13 @@ impl App {
         Ok(json_response(StatusCode::OK, &body))
     }
 
-    async fn features(&self, entity: &str, id: &str) -> Result<Resp, ApiError> {
-        let Some(entity) = Entity::parse(entity) else {
+    async fn features(&self, name: &str, id: &str) -> Result<Resp, ApiError> {
+        let set = self.state.store.features();
+        let Some(entity) = set.entity(name) else {
+            let known: Vec<&str> = set.entities.iter().map(|e| e.name.as_str()).collect();
             return Err(ApiError::NoSuchEntity(format!(
-                "unknown entity {entity}: use card or user"
+                "unknown entity {name}: the feature set defines {}",
+                known.join(", ")
             )));
         };
         check_id("id", id)?;
@@ -338,9 +361,12 @@ impl App {
             .row(&self.state.metrics, entity, id)
             .await?;
         let Some(row) = row else {
-            return Err(ApiError::NoSuchEntity(format!("no {entity} row for {id}")));
+            return Err(ApiError::NoSuchEntity(format!("no {name} row for {id}")));
         };
-        Ok(json_response(StatusCode::OK, &row_json(&row, now_ms())))
+        Ok(json_response(
+            StatusCode::OK,
+            &row_json(&row, &set.version, now_ms()),
+        ))
     }
 
     async fn ready(&self) -> Resp {
@@ -395,16 +421,20 @@ impl App {
             .collect();
         json_response(
             StatusCode::OK,
-            &json!({ "registry": self.state.models.dir(), "feature_set_version": FEATURE_SET_VERSION, "models": models }),
+            &json!({
+                "registry": self.state.models.dir(),
+                "feature_set_version": self.state.store.features().version,
+                "models": models,
+            }),
         )
     }
 }
 
-/// The JSON of a feature row.
-pub fn row_json(row: &FeatureRow, now: i64) -> Value {
+/// The JSON of a feature row, read under feature-set `version`.
+pub fn row_json(row: &FeatureRow, version: &str, now: i64) -> Value {
     let features: serde_json::Map<String, Value> = row
         .entity
-        .features()
+        .features
         .iter()
         .zip(&row.values)
         .map(|(spec, v)| {
@@ -412,15 +442,15 @@ pub fn row_json(row: &FeatureRow, now: i64) -> Value {
                 schemas::Value::Int(i) => Value::from(*i),
                 schemas::Value::Float(f) => Value::from(*f),
             };
-            (spec.name.to_owned(), value)
+            (spec.name.clone(), value)
         })
         .collect();
     json!({
-        "entity": row.entity.as_str(),
+        "entity": row.entity.name,
         "id": row.id,
         "as_of_ms": row.as_of_ms,
         "age_ms": (now - row.as_of_ms).max(0),
-        "feature_set_version": FEATURE_SET_VERSION,
+        "feature_set_version": version,
         "features": features,
     })
 }

@@ -41,6 +41,9 @@ pub struct ServeConfig {
     pub drain_timeout_ms: u64,
     /// Tokio worker threads (0: one per core).
     pub worker_threads: usize,
+    /// Feature definitions (`features.toml`); unset: `$SFS_FEATURES`, else
+    /// `features.toml` in the working directory.
+    pub features: Option<PathBuf>,
 }
 
 impl Default for ServeConfig {
@@ -62,6 +65,7 @@ impl Default for ServeConfig {
             log_sample_every: 1000,
             drain_timeout_ms: 10_000,
             worker_threads: 0,
+            features: None,
         }
     }
 }
@@ -99,6 +103,9 @@ pub struct ServeArgs {
     /// libonnxruntime path, overriding the config (else ORT_DYLIB_PATH).
     #[arg(long)]
     pub ort_dylib_path: Option<PathBuf>,
+    /// Feature definitions, overriding the config (default features.toml).
+    #[arg(long, env = "SFS_FEATURES")]
+    pub features: Option<PathBuf>,
 }
 
 impl ServeArgs {
@@ -112,6 +119,7 @@ impl ServeArgs {
             key_prefix,
             models_dir,
             ort_dylib_path,
+            features,
         } = self.clone();
         let mut cfg = match config {
             Some(path) => ServeConfig::from_file(&path)?,
@@ -135,6 +143,9 @@ impl ServeArgs {
         if ort_dylib_path.is_some() {
             cfg.ort_dylib_path = ort_dylib_path;
         }
+        if features.is_some() {
+            cfg.features = features;
+        }
         Ok(cfg)
     }
 }
@@ -149,6 +160,26 @@ mod tests {
         let cfg = ServeConfig::from_file(&path).unwrap();
         assert_eq!(cfg.key_prefix, "sfs:");
         assert_eq!(cfg.listen.port(), 8080);
+    }
+
+    #[test]
+    fn the_features_flag_overrides_the_config() {
+        use clap::Parser;
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            serve: ServeArgs,
+        }
+        let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("serve.example.toml");
+        let cli = Cli::parse_from([
+            "serve".as_ref(),
+            "--config".as_ref(),
+            example.as_os_str(),
+            "--features".as_ref(),
+            "defs/other.toml".as_ref(),
+        ]);
+        let cfg = cli.serve.resolve().unwrap();
+        assert_eq!(cfg.features.as_deref(), Some(Path::new("defs/other.toml")));
     }
 
     #[test]

@@ -1,81 +1,232 @@
-//! The feature vectors the models see: names, where each value comes from
-//! (card row, user row, the request), and the cold-start defaults.
+//! The feature vectors the models see: the names a model may list, where each
+//! value comes from (a row of the loaded feature set, or the request), and the
+//! cold-start defaults.
+//!
+//! Row features are named `{entity}.{feature}` after the loaded
+//! [`FeatureSet`] (`features.toml`); without a row they are 0.
+//! `{entity}_cold_start` is 1.0 when that entity's row was not found (or its
+//! id was not given).
 //!
 //! Request-time features (documented in server/CONTEXT.md):
 //! - `amount_log1p`: ln(1 + amount in minor units).
 //! - `amount_to_mean_24h`: amount / card `amount_mean_24h`; 1.0 without a card row.
-//! - `amount_zscore_24h`: (amount - mean) / max(std, 1 minor unit), clamped to
-//!   [-50, 50]; 0.0 without a card row.
+//! - `amount_zscore_24h`: (amount - mean) / max(card `amount_std_24h`, 1 minor
+//!   unit), clamped to [-50, 50]; 0.0 without a card row.
 //! - `country_mismatch`: 1.0 when the request names a country and the card row
-//!   has a usual country (`top_country_24h`, the card's most frequent country
-//!   over 24h, decoded with `schemas::features::unpack_country`) and they
-//!   differ (case-insensitive); 0.0 otherwise (unknown is not a mismatch).
+//!   has a usual country (`top_country_24h`, decoded with
+//!   `schemas::features::unpack_country`) and they differ (case-insensitive);
+//!   0.0 otherwise (unknown is not a mismatch).
 //! - `seconds_since_last_txn`: (request time - card `last_txn_time`) / 1000,
-//!   clamped to [0, 86400]; 86400 without a card row (no txn in 24h).
+//!   clamped to [0, 86400]; 86400 without a card row.
 //! - `channel_ecom`, `channel_atm`: one-hot of the request channel (pos: both 0).
-//! - `card_cold_start`, `user_cold_start`: 1.0 when that row was not found (or
-//!   no `user_id` was given).
 //!
-//! Row features are named `card.{feature}` and `user.{feature}` after
-//! `schemas::features`; without a row they are 0.
+//! The card features these read are the only feature names the server knows
+//! by name: a model listing a request-time feature whose card feature the
+//! loaded set lacks is refused at load (never silently 0).
 
-use schemas::features::{unpack_country, Entity, FeatureRow, Value, DAY_MS};
+use schemas::features::{
+    unpack_country, Aggregation, FeatureRow, FeatureSet, FieldType, Value, ValueKind,
+};
 use schemas::Channel;
 
-/// The card feature holding the card's usual country (most frequent over 24h).
+/// The entity of the card being charged (keyed by the fraud request's `card_id`).
+pub const CARD_ENTITY: &str = "card";
+/// The entity of the customer (keyed by the requests' `user_id`).
+pub const USER_ENTITY: &str = "user";
+/// Card feature: mean amount (minor units), read by `amount_to_mean_24h` and `amount_zscore_24h`.
+pub const AMOUNT_MEAN_FEATURE: &str = "amount_mean_24h";
+/// Card feature: amount standard deviation, read by `amount_zscore_24h`.
+pub const AMOUNT_STD_FEATURE: &str = "amount_std_24h";
+/// Card feature: time (ms) of the card's latest transaction, read by `seconds_since_last_txn`.
+pub const LAST_TXN_TIME_FEATURE: &str = "last_txn_time";
+/// Card feature: the card's usual country (packed code), read by `country_mismatch`.
 pub const USUAL_COUNTRY_FEATURE: &str = "top_country_24h";
+/// Suffix of the cold-start flags, `{entity}_cold_start`.
+pub const COLD_START_SUFFIX: &str = "_cold_start";
 
-/// Cap of `seconds_since_last_txn`, also its cold-start value.
-pub const MAX_SECONDS_SINCE_LAST_TXN: f64 = (DAY_MS / 1000) as f64;
+/// Cap of `seconds_since_last_txn`, also its cold-start value (one day: the
+/// models are trained with this cap).
+pub const MAX_SECONDS_SINCE_LAST_TXN: f64 = 86_400.0;
+
+/// A feature of the loaded set: indices into `FeatureSet::entities` and
+/// that entity's `features` (its row order).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FeatureAt {
+    pub entity: usize,
+    pub feature: usize,
+}
 
 /// Where one model input comes from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Source {
     AmountLog1p,
-    AmountToMean24h,
-    AmountZscore24h,
-    CountryMismatch,
-    SecondsSinceLastTxn,
+    AmountToMean {
+        mean: FeatureAt,
+    },
+    AmountZscore {
+        mean: FeatureAt,
+        std: FeatureAt,
+    },
+    CountryMismatch {
+        usual: FeatureAt,
+    },
+    SecondsSinceLastTxn {
+        last: FeatureAt,
+    },
     ChannelEcom,
     ChannelAtm,
-    CardColdStart,
-    UserColdStart,
-    /// Index into `Entity::Card.features()`.
-    Card(usize),
-    /// Index into `Entity::User.features()`.
-    User(usize),
+    /// 1.0 when the row of this entity (index into `FeatureSet::entities`) is absent.
+    ColdStart {
+        entity: usize,
+    },
+    /// A feature of a row; 0 when the row is absent.
+    Row(FeatureAt),
 }
 
 impl Source {
     /// Whether this input needs the transaction in the request (fraud only).
     pub fn needs_transaction(self) -> bool {
-        !matches!(self, Source::User(_) | Source::UserColdStart)
+        !matches!(self, Source::Row(_) | Source::ColdStart { .. })
+    }
+
+    /// The entity whose row this input reads, if any.
+    pub fn entity(self) -> Option<usize> {
+        match self {
+            Source::Row(at)
+            | Source::AmountToMean { mean: at }
+            | Source::AmountZscore { mean: at, .. }
+            | Source::CountryMismatch { usual: at }
+            | Source::SecondsSinceLastTxn { last: at } => Some(at.entity),
+            Source::ColdStart { entity } => Some(entity),
+            Source::AmountLog1p | Source::ChannelEcom | Source::ChannelAtm => None,
+        }
     }
 }
 
-const REQUEST: &[(&str, Source)] = &[
-    ("amount_log1p", Source::AmountLog1p),
-    ("amount_to_mean_24h", Source::AmountToMean24h),
-    ("amount_zscore_24h", Source::AmountZscore24h),
-    ("country_mismatch", Source::CountryMismatch),
-    ("seconds_since_last_txn", Source::SecondsSinceLastTxn),
-    ("channel_ecom", Source::ChannelEcom),
-    ("channel_atm", Source::ChannelAtm),
-    ("card_cold_start", Source::CardColdStart),
-    ("user_cold_start", Source::UserColdStart),
-];
+/// Why a model input name does not resolve against the loaded feature set.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FeatureError {
+    #[error("unknown feature {name}: not a request-time feature, {{entity}}_cold_start or {{entity}}.{{feature}}")]
+    Unknown { name: String },
+    #[error("feature {name}: the feature set ({version}) has no entity {entity}")]
+    NoEntity {
+        name: String,
+        entity: String,
+        version: String,
+    },
+    #[error(
+        "feature {name}: entity {entity} has no feature {feature} in the feature set ({version})"
+    )]
+    NoFeature {
+        name: String,
+        entity: String,
+        feature: String,
+        version: String,
+    },
+    #[error("request-time feature {name} needs feature {needs} of entity {CARD_ENTITY}, which the feature set ({version}) does not define")]
+    NeedsCardFeature {
+        name: &'static str,
+        needs: &'static str,
+        version: String,
+    },
+    #[error("request-time feature {name} needs {CARD_ENTITY}.{needs} to be the mode or last value of a country field")]
+    NotACountry {
+        name: &'static str,
+        needs: &'static str,
+    },
+}
 
-/// The source of the feature called `name`, if the server knows it.
-pub fn resolve(name: &str) -> Option<Source> {
-    if let Some((_, s)) = REQUEST.iter().find(|(n, _)| *n == name) {
-        return Some(*s);
+/// The card feature `needs` of request-time feature `name`.
+fn card_feature(
+    set: &FeatureSet,
+    name: &'static str,
+    needs: &'static str,
+) -> Result<FeatureAt, FeatureError> {
+    let missing = || FeatureError::NeedsCardFeature {
+        name,
+        needs,
+        version: set.version.clone(),
+    };
+    let entity = set.entity_index(CARD_ENTITY).ok_or_else(missing)?;
+    let feature = set.entities[entity].position(needs).ok_or_else(missing)?;
+    Ok(FeatureAt { entity, feature })
+}
+
+/// The usual-country feature: it must hold a packed country code.
+fn country_feature(set: &FeatureSet, name: &'static str) -> Result<FeatureAt, FeatureError> {
+    let at = card_feature(set, name, USUAL_COUNTRY_FEATURE)?;
+    let def = &set.entities[at.entity].features[at.feature];
+    let field = def
+        .field
+        .map(|i| set.sources[def.source].schema.fields()[i].ty);
+    let holds_a_country = matches!(def.aggregation, Aggregation::Mode | Aggregation::Last)
+        && def.kind() == ValueKind::Int
+        && field == Some(FieldType::Country);
+    if holds_a_country {
+        Ok(at)
+    } else {
+        Err(FeatureError::NotACountry {
+            name,
+            needs: USUAL_COUNTRY_FEATURE,
+        })
     }
-    let (entity, feature) = name.split_once('.')?;
-    let entity = Entity::parse(entity)?;
-    let index = entity.features().iter().position(|f| f.name == feature)?;
-    Some(match entity {
-        Entity::Card => Source::Card(index),
-        Entity::User => Source::User(index),
+}
+
+/// The source of the model input called `name`, against the loaded set.
+pub fn resolve(name: &str, set: &FeatureSet) -> Result<Source, FeatureError> {
+    Ok(match name {
+        "amount_log1p" => Source::AmountLog1p,
+        "amount_to_mean_24h" => Source::AmountToMean {
+            mean: card_feature(set, "amount_to_mean_24h", AMOUNT_MEAN_FEATURE)?,
+        },
+        "amount_zscore_24h" => Source::AmountZscore {
+            mean: card_feature(set, "amount_zscore_24h", AMOUNT_MEAN_FEATURE)?,
+            std: card_feature(set, "amount_zscore_24h", AMOUNT_STD_FEATURE)?,
+        },
+        "country_mismatch" => Source::CountryMismatch {
+            usual: country_feature(set, "country_mismatch")?,
+        },
+        "seconds_since_last_txn" => Source::SecondsSinceLastTxn {
+            last: card_feature(set, "seconds_since_last_txn", LAST_TXN_TIME_FEATURE)?,
+        },
+        "channel_ecom" => Source::ChannelEcom,
+        "channel_atm" => Source::ChannelAtm,
+        _ => {
+            if let Some((entity, feature)) = name.split_once('.') {
+                let no_entity = || FeatureError::NoEntity {
+                    name: name.to_owned(),
+                    entity: entity.to_owned(),
+                    version: set.version.clone(),
+                };
+                let e = set.entity_index(entity).ok_or_else(no_entity)?;
+                let f =
+                    set.entities[e]
+                        .position(feature)
+                        .ok_or_else(|| FeatureError::NoFeature {
+                            name: name.to_owned(),
+                            entity: entity.to_owned(),
+                            feature: feature.to_owned(),
+                            version: set.version.clone(),
+                        })?;
+                Source::Row(FeatureAt {
+                    entity: e,
+                    feature: f,
+                })
+            } else if let Some(entity) = name.strip_suffix(COLD_START_SUFFIX) {
+                let entity = set
+                    .entity_index(entity)
+                    .ok_or_else(|| FeatureError::NoEntity {
+                        name: name.to_owned(),
+                        entity: entity.to_owned(),
+                        version: set.version.clone(),
+                    })?;
+                Source::ColdStart { entity }
+            } else {
+                return Err(FeatureError::Unknown {
+                    name: name.to_owned(),
+                });
+            }
+        }
     })
 }
 
@@ -92,31 +243,29 @@ pub struct TxnContext {
 /// Everything a feature vector is computed from.
 #[derive(Debug, Clone, Default)]
 pub struct Context {
-    pub card: Option<FeatureRow>,
-    pub user: Option<FeatureRow>,
+    /// The rows read for this request by entity (index into
+    /// `FeatureSet::entities`); `None` when not read or not found.
+    pub rows: Vec<Option<FeatureRow>>,
     /// The stream job's durable frontier, when it has recorded one.
     pub frontier_ms: Option<i64>,
     pub txn: TxnContext,
 }
 
-fn row_value(row: &Option<FeatureRow>, index: usize) -> f64 {
-    row.as_ref()
-        .and_then(|r| r.values.get(index))
-        .map_or(0.0, |v| v.as_f64())
-}
-
-fn card(ctx: &Context, name: &str) -> Option<f64> {
-    ctx.card
-        .as_ref()
-        .and_then(|r| r.get(name))
-        .map(|v| v.as_f64())
-}
-
 impl Context {
-    /// The card's usual country: its row's `top_country_24h`, decoded; `None`
-    /// without a card row or when the code is not a country.
-    pub fn usual_country(&self) -> Option<String> {
-        match self.card.as_ref()?.get(USUAL_COUNTRY_FEATURE)? {
+    /// The row of entity `entity`, if it was read and found.
+    pub fn row(&self, entity: usize) -> Option<&FeatureRow> {
+        self.rows.get(entity)?.as_ref()
+    }
+
+    /// The value of one feature; `None` without its row.
+    fn feature(&self, at: FeatureAt) -> Option<Value> {
+        self.row(at.entity)?.values.get(at.feature).copied()
+    }
+
+    /// The card's usual country (`usual` is its `top_country_24h`), decoded;
+    /// `None` without a card row or when the code is not a country.
+    pub fn usual_country(&self, usual: FeatureAt) -> Option<String> {
+        match self.feature(usual)? {
             Value::Int(code) => unpack_country(code),
             Value::Float(_) => None,
         }
@@ -125,33 +274,32 @@ impl Context {
     /// The value of one input.
     pub fn value(&self, source: Source) -> f64 {
         let amount = self.txn.amount_minor as f64;
+        let real = |at| self.feature(at).map(Value::as_f64);
         match source {
             Source::AmountLog1p => amount.max(0.0).ln_1p(),
-            Source::AmountToMean24h => match card(self, "amount_mean_24h") {
+            Source::AmountToMean { mean } => match real(mean) {
                 Some(mean) if mean > 0.0 => amount / mean,
                 _ => 1.0,
             },
-            Source::AmountZscore24h => {
-                match (card(self, "amount_mean_24h"), card(self, "amount_std_24h")) {
-                    (Some(mean), Some(std)) => ((amount - mean) / std.max(1.0)).clamp(-50.0, 50.0),
+            Source::AmountZscore { mean, std } => match (real(mean), real(std)) {
+                (Some(mean), Some(std)) => ((amount - mean) / std.max(1.0)).clamp(-50.0, 50.0),
+                _ => 0.0,
+            },
+            Source::CountryMismatch { usual } => {
+                match (&self.txn.country, self.usual_country(usual)) {
+                    (Some(req), Some(usual)) if !req.eq_ignore_ascii_case(&usual) => 1.0,
                     _ => 0.0,
                 }
             }
-            Source::CountryMismatch => match (&self.txn.country, self.usual_country()) {
-                (Some(req), Some(usual)) if !req.eq_ignore_ascii_case(&usual) => 1.0,
-                _ => 0.0,
-            },
-            Source::SecondsSinceLastTxn => match card(self, "last_txn_time") {
+            Source::SecondsSinceLastTxn { last } => match real(last) {
                 Some(last) => ((self.txn.time_ms as f64 - last) / 1000.0)
                     .clamp(0.0, MAX_SECONDS_SINCE_LAST_TXN),
                 None => MAX_SECONDS_SINCE_LAST_TXN,
             },
             Source::ChannelEcom => f64::from(u8::from(self.txn.channel == Some(Channel::Ecom))),
             Source::ChannelAtm => f64::from(u8::from(self.txn.channel == Some(Channel::Atm))),
-            Source::CardColdStart => f64::from(u8::from(self.card.is_none())),
-            Source::UserColdStart => f64::from(u8::from(self.user.is_none())),
-            Source::Card(i) => row_value(&self.card, i),
-            Source::User(i) => row_value(&self.user, i),
+            Source::ColdStart { entity } => f64::from(u8::from(self.row(entity).is_none())),
+            Source::Row(at) => real(at).unwrap_or(0.0),
         }
     }
 
@@ -167,50 +315,156 @@ mod tests {
     use super::*;
     use schemas::features::pack_country;
 
-    fn card_row(mean: f64, std: f64, last_txn_time: i64) -> FeatureRow {
-        let values = Entity::Card
-            .features()
+    const SHIPPED: &str = include_str!("../../features.toml");
+
+    fn shipped() -> FeatureSet {
+        FeatureSet::parse("features.toml", SHIPPED).unwrap()
+    }
+
+    /// The shipped definitions without the feature called `name`.
+    fn without(name: &str) -> FeatureSet {
+        let block = format!("[[features]]\nname = \"{name}\"\n");
+        let start = SHIPPED.find(&block).expect("the feature is in the file");
+        let end = SHIPPED[start + 1..]
+            .find("[[features]]")
+            .map_or(SHIPPED.len(), |i| start + 1 + i);
+        FeatureSet::parse(
+            "test.toml",
+            &format!("{}{}", &SHIPPED[..start], &SHIPPED[end..]),
+        )
+        .unwrap()
+    }
+
+    fn card_row(set: &FeatureSet, mean: f64, std: f64, last_txn_time: i64) -> FeatureRow {
+        let card = set.entity(CARD_ENTITY).unwrap();
+        let values = card
+            .features
             .iter()
-            .map(|f| match f.name {
-                "amount_mean_24h" => Value::Float(mean),
-                "amount_std_24h" => Value::Float(std),
-                "last_txn_time" => Value::Int(last_txn_time),
+            .map(|f| match f.name.as_str() {
+                AMOUNT_MEAN_FEATURE => Value::Float(mean),
+                AMOUNT_STD_FEATURE => Value::Float(std),
+                LAST_TXN_TIME_FEATURE => Value::Int(last_txn_time),
+                USUAL_COUNTRY_FEATURE => Value::Int(pack_country("DE").unwrap()),
                 "txn_count_1m" => Value::Int(3),
-                "top_country_24h" => Value::Int(pack_country("DE").unwrap()),
                 _ => Value::Int(1),
             })
             .collect();
         FeatureRow {
-            entity: Entity::Card,
+            entity: card.clone(),
             id: "c".into(),
             as_of_ms: 0,
             values,
         }
     }
 
+    /// A context whose only row is `card`.
+    fn with_card(set: &FeatureSet, card: FeatureRow, txn: TxnContext) -> Context {
+        let mut rows = vec![None; set.entities.len()];
+        rows[set.entity_index(CARD_ENTITY).unwrap()] = Some(card);
+        Context {
+            rows,
+            frontier_ms: None,
+            txn,
+        }
+    }
+
     #[test]
-    fn every_name_resolves_and_unknown_names_do_not() {
-        assert_eq!(resolve("card.txn_count_1m"), Some(Source::Card(0)));
-        assert_eq!(resolve("user.amount_sum_24h"), Some(Source::User(7)));
-        assert_eq!(resolve("country_mismatch"), Some(Source::CountryMismatch));
-        assert_eq!(resolve("card.nope"), None);
-        assert_eq!(resolve("txn_count_1m"), None);
+    fn every_name_resolves_against_the_set_and_unknown_names_do_not() {
+        let set = shipped();
+        let card = set.entity_index("card").unwrap();
+        let user = set.entity_index("user").unwrap();
+        let at = |entity, name| FeatureAt {
+            entity,
+            feature: set.entities[entity].position(name).unwrap(),
+        };
+        assert_eq!(
+            resolve("card.txn_count_1m", &set),
+            Ok(Source::Row(at(card, "txn_count_1m")))
+        );
+        assert_eq!(
+            resolve("user.amount_sum_24h", &set),
+            Ok(Source::Row(at(user, "amount_sum_24h")))
+        );
+        assert_eq!(
+            resolve("country_mismatch", &set),
+            Ok(Source::CountryMismatch {
+                usual: at(card, USUAL_COUNTRY_FEATURE)
+            })
+        );
+        assert_eq!(
+            resolve("user_cold_start", &set),
+            Ok(Source::ColdStart { entity: user })
+        );
+        for name in set.qualified_names() {
+            assert!(resolve(&name, &set).is_ok(), "{name}");
+        }
+        let err = resolve("card.nope", &set).unwrap_err().to_string();
+        assert!(err.contains("entity card has no feature nope"), "{err}");
+        let err = resolve("merchant.txn_count_1h", &set)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("has no entity merchant"), "{err}");
+        let err = resolve("merchant_cold_start", &set)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("has no entity merchant"), "{err}");
+        assert!(matches!(
+            resolve("txn_count_1m", &set),
+            Err(FeatureError::Unknown { .. })
+        ));
+    }
+
+    #[test]
+    fn a_request_time_feature_whose_card_feature_is_gone_does_not_resolve() {
+        for (name, needs) in [
+            ("amount_to_mean_24h", AMOUNT_MEAN_FEATURE),
+            ("amount_zscore_24h", AMOUNT_MEAN_FEATURE),
+            ("amount_zscore_24h", AMOUNT_STD_FEATURE),
+            ("seconds_since_last_txn", LAST_TXN_TIME_FEATURE),
+            ("country_mismatch", USUAL_COUNTRY_FEATURE),
+        ] {
+            let set = without(needs);
+            let err = resolve(name, &set).unwrap_err();
+            assert!(
+                matches!(&err, FeatureError::NeedsCardFeature { name: n, needs: m, .. } if *n == name && *m == needs),
+                "{name}: {err:?}"
+            );
+            assert!(err.to_string().contains(needs), "{err}");
+            // The other request-time features are unaffected.
+            assert!(resolve("amount_log1p", &set).is_ok());
+        }
+    }
+
+    #[test]
+    fn the_usual_country_must_be_a_country_code() {
+        let text = SHIPPED.replacen(
+            "aggregation = \"mode\"\nfield = \"country\"",
+            "aggregation = \"distinct_count\"\nfield = \"country\"",
+            1,
+        );
+        assert_ne!(text, SHIPPED);
+        let set = FeatureSet::parse("test.toml", &text).unwrap();
+        let err = resolve("country_mismatch", &set).unwrap_err().to_string();
+        assert!(
+            err.contains("card.top_country_24h to be the mode or last value of a country field"),
+            "{err}"
+        );
     }
 
     #[test]
     fn request_time_features_follow_their_definitions() {
-        let ctx = Context {
-            card: Some(card_row(2000.0, 500.0, 1_000_000)),
-            user: None,
-            frontier_ms: None,
-            txn: TxnContext {
+        let set = shipped();
+        let ctx = with_card(
+            &set,
+            card_row(&set, 2000.0, 500.0, 1_000_000),
+            TxnContext {
                 amount_minor: 5000,
                 country: Some("FR".into()),
                 channel: Some(Channel::Ecom),
                 time_ms: 1_030_000,
             },
-        };
-        let v = |name| ctx.value(resolve(name).unwrap());
+        );
+        let v = |name| ctx.value(resolve(name, &set).unwrap());
         assert_eq!(v("amount_to_mean_24h"), 2.5);
         assert_eq!(v("amount_zscore_24h"), 6.0);
         assert_eq!(v("country_mismatch"), 1.0);
@@ -222,37 +476,38 @@ mod tests {
         assert_eq!(v("card.txn_count_1m"), 3.0);
         assert_eq!(v("user.click_count_5m"), 0.0);
         assert_eq!(v("amount_log1p"), 5001f64.ln());
-        assert_eq!(ctx.usual_country().as_deref(), Some("DE"));
     }
 
     #[test]
     fn the_usual_country_is_the_rows_top_country() {
-        let mut ctx = Context {
-            card: Some(card_row(2000.0, 500.0, 1_000_000)),
-            txn: TxnContext {
+        let set = shipped();
+        let Ok(Source::CountryMismatch { usual }) = resolve("country_mismatch", &set) else {
+            panic!("country_mismatch resolves");
+        };
+        let mismatch = Source::CountryMismatch { usual };
+        let mut ctx = with_card(
+            &set,
+            card_row(&set, 2000.0, 500.0, 1_000_000),
+            TxnContext {
                 country: Some("de".into()),
                 ..Default::default()
             },
-            ..Default::default()
-        };
-        assert_eq!(ctx.value(Source::CountryMismatch), 0.0, "same, any case");
+        );
+        assert_eq!(ctx.usual_country(usual).as_deref(), Some("DE"));
+        assert_eq!(ctx.value(mismatch), 0.0, "same, any case");
         ctx.txn.country = Some("FR".into());
-        assert_eq!(ctx.value(Source::CountryMismatch), 1.0);
+        assert_eq!(ctx.value(mismatch), 1.0);
         // A code that is not a country (0: no top country): unknown, no mismatch.
-        let top = Entity::Card
-            .features()
-            .iter()
-            .position(|f| f.name == USUAL_COUNTRY_FEATURE)
-            .unwrap();
-        ctx.card.as_mut().unwrap().values[top] = Value::Int(0);
-        assert_eq!(ctx.usual_country(), None);
-        assert_eq!(ctx.value(Source::CountryMismatch), 0.0);
+        ctx.rows[usual.entity].as_mut().unwrap().values[usual.feature] = Value::Int(0);
+        assert_eq!(ctx.usual_country(usual), None);
+        assert_eq!(ctx.value(mismatch), 0.0);
         ctx.txn.country = None;
-        assert_eq!(ctx.value(Source::CountryMismatch), 0.0);
+        assert_eq!(ctx.value(mismatch), 0.0);
     }
 
     #[test]
     fn cold_start_defaults() {
+        let set = shipped();
         let ctx = Context {
             txn: TxnContext {
                 amount_minor: 100,
@@ -261,26 +516,29 @@ mod tests {
             },
             ..Default::default()
         };
-        let v = |name| ctx.value(resolve(name).unwrap());
+        let v = |name| ctx.value(resolve(name, &set).unwrap());
         assert_eq!(v("amount_to_mean_24h"), 1.0);
         assert_eq!(v("amount_zscore_24h"), 0.0);
         assert_eq!(v("country_mismatch"), 0.0, "no card row: no usual country");
-        assert_eq!(v("seconds_since_last_txn"), 86_400.0);
+        assert_eq!(v("seconds_since_last_txn"), MAX_SECONDS_SINCE_LAST_TXN);
         assert_eq!(v("card_cold_start"), 1.0);
+        assert_eq!(v("card.amount_mean_24h"), 0.0);
     }
 
     #[test]
     fn a_zero_std_does_not_blow_up_and_clock_skew_clamps_to_zero() {
-        let ctx = Context {
-            card: Some(card_row(100.0, 0.0, 2_000_000)),
-            txn: TxnContext {
+        let set = shipped();
+        let ctx = with_card(
+            &set,
+            card_row(&set, 100.0, 0.0, 2_000_000),
+            TxnContext {
                 amount_minor: 1_000_000,
                 time_ms: 1_000_000,
                 ..Default::default()
             },
-            ..Default::default()
-        };
-        assert_eq!(ctx.value(Source::AmountZscore24h), 50.0);
-        assert_eq!(ctx.value(Source::SecondsSinceLastTxn), 0.0);
+        );
+        let v = |name| ctx.value(resolve(name, &set).unwrap());
+        assert_eq!(v("amount_zscore_24h"), 50.0);
+        assert_eq!(v("seconds_since_last_txn"), 0.0);
     }
 }

@@ -54,9 +54,10 @@ pub struct ModelLabels {
     pub kind: &'static str,
 }
 
+/// An entity of the feature set (a handful: the label set stays bounded).
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct EntityLabels {
-    pub entity: &'static str,
+    pub entity: String,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -187,10 +188,14 @@ impl Metrics {
         self.scores.get_or_create(&labels).observe(f64::from(score));
     }
 
-    pub fn cold_start(&self, entity: &'static str) {
+    /// The cold-start counter of an entity, created once per entity at
+    /// start-up so that counting allocates nothing.
+    pub fn cold_start_counter(&self, entity: &str) -> Counter {
         self.cold_starts
-            .get_or_create(&EntityLabels { entity })
-            .inc();
+            .get_or_create(&EntityLabels {
+                entity: entity.to_owned(),
+            })
+            .clone()
     }
 
     pub fn breaker(&self, state: BreakerState) {

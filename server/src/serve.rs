@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use hyper::server::conn::http1;
 use hyper_util::rt::TokioIo;
+use schemas::features::{DefinitionError, FeatureSet};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
@@ -18,8 +19,9 @@ use crate::metrics::Metrics;
 use crate::model::registry::Registry;
 use crate::store::FeatureStore;
 
-/// Builds the application from a config: Redis client (lazy), models, metrics.
-pub fn build(cfg: &ServeConfig) -> anyhow::Result<App> {
+/// Builds the application from a config and the loaded feature definitions
+/// (see [`load_features`]): Redis client (lazy), models, metrics.
+pub fn build(cfg: &ServeConfig, features: Arc<FeatureSet>) -> anyhow::Result<App> {
     let ServeConfig {
         listen: _,
         metrics_listen: _,
@@ -37,6 +39,7 @@ pub fn build(cfg: &ServeConfig) -> anyhow::Result<App> {
         log_sample_every,
         drain_timeout_ms: _,
         worker_threads: _,
+        features: _,
     } = cfg;
     let metrics = Arc::new(Metrics::new());
     let breaker = Breaker::new(
@@ -45,6 +48,7 @@ pub fn build(cfg: &ServeConfig) -> anyhow::Result<App> {
     );
     let store = FeatureStore::new(
         redis_url,
+        features.clone(),
         key_prefix,
         Duration::from_millis(*redis_deadline_ms),
         Duration::from_millis(*redis_connect_timeout_ms),
@@ -52,17 +56,31 @@ pub fn build(cfg: &ServeConfig) -> anyhow::Result<App> {
     )?;
     let models = Registry::open(
         models_dir,
+        features,
         *model_sessions,
         ort_dylib_path.as_deref(),
         &metrics,
     )?;
-    Ok(app(AppState::new(
-        store,
-        models,
-        metrics,
-        *max_body_bytes,
-        *log_sample_every,
-    )))
+    let state = AppState::new(store, models, metrics, *max_body_bytes, *log_sample_every)
+        .map_err(anyhow::Error::msg)?;
+    Ok(app(state))
+}
+
+/// The feature definitions `sfs serve` reads: `path` (`--features` or the
+/// config's `features`), else `$SFS_FEATURES`, else `./features.toml`. The
+/// error lists every problem and says what to fix.
+pub fn load_features(path: Option<&std::path::Path>) -> Result<FeatureSet, String> {
+    FeatureSet::load_default(path).map_err(|e| {
+        let fix = match e {
+            DefinitionError::Read { .. } => {
+                "point --features (or SFS_FEATURES, or `features` in the serve config) at the feature definitions"
+            }
+            DefinitionError::Syntax { .. } | DefinitionError::Invalid { .. } => {
+                "fix the feature definitions (fields: docs/FEATURES.md) and start again"
+            }
+        };
+        format!("sfs serve: cannot use the feature definitions: {e}\n{fix}")
+    })
 }
 
 /// Polls the model registry every `every` and hot-swaps newer versions.
@@ -190,16 +208,26 @@ pub async fn termination() {
     }
 }
 
-/// `sfs serve`.
+/// `sfs serve`. Feature definitions that cannot be read or are invalid
+/// print every problem and exit with code 2.
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let cfg = args.resolve()?;
+    let features = match load_features(cfg.features.as_deref()) {
+        Ok(set) => Arc::new(set),
+        Err(message) => {
+            eprintln!("{message}");
+            std::process::exit(2);
+        }
+    };
+    tracing::info!(version = %features.version, entities = features.entities.len(),
+        features = features.entities.iter().map(|e| e.features.len()).sum::<usize>(), "feature set loaded");
     let mut rt = tokio::runtime::Builder::new_multi_thread();
     if cfg.worker_threads > 0 {
         rt.worker_threads(cfg.worker_threads);
     }
     let rt = rt.enable_all().thread_name("sfs-serve").build()?;
     rt.block_on(async move {
-        let app = build(&cfg)?;
+        let app = build(&cfg, features)?;
         let listener = TcpListener::bind(cfg.listen).await?;
         tracing::info!(addr = %listener.local_addr()?, redis = %cfg.redis_url, prefix = %cfg.key_prefix,
             models = %cfg.models_dir.display(), "serving");

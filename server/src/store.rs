@@ -1,22 +1,24 @@
-//! The online store client: card and user rows in one pipelined round trip,
-//! under a deadline and behind the circuit breaker.
+//! The online store client: the rows of any entities of the loaded feature
+//! set in one pipelined round trip, under a deadline and behind the circuit
+//! breaker.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use schemas::features::{Entity, FeatureRow, RowError};
+use schemas::features::{Entity, FeatureRow, FeatureSet, RowError};
 
 use crate::breaker::{Admit, Breaker, BreakerState};
 use crate::error::ApiError;
 use crate::metrics::{Metrics, RedisOutcome};
 
-/// The decoded card and user rows (the card's usual country is its row's
-/// `top_country_24h`, see `features::Context::usual_country`).
+/// The decoded rows of one request.
 #[derive(Debug, Clone, Default)]
 pub struct Rows {
-    pub card: Option<FeatureRow>,
-    pub user: Option<FeatureRow>,
+    /// By entity (index into `FeatureSet::entities`); `None` when not asked
+    /// for, absent, or of another feature-set version.
+    pub rows: Vec<Option<FeatureRow>>,
     /// The stream job's durable frontier (`{prefix}_progress` `frontier_ms`):
     /// every row stored is exact as of it, including rows unchanged since
     /// their own `_as_of`. `None` before the job has recorded progress.
@@ -26,6 +28,7 @@ pub struct Rows {
 /// Reads feature rows from Redis.
 pub struct FeatureStore {
     conn: ConnectionManager,
+    features: Arc<FeatureSet>,
     prefix: String,
     progress_key: String,
     deadline: Duration,
@@ -36,9 +39,11 @@ type Hash = HashMap<String, String>;
 
 impl FeatureStore {
     /// Creates the client without connecting: the first request connects, so
-    /// the server starts (not ready) while Redis is down.
+    /// the server starts (not ready) while Redis is down. Rows are decoded
+    /// with the layout and version of `features`.
     pub fn new(
         url: &str,
+        features: Arc<FeatureSet>,
         prefix: &str,
         deadline: Duration,
         connect_timeout: Duration,
@@ -54,6 +59,7 @@ impl FeatureStore {
         let conn = ConnectionManager::new_lazy_with_config(client, config)?;
         Ok(FeatureStore {
             conn,
+            features,
             prefix: prefix.to_owned(),
             progress_key: format!("{prefix}_progress"),
             deadline,
@@ -63,6 +69,11 @@ impl FeatureStore {
 
     pub fn prefix(&self) -> &str {
         &self.prefix
+    }
+
+    /// The feature set the rows are decoded with.
+    pub fn features(&self) -> &Arc<FeatureSet> {
+        &self.features
     }
 
     pub fn breaker_state(&self) -> BreakerState {
@@ -102,23 +113,19 @@ impl FeatureStore {
         result
     }
 
-    /// The card row, the user row (each if its id is given) and the job's
-    /// durable frontier, in one round trip.
-    pub async fn rows(
-        &self,
-        metrics: &Metrics,
-        card_id: Option<&str>,
-        user_id: Option<&str>,
-    ) -> Result<Rows, ApiError> {
+    /// The rows of `reads`, (entity index into `FeatureSet::entities`, id)
+    /// pairs, and the job's durable frontier, in one round trip.
+    pub async fn rows(&self, metrics: &Metrics, reads: &[(usize, &str)]) -> Result<Rows, ApiError> {
+        let mut rows = Rows {
+            rows: vec![None; self.features.entities.len()],
+            frontier_ms: None,
+        };
+        if reads.is_empty() {
+            return Ok(rows);
+        }
         let mut pipe = redis::pipe();
-        if let Some(id) = card_id {
-            pipe.hgetall(Entity::Card.key(&self.prefix, id));
-        }
-        if let Some(id) = user_id {
-            pipe.hgetall(Entity::User.key(&self.prefix, id));
-        }
-        if card_id.is_none() && user_id.is_none() {
-            return Ok(Rows::default());
+        for &(entity, id) in reads {
+            pipe.hgetall(self.features.entities[entity].redis_key(&self.prefix, id));
         }
         pipe.hget(&self.progress_key, "frontier_ms");
         let mut conn = self.conn.clone();
@@ -134,16 +141,9 @@ impl FeatureStore {
                 Ok((hashes, frontier.flatten()))
             })
             .await?;
-        let mut hashes = hashes.into_iter();
-        let mut rows = Rows {
-            frontier_ms: frontier,
-            ..Rows::default()
-        };
-        if let Some(id) = card_id {
-            rows.card = decode(Entity::Card, id, &hashes.next().unwrap_or_default())?;
-        }
-        if let Some(id) = user_id {
-            rows.user = decode(Entity::User, id, &hashes.next().unwrap_or_default())?;
+        rows.frontier_ms = frontier;
+        for (&(entity, id), hash) in reads.iter().zip(&hashes) {
+            rows.rows[entity] = self.decode(&self.features.entities[entity], id, hash)?;
         }
         Ok(rows)
     }
@@ -152,17 +152,37 @@ impl FeatureStore {
     pub async fn row(
         &self,
         metrics: &Metrics,
-        entity: Entity,
+        entity: &Entity,
         id: &str,
     ) -> Result<Option<FeatureRow>, ApiError> {
         let mut conn = self.conn.clone();
-        let key = entity.key(&self.prefix, id);
+        let key = entity.redis_key(&self.prefix, id);
         let hash: Hash = self
             .call(metrics, async move {
                 redis::cmd("HGETALL").arg(key).query_async(&mut conn).await
             })
             .await?;
-        decode(entity, id, &hash)
+        self.decode(entity, id, &hash)
+    }
+
+    /// Decodes a stored row. A row of another feature-set version is one the
+    /// stream job has not rewritten yet after a feature-set change: it is
+    /// treated as missing (the response says cold start) rather than failing
+    /// the request.
+    fn decode(
+        &self,
+        entity: &Entity,
+        id: &str,
+        hash: &Hash,
+    ) -> Result<Option<FeatureRow>, ApiError> {
+        match FeatureRow::decode(entity, &self.features.version, id, hash) {
+            Ok(row) => Ok(row),
+            Err(e @ RowError::Version { .. }) => {
+                tracing::debug!(error = %e, "row of another feature-set version treated as missing");
+                Ok(None)
+            }
+            Err(e) => Err(ApiError::BadRow(e.to_string())),
+        }
     }
 
     /// Whether Redis answers a PING within the deadline (and the breaker lets it).
@@ -174,19 +194,5 @@ impl FeatureStore {
             })
             .await;
         pong.is_ok()
-    }
-}
-
-/// Decodes a stored row. A row of another feature-set version is one the
-/// stream job has not rewritten yet after a feature-set change: it is treated
-/// as missing (the response says cold start) rather than failing the request.
-fn decode(entity: Entity, id: &str, hash: &Hash) -> Result<Option<FeatureRow>, ApiError> {
-    match FeatureRow::decode(entity, id, hash) {
-        Ok(row) => Ok(row),
-        Err(e @ RowError::Version { .. }) => {
-            tracing::debug!(error = %e, "row of another feature-set version treated as missing");
-            Ok(None)
-        }
-        Err(e) => Err(ApiError::BadRow(e.to_string())),
     }
 }

@@ -4,6 +4,7 @@ mod common;
 
 use common::*;
 use hyper::StatusCode;
+use schemas::features::{FeatureRow, Value};
 use server::serve::build;
 
 fn shipped_models() -> std::path::PathBuf {
@@ -13,7 +14,7 @@ fn shipped_models() -> std::path::PathBuf {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn as_of_is_the_stream_frontier_for_rows_unchanged_since() {
     let cfg = config("frontier", &shipped_models());
-    let app = build(&cfg).unwrap();
+    let app = build(&cfg, features()).unwrap();
     let now = now_ms();
     write_row(
         &cfg.redis_url,
@@ -53,7 +54,7 @@ async fn as_of_is_the_stream_frontier_for_rows_unchanged_since() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_row_of_another_feature_set_version_scores_as_cold_start() {
     let cfg = config("oldfv", &shipped_models());
-    let app = build(&cfg).unwrap();
+    let app = build(&cfg, features()).unwrap();
     let now = now_ms();
     write_row(
         &cfg.redis_url,
@@ -80,7 +81,7 @@ async fn a_row_of_another_feature_set_version_scores_as_cold_start() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fraud_scores_known_and_cold_start_entities() {
     let cfg = config("fraud", &shipped_models());
-    let app = build(&cfg).unwrap();
+    let app = build(&cfg, features()).unwrap();
     let now = now_ms();
     write_row(
         &cfg.redis_url,
@@ -182,7 +183,7 @@ async fn fraud_scores_known_and_cold_start_entities() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn propensity_and_feature_lookup() {
     let cfg = config("propensity", &shipped_models());
-    let app = build(&cfg).unwrap();
+    let app = build(&cfg, features()).unwrap();
     let now = now_ms();
     write_row(
         &cfg.redis_url,
@@ -212,13 +213,27 @@ async fn propensity_and_feature_lookup() {
     assert_eq!(status, StatusCode::OK);
     assert_eq!(row["features"]["add_to_cart_count_1h"], 3);
     assert_eq!(row["as_of_ms"], now);
+    assert_eq!(row["entity"], "user");
+    assert_eq!(row["feature_set_version"], features().version.as_str());
+    let user = features().entity("user").unwrap().clone();
+    let names: Vec<&String> = row["features"].as_object().unwrap().keys().collect();
+    assert_eq!(names.len(), user.features.len(), "{row}");
+    for f in &user.features {
+        assert!(
+            row["features"].get(&f.name).is_some(),
+            "{row} lacks {}",
+            f.name
+        );
+    }
     assert_eq!(
         call(&app, "GET", "/features/user/ghost", "").await.0,
         StatusCode::NOT_FOUND
     );
+    let (status, err) = call(&app, "GET", "/features/merchant/x", "").await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{err}");
     assert_eq!(
-        call(&app, "GET", "/features/merchant/x", "").await.0,
-        StatusCode::NOT_FOUND
+        err["error"],
+        "unknown entity merchant: the feature set defines card, user"
     );
     assert_eq!(
         call(&app, "GET", "/nope", "").await.0,
@@ -233,7 +248,7 @@ async fn propensity_and_feature_lookup() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_is_a_400_naming_the_field() {
     let cfg = config("bad-input", &shipped_models());
-    let app = build(&cfg).unwrap();
+    let app = build(&cfg, features()).unwrap();
     let cases = [
         ("{not json", None),
         ("[]", None),
@@ -280,12 +295,13 @@ async fn bad_input_is_a_400_naming_the_field() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_ready_and_models() {
     let cfg = config("ready", &shipped_models());
-    let app = build(&cfg).unwrap();
+    let app = build(&cfg, features()).unwrap();
     assert_eq!(call(&app, "GET", "/health", "").await.0, StatusCode::OK);
     let (status, ready) = call(&app, "GET", "/ready", "").await;
     assert_eq!(status, StatusCode::OK, "{ready}");
     assert_eq!(ready["models"]["fraud"], "fraud-v1");
     let (_, models) = call(&app, "GET", "/models", "").await;
+    assert_eq!(models["feature_set_version"], features().version.as_str());
     let fraud = &models["models"][0];
     assert_eq!(fraud["name"], "fraud");
     assert_eq!(fraud["engine"], "onnx");
@@ -302,7 +318,7 @@ async fn health_ready_and_models() {
 async fn without_a_model_the_rules_score_and_say_so() {
     let empty = temp_dir("rules");
     let cfg = config("rules", &empty);
-    let app = build(&cfg).unwrap();
+    let app = build(&cfg, features()).unwrap();
     let (status, body) = call(
         &app,
         "POST",
@@ -327,10 +343,159 @@ async fn a_model_whose_input_does_not_match_its_metadata_is_refused() {
     publish(&registry, "fraud", 1, |meta| {
         meta["features"].as_array_mut().unwrap().pop();
     });
-    let err = build(&config("shape", &registry))
+    let err = build(&config("shape", &registry), features())
         .err()
         .expect("load must fail")
         .to_string();
     assert!(err.contains("input") && err.contains("28"), "{err}");
     std::fs::remove_dir_all(registry).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_catalogue_follows_the_loaded_feature_set() {
+    // One more card feature and a third entity: served without a code change.
+    let set = edited_features("catalogue", |text| {
+        format!(
+            "{text}
+[[entities]]
+name = \"merchant\"
+key = \"merchant_id\"
+sources = [\"txn\"]
+
+[[features]]
+name = \"txn_count_1h\"
+entity = \"merchant\"
+source = \"txn\"
+aggregation = \"count\"
+window = \"1h\"
+"
+        )
+        .replace(
+            "[[sources]]\nname = \"txn\"\ntopic = \"txn.events\"\nschema = \"txn\"\nkeys = [\"card_id\", \"user_id\"]",
+            "[[sources]]\nname = \"txn\"\ntopic = \"txn.events\"\nschema = \"txn\"\nkeys = [\"card_id\", \"user_id\", \"merchant_id\"]",
+        )
+    });
+    assert_ne!(set.version, features().version);
+    // The shipped models were trained on another version: use the rules.
+    let empty = temp_dir("catalogue");
+    let cfg = config("catalogue", &empty);
+    let app = build(&cfg, set.clone()).unwrap();
+    let merchant = set.entity("merchant").unwrap();
+    let row = FeatureRow {
+        entity: merchant.clone(),
+        id: "m1".into(),
+        as_of_ms: 1_000,
+        values: vec![Value::Int(42)],
+    };
+    let mut conn = redis(&cfg.redis_url).await;
+    let _: () = redis::cmd("HSET")
+        .arg(merchant.redis_key(&cfg.key_prefix, "m1"))
+        .arg(row.encode_fields(&set.version))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let (status, body) = call(&app, "GET", "/features/merchant/m1", "").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["features"], serde_json::json!({"txn_count_1h": 42}));
+    assert_eq!(body["feature_set_version"], set.version.as_str());
+    let (_, models) = call(&app, "GET", "/models", "").await;
+    assert_eq!(models["feature_set_version"], set.version.as_str());
+    std::fs::remove_dir_all(empty).unwrap();
+}
+
+#[tokio::test]
+async fn a_model_naming_a_feature_the_set_lacks_is_refused_naming_it() {
+    let set = edited_features("lacks", |text| without_feature(text, "amount_max_24h"));
+    let err = build(&config("lacks", &workspace().join("models")), set)
+        .err()
+        .expect("load must fail")
+        .to_string();
+    assert!(
+        err.contains("feature card.amount_max_24h: entity card has no feature amount_max_24h"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn a_request_time_feature_whose_card_feature_is_gone_fails_the_model() {
+    let set = edited_features("no-last-txn", |text| without_feature(text, "last_txn_time"));
+    let err = build(&config("no-last-txn", &workspace().join("models")), set)
+        .err()
+        .expect("load must fail")
+        .to_string();
+    assert!(
+        err.contains("request-time feature seconds_since_last_txn needs feature last_txn_time of entity card"),
+        "{err}"
+    );
+    // The rule-based fallback reads it too, and fails the same way.
+    let set = edited_features("no-last-txn-rules", |text| {
+        without_feature(text, "last_txn_time")
+    });
+    let empty = temp_dir("no-last-txn-rules");
+    let err = build(&config("no-last-txn-rules", &empty), set)
+        .err()
+        .expect("load must fail")
+        .to_string();
+    assert!(
+        err.contains("rule-based-v1 for fraud: request-time feature seconds_since_last_txn needs feature last_txn_time"),
+        "{err}"
+    );
+    std::fs::remove_dir_all(empty).unwrap();
+}
+
+#[tokio::test]
+async fn a_model_of_another_feature_set_version_is_refused() {
+    let registry = temp_dir("other-fv");
+    publish(&registry, "fraud", 1, |meta| {
+        meta["feature_set_version"] = "fs-0000000000000000".into();
+    });
+    let err = build(&config("other-fv", &registry), features())
+        .err()
+        .expect("load must fail")
+        .to_string();
+    assert!(
+        err.contains(&format!(
+            "trained on feature-set version fs-0000000000000000, the server reads {}",
+            features().version
+        )),
+        "{err}"
+    );
+    // The integer versions of before the feature definitions: say what to do.
+    publish(&registry, "fraud", 2, |meta| {
+        meta["feature_set_version"] = 2.into();
+    });
+    let err = build(&config("other-fv", &registry), features())
+        .err()
+        .expect("load must fail")
+        .to_string();
+    assert!(
+        err.contains("feature_set_version 2 is not a feature-set version string"),
+        "{err}"
+    );
+    std::fs::remove_dir_all(registry).unwrap();
+}
+
+#[test]
+fn invalid_feature_definitions_list_every_problem_and_what_to_fix() {
+    let dir = temp_dir("bad-defs");
+    let path = dir.join("features.toml");
+    let text = std::fs::read_to_string(workspace().join("features.toml"))
+        .unwrap()
+        .replacen("window = \"1m\"", "window = \"1 minute\"", 1)
+        .replacen("aggregation = \"max\"", "aggregation = \"median\"", 1);
+    std::fs::write(&path, text).unwrap();
+    let err = server::serve::load_features(Some(&path)).unwrap_err();
+    assert!(err.contains("2 problem(s)"), "{err}");
+    assert!(err.contains("feature txn_count_1m: window"), "{err}");
+    assert!(
+        err.contains("feature amount_max_24h: unknown aggregation \"median\""),
+        "{err}"
+    );
+    assert!(err.contains("fix the feature definitions"), "{err}");
+    let err = server::serve::load_features(Some(&dir.join("missing.toml"))).unwrap_err();
+    assert!(
+        err.contains("missing.toml") && err.contains("--features"),
+        "{err}"
+    );
+    std::fs::remove_dir_all(dir).unwrap();
 }

@@ -18,7 +18,7 @@ fn shipped_models_match_python_scores_on_the_fixed_vectors() {
     let ort = ort_path();
     for kind in ModelKind::ALL {
         let dir = workspace().join("models").join(kind.name()).join("1");
-        let model = load_version(kind, &dir, 1, Some(&ort))
+        let model = load_version(kind, &dir, &features(), 1, Some(&ort))
             .unwrap_or_else(|e| panic!("loading {}: {e}", dir.display()));
         let doc: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(dir.join("test_vectors.json")).unwrap())
@@ -54,7 +54,7 @@ async fn a_newer_model_is_swapped_in_while_requests_flow() {
     let registry = temp_dir("reload");
     publish(&registry, "fraud", 1, |_| {});
     let cfg = config("reload", &registry);
-    let app = build(&cfg).unwrap();
+    let app = build(&cfg, features()).unwrap();
     let poller = spawn_model_poller(&app, Duration::from_millis(cfg.model_poll_ms));
 
     let stop = Arc::new(AtomicBool::new(false));

@@ -50,7 +50,7 @@ async fn http(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serves_through_a_real_socket_and_drains_on_shutdown() {
     let cfg = config("socket", &workspace().join("models"));
-    let app = build(&cfg).unwrap();
+    let app = build(&cfg, features()).unwrap();
     let now = now_ms();
     write_row(
         &cfg.redis_url,
@@ -141,7 +141,7 @@ async fn a_redis_outage_is_a_fast_503_and_the_server_recovers_by_itself() {
     let mut cfg = config("outage", &workspace().join("models"));
     cfg.redis_url = format!("redis://127.0.0.1:{port}");
     cfg.breaker_cooldown_ms = 200;
-    let app = build(&cfg).unwrap();
+    let app = build(&cfg, features()).unwrap();
     let now = now_ms();
     let row = card_row("c1", now, now - 5_000);
     write_row(&cfg.redis_url, &cfg.key_prefix, &row, &[]).await;

@@ -8,12 +8,19 @@
 //! usage: serve-loadgen [--addr 127.0.0.1:8080] [--rates 1000,5000,10000]
 //!        [--duration-secs 10] [--connections 64] [--find-max]
 //!        [--seed-redis redis://127.0.0.1:6379 --key-prefix bench: --entities 10000]
+//!        [--features features.toml]
+//!
+//! Seeding writes a row for ids `{entity}-0` .. `{entity}-{n-1}` of every
+//! entity of the feature definitions (`--features`, else `$SFS_FEATURES`,
+//! else `features.toml`), which must be the server's.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use schemas::features::{Entity, FeatureRow, Value};
+use schemas::features::{FeatureRow, FeatureSet, Value, ValueKind};
+use server::features::{AMOUNT_MEAN_FEATURE, AMOUNT_STD_FEATURE, LAST_TXN_TIME_FEATURE};
 
 struct Args {
     addr: SocketAddr,
@@ -25,6 +32,7 @@ struct Args {
     seed_redis: Option<String>,
     key_prefix: String,
     entities: usize,
+    features: Option<PathBuf>,
 }
 
 fn parse_args() -> Args {
@@ -38,6 +46,7 @@ fn parse_args() -> Args {
         seed_redis: None,
         key_prefix: "bench:".into(),
         entities: 10_000,
+        features: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -59,14 +68,15 @@ fn parse_args() -> Args {
             "--seed-redis" => a.seed_redis = Some(val()),
             "--key-prefix" => a.key_prefix = val(),
             "--entities" => a.entities = val().parse().expect("--entities"),
+            "--features" => a.features = Some(val().into()),
             other => panic!("unknown flag {other}"),
         }
     }
     a
 }
 
-/// Writes `n` card and user rows with the shared encoding.
-fn seed(url: &str, prefix: &str, n: usize) -> redis::RedisResult<()> {
+/// Writes `n` rows of every entity with the shared encoding.
+fn seed(url: &str, prefix: &str, n: usize, set: &FeatureSet) -> redis::RedisResult<()> {
     let mut conn = redis::Client::open(url)?.get_connection()?;
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -75,35 +85,29 @@ fn seed(url: &str, prefix: &str, n: usize) -> redis::RedisResult<()> {
         let mut pipe = redis::pipe();
         for &i in chunk {
             let mean = 1000.0 + (i % 97) as f64 * 100.0;
-            let card = FeatureRow {
-                entity: Entity::Card,
-                id: format!("card-{i}"),
-                as_of_ms: now,
-                values: Entity::Card
-                    .features()
+            for entity in &set.entities {
+                let values = entity
+                    .features
                     .iter()
-                    .map(|f| match f.name {
-                        "amount_mean_24h" => Value::Float(mean),
-                        "amount_std_24h" => Value::Float(mean / 3.0),
-                        "last_txn_time" => Value::Int(now - (i as i64 % 3600) * 1000),
-                        _ => Value::Int((i % 7) as i64 + 1),
+                    .map(|f| match (f.name.as_str(), f.kind()) {
+                        (AMOUNT_MEAN_FEATURE, _) => Value::Float(mean),
+                        (AMOUNT_STD_FEATURE, _) => Value::Float(mean / 3.0),
+                        (LAST_TXN_TIME_FEATURE, _) => Value::Int(now - (i as i64 % 3600) * 1000),
+                        (_, ValueKind::Float) => Value::Float(mean),
+                        (_, ValueKind::Int) => Value::Int((i % 7) as i64 + 1),
                     })
-                    .collect(),
-            };
-            let user = FeatureRow {
-                entity: Entity::User,
-                id: format!("user-{i}"),
-                as_of_ms: now,
-                values: Entity::User
-                    .features()
-                    .iter()
-                    .map(|_| Value::Int((i % 11) as i64))
-                    .collect(),
-            };
-            for row in [card, user] {
-                let fields: Vec<(&str, String)> = row.encode_fields();
-                pipe.hset_multiple(row.entity.key(prefix, &row.id), &fields)
-                    .ignore();
+                    .collect();
+                let row = FeatureRow {
+                    entity: entity.clone(),
+                    id: format!("{}-{i}", entity.name),
+                    as_of_ms: now,
+                    values,
+                };
+                pipe.hset_multiple(
+                    entity.redis_key(prefix, &row.id),
+                    &row.encode_fields(&set.version),
+                )
+                .ignore();
             }
         }
         pipe.query::<()>(&mut conn)?;
@@ -259,10 +263,19 @@ fn commit() -> Option<String> {
 fn main() {
     let args = parse_args();
     if let Some(url) = &args.seed_redis {
-        seed(url, &args.key_prefix, args.entities).expect("seeding Redis");
+        let set = FeatureSet::load_default(args.features.as_deref())
+            .unwrap_or_else(|e| panic!("loading the feature definitions: {e}"));
+        seed(url, &args.key_prefix, args.entities, &set).expect("seeding Redis");
         eprintln!(
-            "seeded {} cards and users under {}",
-            args.entities, args.key_prefix
+            "seeded {} rows of each entity ({}) under {} (feature set {})",
+            args.entities,
+            set.entities
+                .iter()
+                .map(|e| e.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", "),
+            args.key_prefix,
+            set.version
         );
     }
     let config = serde_json::json!({

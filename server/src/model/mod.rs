@@ -6,9 +6,10 @@ pub mod registry;
 
 use std::path::PathBuf;
 
+use schemas::features::FeatureSet;
 use serde::{Deserialize, Serialize};
 
-use crate::features::{self, Source};
+use crate::features::{self, Source, CARD_ENTITY, USER_ENTITY};
 
 /// Features, scoring function, default decision and thresholds of a rule set.
 type RuleSet = (
@@ -39,12 +40,60 @@ impl ModelKind {
         }
     }
 
-    /// Whether a feature may feed this model (propensity has no transaction).
-    pub fn accepts(self, source: Source) -> bool {
+    /// The entities whose rows a request of this kind reads (by the
+    /// request's `card_id`, `user_id`); the feature set must define them.
+    pub fn entities(self) -> &'static [&'static str] {
+        match self {
+            ModelKind::Fraud => &[CARD_ENTITY, USER_ENTITY],
+            ModelKind::Propensity => &[USER_ENTITY],
+        }
+    }
+
+    /// Whether a request of this kind carries a transaction (propensity does not).
+    pub fn has_transaction(self) -> bool {
         match self {
             ModelKind::Fraud => true,
-            ModelKind::Propensity => !source.needs_transaction(),
+            ModelKind::Propensity => false,
         }
+    }
+
+    /// Resolves a model's input names against the loaded feature set: the
+    /// entities this kind reads must exist, and every name must resolve to an
+    /// input this kind can compute. The error names the feature.
+    pub fn plan<S: AsRef<str>>(self, names: &[S], set: &FeatureSet) -> Result<Vec<Source>, String> {
+        for entity in self.entities() {
+            if set.entity(entity).is_none() {
+                return Err(format!(
+                    "the feature set ({}) has no entity {entity}, whose rows /score/{} reads",
+                    set.version,
+                    self.name()
+                ));
+            }
+        }
+        names
+            .iter()
+            .map(|name| {
+                let name = name.as_ref();
+                let source = features::resolve(name, set).map_err(|e| e.to_string())?;
+                if source.needs_transaction() && !self.has_transaction() {
+                    return Err(format!(
+                        "feature {name} is not available to {}: its requests carry no transaction",
+                        self.name()
+                    ));
+                }
+                if let Some(e) = source.entity() {
+                    let entity = &set.entities[e].name;
+                    if !self.entities().contains(&entity.as_str()) {
+                        return Err(format!(
+                            "feature {name} is not available to {}: its requests read only {} rows",
+                            self.name(),
+                            self.entities().join(" and ")
+                        ));
+                    }
+                }
+                Ok(source)
+            })
+            .collect()
     }
 }
 
@@ -63,8 +112,8 @@ pub struct Metadata {
     pub name: String,
     /// The version; must equal its registry folder.
     pub version: u32,
-    /// `schemas::features::FEATURE_SET_VERSION` the model was trained on.
-    pub feature_set_version: u32,
+    /// The `FeatureSet::version` (`fs-...`) the model was trained on.
+    pub feature_set_version: String,
     /// Input feature names in the model's column order (see `features`).
     pub features: Vec<String>,
     /// Name of the model's float input `[batch, features.len()]`.
@@ -92,6 +141,11 @@ pub enum ModelError {
     Invalid { path: String, problem: String },
     #[error("onnx runtime: {0}")]
     Runtime(String),
+    #[error("{RULES_VERSION} for {model}: {problem}")]
+    Rules {
+        model: &'static str,
+        problem: String,
+    },
 }
 
 /// How the model computes.
@@ -143,8 +197,9 @@ impl Model {
             .map_or(self.default_decision.as_str(), |t| t.decision.as_str())
     }
 
-    /// The rule-based fallback of a kind.
-    pub fn rules(kind: ModelKind) -> Model {
+    /// The rule-based fallback of a kind. Its inputs resolve against the
+    /// loaded feature set like any model's, and fail the same way.
+    pub fn rules(kind: ModelKind, set: &FeatureSet) -> Result<Model, ModelError> {
         let (names, f, default, thresholds): RuleSet = match kind {
             ModelKind::Fraud => (
                 FRAUD_RULE_FEATURES,
@@ -159,15 +214,16 @@ impl Model {
                 [("medium", 0.2), ("high", 0.5)],
             ),
         };
-        Model {
+        let plan = kind.plan(names, set).map_err(|problem| ModelError::Rules {
+            model: kind.name(),
+            problem,
+        })?;
+        Ok(Model {
             kind,
             version: 0,
             label: RULES_VERSION.to_owned(),
             features: names.iter().map(|s| s.to_string()).collect(),
-            plan: names
-                .iter()
-                .map(|n| features::resolve(n).expect("rule features are known names"))
-                .collect(),
+            plan,
             default_decision: default.to_owned(),
             thresholds: thresholds
                 .iter()
@@ -180,7 +236,7 @@ impl Model {
             training: serde_json::Value::Null,
             loaded_at_ms: now_ms(),
             engine: Engine::Rules(f),
-        }
+        })
     }
 }
 
@@ -190,6 +246,8 @@ pub(crate) fn now_ms() -> i64 {
         .map_or(0, |d| d.as_millis() as i64)
 }
 
+/// The inputs of the fraud rules. Like a registry model's metadata, these
+/// must resolve against the loaded feature set.
 const FRAUD_RULE_FEATURES: &[&str] = &[
     "amount_to_mean_24h",
     "country_mismatch",
@@ -229,6 +287,7 @@ fn fraud_rules(x: &[f32]) -> f32 {
     f32::clamp(s, 0.0, 1.0)
 }
 
+/// The inputs of the propensity rules (see `FRAUD_RULE_FEATURES`).
 const PROPENSITY_RULE_FEATURES: &[&str] = &[
     "user.add_to_cart_count_1h",
     "user.purchase_count_24h",
@@ -245,9 +304,14 @@ fn propensity_rules(x: &[f32]) -> f32 {
 mod tests {
     use super::*;
 
+    fn shipped() -> FeatureSet {
+        FeatureSet::parse("features.toml", include_str!("../../../features.toml")).unwrap()
+    }
+
     #[test]
     fn rules_score_and_decide() {
-        let m = Model::rules(ModelKind::Fraud);
+        let set = shipped();
+        let m = Model::rules(ModelKind::Fraud, &set).unwrap();
         assert_eq!(m.label, RULES_VERSION);
         let calm = m.score(&[1.0, 0.0, 0.0, 3600.0, 0.0, 8.0, 0.0]).unwrap();
         assert_eq!(m.decide(calm), "approve");
@@ -255,7 +319,51 @@ mod tests {
         assert_eq!(bad, 1.0);
         assert_eq!(m.decide(bad), "decline");
         assert_eq!(m.decide(0.5), "review");
-        let p = Model::rules(ModelKind::Propensity);
+        let p = Model::rules(ModelKind::Propensity, &set).unwrap();
         assert_eq!(p.decide(p.score(&[2.0, 0.0, 0.0]).unwrap()), "high");
+    }
+
+    #[test]
+    fn plans_check_the_entities_and_the_transaction_of_the_kind() {
+        let set = shipped();
+        let err = ModelKind::Propensity
+            .plan(&["user.click_count_1h", "amount_log1p"], &set)
+            .unwrap_err();
+        assert!(
+            err.contains("feature amount_log1p is not available to propensity"),
+            "{err}"
+        );
+        let err = ModelKind::Propensity
+            .plan(&["card.txn_count_1m"], &set)
+            .unwrap_err();
+        assert!(err.contains("feature card.txn_count_1m is not available to propensity: its requests read only user rows"), "{err}");
+        let err = ModelKind::Fraud.plan(&["card.nope"], &set).unwrap_err();
+        assert!(err.contains("card.nope"), "{err}");
+        assert_eq!(
+            ModelKind::Fraud
+                .plan(&["card.txn_count_1m", "user_cold_start"], &set)
+                .unwrap()
+                .len(),
+            2
+        );
+    }
+
+    #[test]
+    fn fraud_needs_a_card_entity_and_the_rules_name_what_is_missing() {
+        let text = include_str!("../../../features.toml")
+            .replace("entity = \"card\"", "entity = \"account\"")
+            .replace("name = \"card\"", "name = \"account\"");
+        let set = FeatureSet::parse("test.toml", &text).unwrap();
+        let err = ModelKind::Fraud.plan(&["amount_log1p"], &set).unwrap_err();
+        assert!(
+            err.contains("has no entity card, whose rows /score/fraud reads"),
+            "{err}"
+        );
+        assert!(Model::rules(ModelKind::Propensity, &set).is_ok());
+        let err = Model::rules(ModelKind::Fraud, &set)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.starts_with("rule-based-v1 for fraud: "), "{err}");
     }
 }

@@ -9,11 +9,10 @@ use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use arc_swap::ArcSwap;
-use schemas::features::FEATURE_SET_VERSION;
+use schemas::features::FeatureSet;
 
 use super::onnx::{init_runtime, OnnxEngine};
 use super::{now_ms, Engine, Metadata, Model, ModelError, ModelKind};
-use crate::features;
 use crate::metrics::Metrics;
 
 /// The active model of one kind.
@@ -43,6 +42,7 @@ impl Slot {
 /// The registry and one slot per model kind.
 pub struct Registry {
     dir: PathBuf,
+    features: Arc<FeatureSet>,
     sessions: usize,
     ort_path: Option<PathBuf>,
     slots: Vec<Slot>,
@@ -68,10 +68,12 @@ fn newest(dir: &Path, name: &str) -> Option<(u32, PathBuf, SystemTime)> {
         .max_by_key(|(v, _, _)| *v)
 }
 
-/// Loads one registry version.
+/// Loads one registry version; its inputs must resolve against `features`,
+/// the feature set the server reads, and it must have been trained on it.
 pub fn load_version(
     kind: ModelKind,
     dir: &Path,
+    features: &FeatureSet,
     sessions: usize,
     ort_path: Option<&Path>,
 ) -> Result<Model, ModelError> {
@@ -82,8 +84,17 @@ pub fn load_version(
     let meta_path = dir.join("metadata.json");
     let text =
         std::fs::read_to_string(&meta_path).map_err(|e| invalid(format!("metadata.json: {e}")))?;
-    let meta: Metadata =
+    let doc: serde_json::Value =
         serde_json::from_str(&text).map_err(|e| invalid(format!("metadata.json: {e}")))?;
+    if let Some(v) = doc.get("feature_set_version").filter(|v| !v.is_string()) {
+        return Err(invalid(format!(
+            "metadata.json: feature_set_version {v} is not a feature-set version string (fs-...): \
+             retrain with training/train.py --feature-set-version {}",
+            features.version
+        )));
+    }
+    let meta: Metadata =
+        serde_json::from_value(doc).map_err(|e| invalid(format!("metadata.json: {e}")))?;
     let folder_version = dir
         .file_name()
         .and_then(|n| n.to_str())
@@ -94,24 +105,13 @@ pub fn load_version(
             meta.name, meta.version
         )));
     }
-    if meta.feature_set_version != FEATURE_SET_VERSION {
+    let plan = kind.plan(&meta.features, features).map_err(invalid)?;
+    if meta.feature_set_version != features.version {
         return Err(invalid(format!(
-            "trained on feature-set version {}, the server reads {FEATURE_SET_VERSION}",
-            meta.feature_set_version
+            "trained on feature-set version {}, the server reads {}: retrain with \
+             training/train.py --feature-set-version {}",
+            meta.feature_set_version, features.version, features.version
         )));
-    }
-    let mut plan = Vec::with_capacity(meta.features.len());
-    for name in &meta.features {
-        match features::resolve(name) {
-            Some(source) if kind.accepts(source) => plan.push(source),
-            Some(_) => {
-                return Err(invalid(format!(
-                    "feature {name} is not available to {}",
-                    kind.name()
-                )))
-            }
-            None => return Err(invalid(format!("unknown feature {name}"))),
-        }
     }
     let ascending = meta
         .thresholds
@@ -148,6 +148,7 @@ impl Registry {
     /// an error here (a misconfigured start), unlike during hot reload.
     pub fn open(
         dir: &Path,
+        features: Arc<FeatureSet>,
         sessions: usize,
         ort_path: Option<&Path>,
         metrics: &Metrics,
@@ -155,10 +156,10 @@ impl Registry {
         let mut slots = Vec::new();
         for kind in ModelKind::ALL {
             let model = match newest(dir, kind.name()) {
-                Some((_, path, _)) => load_version(kind, &path, sessions, ort_path)?,
+                Some((_, path, _)) => load_version(kind, &path, &features, sessions, ort_path)?,
                 None => {
                     tracing::warn!(model = kind.name(), dir = %dir.display(), "no model in the registry, using rules");
-                    Model::rules(kind)
+                    Model::rules(kind, &features)?
                 }
             };
             tracing::info!(model = kind.name(), version = %model.label, "model active");
@@ -171,6 +172,7 @@ impl Registry {
         }
         Ok(Registry {
             dir: dir.to_path_buf(),
+            features,
             sessions,
             ort_path: ort_path.map(Path::to_path_buf),
             slots,
@@ -211,7 +213,13 @@ impl Registry {
             {
                 continue;
             }
-            match load_version(slot.kind, &path, self.sessions, self.ort_path.as_deref()) {
+            match load_version(
+                slot.kind,
+                &path,
+                &self.features,
+                self.sessions,
+                self.ort_path.as_deref(),
+            ) {
                 Ok(model) => {
                     tracing::info!(model = slot.kind.name(), version = %model.label, "hot-reloaded model");
                     metrics.reload(slot.kind.name(), "ok");

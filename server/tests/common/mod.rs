@@ -4,11 +4,12 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::{Request, StatusCode};
-use schemas::features::{pack_country, Entity, FeatureRow, Value};
+use schemas::features::{pack_country, FeatureRow, FeatureSet, Value};
 use server::{App, ServeConfig};
 
 pub fn redis_url() -> String {
@@ -34,6 +35,39 @@ pub fn workspace() -> PathBuf {
         .parent()
         .unwrap()
         .to_path_buf()
+}
+
+/// The shipped feature definitions, `features.toml` of the workspace.
+pub fn features() -> Arc<FeatureSet> {
+    static SET: OnceLock<Arc<FeatureSet>> = OnceLock::new();
+    SET.get_or_init(|| Arc::new(FeatureSet::load(workspace().join("features.toml")).unwrap()))
+        .clone()
+}
+
+/// The shipped definitions edited by `edit`, written to a temp file (so the
+/// server's loading path is exercised) and loaded.
+pub fn edited_features(test: &str, edit: impl FnOnce(String) -> String) -> Arc<FeatureSet> {
+    let text = std::fs::read_to_string(workspace().join("features.toml")).unwrap();
+    let edited = edit(text.clone());
+    assert_ne!(edited, text, "the edit changes the definitions");
+    let dir = temp_dir(test);
+    let path = dir.join("features.toml");
+    std::fs::write(&path, edited).unwrap();
+    let set = FeatureSet::load(&path).unwrap();
+    std::fs::remove_dir_all(dir).unwrap();
+    Arc::new(set)
+}
+
+/// The shipped definitions without the feature block that starts with
+/// `name = "{name}"` (the first one, if two entities share the name).
+pub fn without_feature(text: String, name: &str) -> String {
+    let start = text
+        .find(&format!("[[features]]\nname = \"{name}\"\n"))
+        .unwrap_or_else(|| panic!("no feature {name}"));
+    let end = text[start + 1..]
+        .find("[[features]]")
+        .map_or(text.len(), |i| start + 1 + i);
+    format!("{}{}", &text[..start], &text[end..])
 }
 
 /// libonnxruntime: ORT_DYLIB_PATH, else the workspace .venv. Fails loudly, never skips.
@@ -118,14 +152,10 @@ pub async fn redis(url: &str) -> redis::aio::MultiplexedConnection {
 /// Writes a row with the shared encoding (plus optional extra fields).
 pub async fn write_row(url: &str, prefix: &str, row: &FeatureRow, extra: &[(&str, &str)]) {
     let mut conn = redis(url).await;
-    let mut fields: Vec<(String, String)> = row
-        .encode_fields()
-        .into_iter()
-        .map(|(k, v)| (k.to_owned(), v))
-        .collect();
+    let mut fields = row.encode_fields(&features().version);
     fields.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
     let _: () = redis::cmd("HSET")
-        .arg(row.entity.key(prefix, &row.id))
+        .arg(row.entity.redis_key(prefix, &row.id))
         .arg(fields)
         .query_async(&mut conn)
         .await
@@ -135,10 +165,11 @@ pub async fn write_row(url: &str, prefix: &str, row: &FeatureRow, extra: &[(&str
 /// A card row: mean 40.00, std 10.00, 5 txns in 24h, last one at
 /// `last_txn_time`, mostly in DE (`top_country_24h`).
 pub fn card_row(id: &str, as_of_ms: i64, last_txn_time: i64) -> FeatureRow {
-    let values = Entity::Card
-        .features()
+    let card = features().entity("card").unwrap().clone();
+    let values = card
+        .features
         .iter()
-        .map(|f| match f.name {
+        .map(|f| match f.name.as_str() {
             "txn_count_1m" => Value::Int(0),
             "txn_count_5m" => Value::Int(1),
             "txn_count_1h" => Value::Int(2),
@@ -154,7 +185,7 @@ pub fn card_row(id: &str, as_of_ms: i64, last_txn_time: i64) -> FeatureRow {
         })
         .collect();
     FeatureRow {
-        entity: Entity::Card,
+        entity: card,
         id: id.into(),
         as_of_ms,
         values,
@@ -162,10 +193,11 @@ pub fn card_row(id: &str, as_of_ms: i64, last_txn_time: i64) -> FeatureRow {
 }
 
 pub fn user_row(id: &str, as_of_ms: i64, add_to_cart_1h: i64) -> FeatureRow {
-    let values = Entity::User
-        .features()
+    let user = features().entity("user").unwrap().clone();
+    let values = user
+        .features
         .iter()
-        .map(|f| match f.name {
+        .map(|f| match f.name.as_str() {
             "add_to_cart_count_1h" => Value::Int(add_to_cart_1h),
             "click_count_1h" => Value::Int(12),
             "click_count_24h" => Value::Int(40),
@@ -173,7 +205,7 @@ pub fn user_row(id: &str, as_of_ms: i64, add_to_cart_1h: i64) -> FeatureRow {
         })
         .collect();
     FeatureRow {
-        entity: Entity::User,
+        entity: user,
         id: id.into(),
         as_of_ms,
         values,
