@@ -1,28 +1,35 @@
-//! Benchmark: the feature graph alone, fed from an in-memory log, on 1 and 2
-//! workers. Prints one JSON line (machine, commit, config, events/s).
+//! Benchmark: the feature graph compiled from `features.toml`, fed from an
+//! in-memory log, at several ticks and worker counts. Prints one JSON line
+//! (machine, commit, config, per run: warm-up and steady-state events/s,
+//! memory per live key).
+//!
+//! The default workload is a steady state: 3M events over 30 simulated hours
+//! (~28 events per simulated second, 40% transactions, 200k cards, 100k
+//! users), so after the first 24 simulated hours every window is full and
+//! retracting. "warmup" covers the events before that point, "steady" the
+//! ones after it; targets refer to "steady".
 //!
 //! Run: `bash bench/dataflow/run.sh` (or `cargo bench -p dataflow --bench graph`).
-//! Knobs (env): BENCH_EVENTS (default 2_000_000), BENCH_RATE (event-time
-//! events/s, default 5000), BENCH_WORKERS (default "1,2").
+//! Knobs (env): BENCH_EVENTS (default 3_000_000), BENCH_SIM_HOURS (default
+//! 30) or BENCH_SIM_SECS, BENCH_TICKS_MS (default "1000,100,10"), BENCH_WORKERS (default "1,2"),
+//! BENCH_FEATURES (default: the repository's features.toml).
 
-use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
-use timely::dataflow::operators::{Input, Probe};
+use timely::dataflow::operators::{Input, Inspect, Probe};
 use timely::dataflow::ProbeHandle;
 
-use dataflow::{build_features, GraphConfig};
+use dataflow::compile::Event;
+use dataflow::{build_features, events_collection, GraphConfig};
 use schemas::event::{Channel, Click, ClickAction, Txn};
+use schemas::FeatureSet;
 
 const T0: i64 = 1_700_000_000_000;
-
-#[derive(Clone)]
-enum Event {
-    Txn(Txn),
-    Click(Click),
-}
+const DAY_MS: i64 = 86_400_000;
 
 /// Skewed id: a few hot keys, a long tail.
 fn skewed(rng: &mut SmallRng, n: u64) -> u64 {
@@ -30,15 +37,18 @@ fn skewed(rng: &mut SmallRng, n: u64) -> u64 {
     ((u * u * u) * n as f64) as u64
 }
 
-/// A realistic log: `events` events at `rate` events/s of event time, 40%
-/// transactions, 200k cards, 100k users, 20k merchants, 30 countries, 40
-/// categories; times within a second arrive out of order.
-fn generate(events: usize, rate: u64, seed: u64) -> Vec<(i64, Event)> {
+/// A realistic log: `events` events spread evenly over `span_ms` of event
+/// time, 40% transactions, 200k cards, 100k users, 20k merchants, 30
+/// countries, 40 categories; times within a second arrive out of order.
+fn generate(events: usize, span_ms: i64, seed: u64) -> Vec<(i64, Event)> {
     let mut rng = SmallRng::seed_from_u64(seed);
-    let countries: Vec<String> = (0..30).map(|i| format!("C{i:02}")).collect();
+    let countries: Vec<String> = (0..30)
+        .map(|i| format!("{}{}", (b'A' + i / 26) as char, (b'A' + i % 26) as char))
+        .collect();
     let mut log = Vec::with_capacity(events);
     for i in 0..events {
-        let event_time = T0 + (i as u64 * 1000 / rate) as i64 + rng.gen_range(-500..500);
+        let event_time =
+            T0 + (i as i128 * span_ms as i128 / events as i128) as i64 + rng.gen_range(-500..500);
         let user = skewed(&mut rng, 100_000);
         if rng.gen_bool(0.4) {
             log.push((
@@ -82,71 +92,109 @@ fn generate(events: usize, rate: u64, seed: u64) -> Vec<(i64, Event)> {
     log
 }
 
-/// Runs the whole log (and every retraction after it) through the graph on
-/// `workers` threads; returns the wall time from the first event sent to the
-/// empty frontier, generation excluded.
-fn run(log: Arc<Vec<(i64, Event)>>, config: GraphConfig, workers: usize) -> (Duration, usize) {
+/// What one run measured.
+struct Run {
+    warmup: (usize, Duration),
+    steady: (usize, Duration),
+    row_changes: usize,
+    live_keys: i64,
+    rss_growth_bytes: i64,
+}
+
+/// Runs the log through the graph on `workers` threads, up to the frontier
+/// past its last event (the retractions after the end of the log are not
+/// part of a run: a bounded job stops at its final frontier). Times the
+/// events before `T0 + 24h` (warm-up) and after (steady state) separately.
+fn run(log: Arc<Vec<(i64, Event)>>, set: Arc<FeatureSet>, config: GraphConfig, workers: usize) -> Run {
     let start = Arc::new(std::sync::Barrier::new(workers));
-    let updates = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let elapsed = Arc::new(std::sync::Mutex::new(Duration::ZERO));
-    let (e2, u2) = (elapsed.clone(), updates.clone());
+    let changes = Arc::new(AtomicUsize::new(0));
+    let live = Arc::new(AtomicI64::new(0));
+    let marks = Arc::new(Mutex::new((0usize, Duration::ZERO, Duration::ZERO)));
+    let rss_before = rss_bytes();
+    let total_events = log.len();
+    let (c2, l2, m2) = (changes.clone(), live.clone(), marks.clone());
+    let txn = set.sources.iter().position(|s| s.name == "txn").expect("a txn source");
+    let click = set.sources.iter().position(|s| s.name == "click").expect("a click source");
     timely::execute(timely::Config::process(workers), move |worker| {
         let (index, peers) = (worker.index(), worker.peers());
         let probe = ProbeHandle::new();
-        let counter = u2.clone();
-        let (mut txns, mut clicks) = worker.dataflow::<u64, _, _>(|scope| {
-            let (txn_in, txns) = scope.new_input::<Vec<Txn>>();
-            let (click_in, clicks) = scope.new_input::<Vec<Click>>();
-            use timely::dataflow::operators::Inspect;
-            build_features(txns, clicks, &config)
-                .inspect_core(move |e| {
-                    if let Ok((_, data)) = e {
-                        counter.fetch_add(data.len(), std::sync::atomic::Ordering::Relaxed);
+        let (counter, live) = (c2.clone(), l2.clone());
+        let mut input = worker.dataflow::<u64, _, _>(|scope| {
+            let (input, events) = scope.new_input::<Vec<(usize, Event)>>();
+            build_features(events_collection(events), &set, &config)
+                .inner
+                .inspect_core(move |event| {
+                    if let Ok((_, data)) = event {
+                        counter.fetch_add(data.len(), Ordering::Relaxed);
+                        live.fetch_add(data.iter().map(|(_, _, d)| *d as i64).sum(), Ordering::Relaxed);
                     }
                 })
                 .probe_with(&probe);
-            (txn_in, click_in)
+            input
         });
         // This worker's share, bucketed by tick, cloned before timing.
-        let mut mine: Vec<(u64, Event)> = log
+        let mut mine: Vec<(u64, (usize, Event))> = log
             .iter()
             .skip(index)
             .step_by(peers)
-            .map(|(t, e)| (config.quantize(*t), e.clone()))
+            .map(|(t, e)| {
+                let source = match e {
+                    Event::Txn(_) => txn,
+                    Event::Click(_) => click,
+                };
+                (config.quantize(*t), (source, e.clone()))
+            })
             .collect();
         mine.sort_by_key(|(t, _)| *t);
+        let full = config.quantize(T0 + DAY_MS);
+        let warmup_events = mine.iter().filter(|(t, _)| *t < full).count();
+        let last = mine.last().map_or(0, |(t, _)| *t);
         start.wait();
         let began = Instant::now();
+        let mut warmed: Option<Duration> = None;
         let mut i = 0;
         while i < mine.len() {
             let tick = mine[i].0;
-            txns.advance_to(tick);
-            clicks.advance_to(tick);
-            while i < mine.len() && mine[i].0 == tick {
-                match std::mem::replace(&mut mine[i].1, Event::Click(empty_click())) {
-                    Event::Txn(t) => txns.send(t),
-                    Event::Click(c) => clicks.send(c),
+            input.advance_to(tick);
+            if tick >= full && warmed.is_none() {
+                // Everything before the windows filled is done.
+                while probe.less_than(&full) {
+                    worker.step_or_park(Some(Duration::from_millis(1)));
                 }
+                warmed = Some(began.elapsed());
+            }
+            while i < mine.len() && mine[i].0 == tick {
+                input.send(std::mem::replace(&mut mine[i].1, (0, Event::Click(empty_click()))));
                 i += 1;
             }
             // Keep at most a few ticks in flight.
             let lag = tick.saturating_sub(5 * config.tick_ms);
             while probe.less_than(&lag) {
-                // Park rather than spin while waiting on the other worker.
                 worker.step_or_park(Some(Duration::from_millis(1)));
             }
         }
-        drop((txns, clicks));
-        while !probe.done() {
+        input.advance_to(last + config.tick_ms);
+        while probe.less_than(&(last + config.tick_ms)) {
             worker.step_or_park(Some(Duration::from_millis(1)));
         }
         if index == 0 {
-            *e2.lock().unwrap() = began.elapsed();
+            let total = began.elapsed();
+            let warm = warmed.unwrap_or(total);
+            *m2.lock().unwrap() = (warmup_events * peers, warm, total - warm);
+        }
+        for dataflow in worker.installed_dataflows() {
+            worker.drop_dataflow(dataflow);
         }
     })
     .expect("timely runs");
-    let elapsed = *elapsed.lock().unwrap();
-    (elapsed, updates.load(std::sync::atomic::Ordering::Relaxed))
+    let (warm_events, warm, steady) = *marks.lock().unwrap();
+    Run {
+        warmup: (warm_events, warm),
+        steady: (total_events.saturating_sub(warm_events), steady),
+        row_changes: changes.load(Ordering::Relaxed),
+        live_keys: live.load(Ordering::Relaxed),
+        rss_growth_bytes: rss_peak_bytes() - rss_before,
+    }
 }
 
 fn empty_click() -> Click {
@@ -160,6 +208,32 @@ fn empty_click() -> Click {
         event_time: 0,
         dwell_ms: None,
     }
+}
+
+/// Resident set size of this process now (`/proc/self/status` VmRSS), bytes.
+fn rss_bytes() -> i64 {
+    status_kib("VmRSS:") * 1024
+}
+
+/// Peak resident set size of this process (`VmHWM`), bytes.
+fn rss_peak_bytes() -> i64 {
+    status_kib("VmHWM:") * 1024
+}
+
+fn status_kib(field: &str) -> i64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with(field))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// Resets the peak RSS to the current RSS (`/proc/self/clear_refs`, Linux).
+fn reset_peak_rss() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
 }
 
 /// User + system CPU time of this process so far (Linux `/proc/self/stat`).
@@ -195,32 +269,42 @@ fn env<T: std::str::FromStr>(name: &str, default: T) -> T {
 }
 
 fn main() {
-    let events: usize = env("BENCH_EVENTS", 2_000_000);
-    let rate: u64 = env("BENCH_RATE", 5000);
+    let events: usize = env("BENCH_EVENTS", 3_000_000);
+    let hours: i64 = env("BENCH_SIM_HOURS", 30);
+    let ticks: String = env("BENCH_TICKS_MS", "1000,100,10".to_string());
     let workers: String = env("BENCH_WORKERS", "1,2".to_string());
-    let config = GraphConfig::default();
-    let log = Arc::new(generate(events, rate, 42));
+    let path: String = env(
+        "BENCH_FEATURES",
+        concat!(env!("CARGO_MANIFEST_DIR"), "/../features.toml").to_string(),
+    );
+    let set = Arc::new(FeatureSet::load(&path).expect("valid feature definitions"));
+    // BENCH_SIM_SECS replaces the span (e.g. 400: the warm-up-only workload
+    // of earlier versions, where the 1h and 24h windows never retract).
+    let span_ms = env("BENCH_SIM_SECS", hours * 3_600) * 1000;
+    let log = Arc::new(generate(events, span_ms, 42));
+    let list = |s: &str| -> Vec<u64> { s.split(',').filter_map(|w| w.trim().parse().ok()).collect() };
     let mut results = Vec::new();
-    for w in workers
-        .split(',')
-        .filter_map(|w| w.trim().parse::<usize>().ok())
-    {
-        let cpu_before = process_cpu_secs();
-        let (elapsed, updates) = run(log.clone(), config.clone(), w);
-        let cpu = process_cpu_secs() - cpu_before;
-        let eps = events as f64 / elapsed.as_secs_f64();
-        // Events per CPU-second of this process: less sensitive to other load
-        // on a shared machine than wall-clock events/s.
-        let eps_cpu = events as f64 / cpu.max(1e-9);
-        let load = load_average();
-        eprintln!(
-            "workers={w} elapsed={elapsed:?} events/s={eps:.0} cpu_secs={cpu:.2} \
-             events/cpu_s={eps_cpu:.0} row_updates={updates} load={load}"
-        );
-        results.push(format!(
-            "\"{w}\":{{\"events_per_sec\":{eps:.0},\"secs\":{:.3},\"cpu_secs\":{cpu:.3},\"events_per_cpu_sec\":{eps_cpu:.0},\"row_updates\":{updates},\"load_avg_1m\":{load}}}",
-            elapsed.as_secs_f64()
-        ));
+    for tick_ms in list(&ticks) {
+        let config = GraphConfig { tick_ms };
+        for w in list(&workers) {
+            reset_peak_rss();
+            let cpu_before = process_cpu_secs();
+            let r = run(log.clone(), set.clone(), config.clone(), w as usize);
+            let cpu = process_cpu_secs() - cpu_before;
+            let rate = |(n, d): (usize, Duration)| n as f64 / d.as_secs_f64().max(1e-9);
+            let (warm, steady) = (rate(r.warmup), rate(r.steady));
+            let per_key = r.rss_growth_bytes as f64 / r.live_keys.max(1) as f64;
+            let load = load_average();
+            eprintln!(
+                "tick={tick_ms}ms workers={w} warmup events/s={warm:.0} steady events/s={steady:.0} \
+                 cpu_secs={cpu:.1} row_changes={} live_keys={} bytes/live_key={per_key:.0} load={load}",
+                r.row_changes, r.live_keys
+            );
+            results.push(format!(
+                "{{\"tick_ms\":{tick_ms},\"workers\":{w},\"warmup_events_per_sec\":{warm:.0},\"steady_events_per_sec\":{steady:.0},\"warmup_events\":{},\"steady_events\":{},\"cpu_secs\":{cpu:.2},\"row_changes\":{},\"live_keys\":{},\"rss_growth_bytes\":{},\"bytes_per_live_key\":{per_key:.0},\"load_avg_1m\":{load}}}",
+                r.warmup.0, r.steady.0, r.row_changes, r.live_keys, r.rss_growth_bytes
+            ));
+        }
     }
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
@@ -240,8 +324,10 @@ fn main() {
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
         .unwrap_or_default();
     println!(
-        "{{\"bench\":\"dataflow\",\"machine\":{{\"cpu\":\"{cpu}\",\"cores\":{cores}}},\"commit\":\"{commit}\",\"config\":{{\"events\":{events},\"event_rate_per_sec\":{rate},\"tick_ms\":{},\"allocator\":\"mimalloc\",\"cards\":200000,\"users\":100000,\"txn_share\":0.4}},\"results\":{{{}}}}}",
-        config.tick_ms,
+        "{{\"bench\":\"dataflow\",\"machine\":{{\"cpu\":\"{cpu}\",\"cores\":{cores}}},\"commit\":\"{commit}\",\"config\":{{\"events\":{events},\"sim_secs\":{},\"feature_set\":\"{}\",\"features\":{},\"allocator\":\"mimalloc\",\"cards\":200000,\"users\":100000,\"txn_share\":0.4}},\"results\":[{}]}}",
+        span_ms / 1000,
+        set.version,
+        set.entities.iter().map(|e| e.features.len()).sum::<usize>(),
         results.join(",")
     );
 }

@@ -11,7 +11,10 @@ use std::rc::Rc;
 
 use operators::aggregate::{Aggregate, Max, Min, Mode, Moments, RowAggregate};
 use operators::window::WindowFold;
-use schemas::features::{click_field, click_field_is, txn_field, txn_field_is, Datum, Schema};
+use schemas::features::{
+    click_field, click_field_is, click_has_field, txn_field, txn_field_is, txn_has_field, Datum,
+    Schema,
+};
 use schemas::{Aggregation, Click, FeatureSet, Txn, Value};
 use serde::{Deserialize, Serialize};
 
@@ -36,6 +39,14 @@ impl Event {
         match self {
             Event::Txn(t) => txn_field(t, index),
             Event::Click(c) => click_field(c, index),
+        }
+    }
+
+    /// Whether field `index` is present (optional fields may be absent).
+    pub fn has_field(&self, index: usize) -> bool {
+        match self {
+            Event::Txn(t) => txn_has_field(t, index),
+            Event::Click(c) => click_has_field(c, index),
         }
     }
 
@@ -232,7 +243,7 @@ impl EntityPlan {
         let mut cells = 0u64;
         let mut windows = 1u32 << widest;
         for (cell, filter, field) in &projection.cells {
-            let present = field.is_none_or(|f| event.field(f).is_some());
+            let present = field.is_none_or(|f| event.has_field(f));
             if present && filter.iter().all(|(f, v)| event.field_is(*f, v)) {
                 cells |= 1 << cell;
                 windows |= 1 << self.cells[*cell].window;
@@ -395,10 +406,14 @@ fn saturate(sum: i128) -> i64 {
 impl RowAggregate<Record> for EntityFold {
     type Row = Vec<Value>;
     fn row(&self) -> Vec<Value> {
-        self.plan
-            .outputs
-            .iter()
-            .map(|&(cell, aggregation)| {
+        let mut row = Vec::with_capacity(self.plan.outputs.len());
+        self.row_into(&mut row);
+        row
+    }
+
+    fn row_into(&self, row: &mut Vec<Value>) {
+        row.clear();
+        row.extend(self.plan.outputs.iter().map(|&(cell, aggregation)| {
                 let state = &self.states[cell];
                 match (state, aggregation) {
                     (State::Count(n), _) => Value::Int(*n),
@@ -415,8 +430,7 @@ impl RowAggregate<Record> for EntityFold {
                     (State::Multiset(m), _) => Value::Int(m.distinct()),
                     (State::Last(m), _) => Value::Int(m.value().map_or(0, |(_, v)| v)),
                 }
-            })
-            .collect()
+            }));
     }
 }
 

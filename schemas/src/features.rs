@@ -241,6 +241,23 @@ pub fn click_field(c: &Click, index: usize) -> Option<Datum> {
     })
 }
 
+/// Whether field `index` of `t` is present, without copying it.
+pub fn txn_has_field(t: &Txn, index: usize) -> bool {
+    match index {
+        10 => t.device_id.is_some(),
+        11 => t.ip_country.is_some(),
+        _ => index < TXN_FIELDS.len(),
+    }
+}
+
+/// Whether field `index` of `c` is present, without copying it.
+pub fn click_has_field(c: &Click, index: usize) -> bool {
+    match index {
+        7 => c.dwell_ms.is_some(),
+        _ => index < CLICK_FIELDS.len(),
+    }
+}
+
 /// Whether field `index` of `t` equals `value` (a filter), without copying.
 pub fn txn_field_is(t: &Txn, index: usize, value: &Datum) -> bool {
     match (index, value) {
@@ -1359,6 +1376,7 @@ source = "txn"
         assert_eq!(get("ip_country"), Some(Datum::Int(pack_country("DE").unwrap())));
         assert_eq!(get("event_time"), Some(Datum::Int(99)));
         for (i, _) in TXN_FIELDS.iter().enumerate() {
+            assert_eq!(txn_has_field(&t, i), txn_field(&t, i).is_some(), "field {i}");
             if let Some(d) = txn_field(&t, i) {
                 assert!(txn_field_is(&t, i, &d), "field {i}");
             }
@@ -1377,6 +1395,7 @@ source = "txn"
         assert_eq!(get("action"), Some(Datum::Str("add_to_cart".into())));
         assert_eq!(get("dwell_ms"), Some(Datum::Int(30)));
         for (i, _) in CLICK_FIELDS.iter().enumerate() {
+            assert_eq!(click_has_field(&c, i), click_field(&c, i).is_some(), "field {i}");
             if let Some(d) = click_field(&c, i) {
                 assert!(click_field_is(&c, i, &d), "field {i}");
             }

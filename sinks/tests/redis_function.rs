@@ -2,9 +2,10 @@
 //! `_as_of`, deletes with tombstones, a forward-only progress record.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use operators::kafka::ResumePoint;
-use schemas::{Entity, FeatureRow, Value};
+use schemas::{Entity, FeatureRow, FeatureSet, Row, Value};
 use sinks::redis::{
     apply, connect, load_function, read_progress, PartitionProgress, ProgressRecord,
     RedisSinkConfig, RowWrite,
@@ -16,30 +17,55 @@ fn config(test: &str) -> RedisSinkConfig {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_nanos();
-    let mut config = RedisSinkConfig::new(url);
+    let mut config = RedisSinkConfig::new(url, features());
     config.key_prefix = format!("test:{test}:{nonce}:");
     config.rows_per_call = 2;
     config
 }
 
+fn features() -> Arc<FeatureSet> {
+    Arc::new(FeatureSet::load(concat!(env!("CARGO_MANIFEST_DIR"), "/../features.toml")).unwrap())
+}
+
+fn entity(config: &RedisSinkConfig, name: &str) -> (u8, Entity) {
+    let index = config.features.entity_index(name).unwrap();
+    (index as u8, config.features.entities[index].clone())
+}
+
 fn user_row(n: i64) -> Vec<Value> {
-    Entity::User
-        .features()
+    let set = features();
+    set.entity("user")
+        .unwrap()
+        .features
         .iter()
         .map(|_| Value::Int(n))
         .collect()
 }
 
+/// A write of user `id`'s row (`None`: its deletion).
+fn user(config: &RedisSinkConfig, id: &str, values: Option<Vec<Value>>) -> RowWrite {
+    let (entity, _) = entity(config, "user");
+    match values {
+        Some(values) => RowWrite::upsert(Row {
+            entity,
+            id: id.into(),
+            values,
+        }),
+        None => RowWrite::delete(entity, id.into()),
+    }
+}
+
 fn stored(conn: &mut redis::Connection, config: &RedisSinkConfig, id: &str) -> Option<FeatureRow> {
-    let key = Entity::User.key(&config.key_prefix, id);
+    let (_, user) = entity(config, "user");
+    let key = user.redis_key(&config.key_prefix, id);
     let fields: HashMap<String, String> = redis::cmd("HGETALL").arg(&key).query(conn).unwrap();
-    FeatureRow::decode(Entity::User, id, &fields).unwrap()
+    FeatureRow::decode(&user, &config.features.version, id, &fields).unwrap()
 }
 
 fn progress(frontier_ms: u64, offset: i64) -> ProgressRecord {
     ProgressRecord {
         frontier_ms,
-        feature_set_version: schemas::features::FEATURE_SET_VERSION,
+        feature_set_version: features().version.clone(),
         partitions: vec![PartitionProgress {
             topic: "t".into(),
             partition: 0,
@@ -61,7 +87,7 @@ fn rows_only_move_forward_and_deletes_cannot_be_undone_by_a_replay() -> anyhow::
     load_function(&mut conn)?; // idempotent
 
     let rows: Vec<RowWrite> = (0..5)
-        .map(|i| RowWrite::new(Entity::User, format!("u{i}"), Some(&user_row(i))))
+        .map(|i| user(&config, &format!("u{i}"), Some(user_row(i))))
         .collect();
     let applied = apply(&mut conn, &config, 2000, &rows, None)?;
     assert_eq!((applied.written, applied.skipped), (5, 0));
@@ -69,11 +95,7 @@ fn rows_only_move_forward_and_deletes_cannot_be_undone_by_a_replay() -> anyhow::
     assert_eq!((row.as_of_ms, row.values[0]), (2000, Value::Int(3)));
 
     // An older or equal frontier is skipped; a newer one wins.
-    let older = vec![RowWrite::new(
-        Entity::User,
-        "u3".into(),
-        Some(&user_row(99)),
-    )];
+    let older = vec![user(&config, "u3", Some(user_row(99)))];
     assert_eq!(apply(&mut conn, &config, 1000, &older, None)?.skipped, 1);
     assert_eq!(apply(&mut conn, &config, 2000, &older, None)?.skipped, 1);
     assert_eq!(
@@ -87,7 +109,7 @@ fn rows_only_move_forward_and_deletes_cannot_be_undone_by_a_replay() -> anyhow::
     );
 
     // A delete at 4000 leaves no row, and a replayed write at 3500 cannot bring it back.
-    let delete = vec![RowWrite::new(Entity::User, "u3".into(), None)];
+    let delete = vec![user(&config, "u3", None)];
     assert_eq!(apply(&mut conn, &config, 4000, &delete, None)?.deleted, 1);
     assert_eq!(stored(&mut conn, &config, "u3"), None);
     assert_eq!(apply(&mut conn, &config, 3500, &older, None)?.skipped, 1);
@@ -104,7 +126,7 @@ fn the_progress_record_only_moves_forward_and_prunes_tombstones() -> anyhow::Res
     load_function(&mut conn)?;
     assert_eq!(read_progress(&mut conn, &config)?, None);
 
-    let delete = vec![RowWrite::new(Entity::User, "gone".into(), None)];
+    let delete = vec![user(&config, "gone", None)];
     assert!(apply(&mut conn, &config, 5000, &delete, Some(&progress(5000, 10)))?.progressed);
     assert_eq!(read_progress(&mut conn, &config)?, Some(progress(5000, 10)));
     let tombstones: u64 = redis::cmd("ZCARD")
@@ -131,40 +153,48 @@ fn one_call_mixes_entities_and_deletes_with_exact_encoding() -> anyhow::Result<(
     config.rows_per_call = 100;
     let mut conn = connect(&config)?;
     load_function(&mut conn)?;
-    let card: Vec<Value> = Entity::Card
-        .features()
+    let (card_index, card_entity) = entity(&config, "card");
+    let card: Vec<Value> = card_entity
+        .features
         .iter()
         .enumerate()
-        .map(|(i, spec)| match spec.kind {
+        .map(|(i, spec)| match spec.kind() {
             schemas::features::ValueKind::Int => Value::Int(i as i64 - 3),
             schemas::features::ValueKind::Float => Value::Float(0.1 + i as f64 / 3.0),
         })
         .collect();
+    let card_write = |id: &str| {
+        RowWrite::upsert(Row {
+            entity: card_index,
+            id: id.into(),
+            values: card.clone(),
+        })
+    };
     let rows = vec![
-        RowWrite::new(Entity::User, "u1".into(), Some(&user_row(7))),
-        RowWrite::new(Entity::Card, "c1".into(), Some(&card)),
-        RowWrite::new(Entity::User, "u2".into(), None),
-        RowWrite::new(Entity::Card, "c2".into(), Some(&card)),
-        RowWrite::new(Entity::User, "u3".into(), Some(&user_row(9))),
+        user(&config, "u1", Some(user_row(7))),
+        card_write("c1"),
+        user(&config, "u2", None),
+        card_write("c2"),
+        user(&config, "u3", Some(user_row(9))),
     ];
     let applied = apply(&mut conn, &config, 7000, &rows, None)?;
     assert_eq!((applied.written, applied.deleted), (4, 1));
     for id in ["c1", "c2"] {
-        let key = Entity::Card.key(&config.key_prefix, id);
+        let key = card_entity.redis_key(&config.key_prefix, id);
         let fields: HashMap<String, String> = redis::cmd("HGETALL").arg(&key).query(&mut conn)?;
-        let row = FeatureRow::decode(Entity::Card, id, &fields)?.unwrap();
+        let row = FeatureRow::decode(&card_entity, &config.features.version, id, &fields)?.unwrap();
         assert_eq!((row.as_of_ms, &row.values), (7000, &card));
         // Byte-exact with the shared contract's encoding.
         let expected = FeatureRow {
-            entity: Entity::Card,
+            entity: card_entity.clone(),
             id: id.into(),
             as_of_ms: 7000,
             values: card.clone(),
         };
-        for (name, value) in expected.encode_fields() {
-            assert_eq!(fields[name], value, "{name}");
+        for (name, value) in expected.encode_fields(&config.features.version) {
+            assert_eq!(fields[&name], value, "{name}");
         }
-        assert_eq!(fields.len(), Entity::Card.features().len() + 2);
+        assert_eq!(fields.len(), card_entity.features.len() + 2);
     }
     assert_eq!(
         stored(&mut conn, &config, "u1").unwrap().values,
@@ -175,5 +205,28 @@ fn one_call_mixes_entities_and_deletes_with_exact_encoding() -> anyhow::Result<(
         user_row(9)
     );
     assert_eq!(stored(&mut conn, &config, "u2"), None);
+    Ok(())
+}
+
+/// A row written under another feature-set version is replaced whole: the
+/// fields of features the new definitions dropped do not linger.
+#[test]
+fn a_row_of_another_feature_set_is_replaced_not_merged() -> anyhow::Result<()> {
+    let config = config("version");
+    let mut conn = connect(&config)?;
+    load_function(&mut conn)?;
+    let (_, user_entity) = entity(&config, "user");
+    let key = user_entity.redis_key(&config.key_prefix, "u1");
+    redis::cmd("HSET")
+        .arg(&key)
+        .arg(&["_as_of", "9000", "_fv", "fs-0000000000000000", "dropped_feature", "5"])
+        .query::<()>(&mut conn)?;
+    // Older, but of another version: written.
+    let applied = apply(&mut conn, &config, 1000, &[user(&config, "u1", Some(user_row(4)))], None)?;
+    assert_eq!(applied.written, 1);
+    let fields: HashMap<String, String> = redis::cmd("HGETALL").arg(&key).query(&mut conn)?;
+    assert!(!fields.contains_key("dropped_feature"), "{fields:?}");
+    assert_eq!(fields.len(), user_entity.features.len() + 2);
+    assert_eq!(stored(&mut conn, &config, "u1").unwrap().values, user_row(4));
     Ok(())
 }

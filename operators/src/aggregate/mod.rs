@@ -39,6 +39,10 @@ pub trait RowAggregate<V>: WindowFold<V> + Clone + 'static {
     type Row: Clone + PartialEq + 'static;
     /// The current row.
     fn row(&self) -> Self::Row;
+    /// Writes the current row into `row`, reusing its allocation if it can.
+    fn row_into(&self, row: &mut Self::Row) {
+        *row = self.row();
+    }
 }
 
 /// The same aggregate `A` over every window: the row is one output per window.
@@ -250,6 +254,8 @@ where
                 let mut pending: BTreeMap<u64, Vec<Vec<(K, V)>>> = BTreeMap::new();
                 // Invariant: held iff work is pending, at a time <= all of it.
                 let mut held: Option<Capability<u64>> = None;
+                // A spare row: comparing with the last row allocates nothing.
+                let mut scratch: Option<F::Row> = None;
                 move |(input, frontier), output| {
                     let port = output.output_index();
                     input.for_each(|cap, data| {
@@ -321,16 +327,27 @@ where
                         cap.downgrade(&time);
                         let mut session = output.session(cap);
                         store.drain_touched(|key, memo, empty| {
-                            let row = (!empty).then(|| memo.fold.row());
-                            if memo.last == row {
+                            if empty {
+                                if let Some(old) = memo.last.take() {
+                                    session.give((emit(key, old), time, -1));
+                                }
                                 return;
                             }
-                            if let Some(old) = std::mem::replace(&mut memo.last, row.clone()) {
+                            let row = match scratch.take() {
+                                Some(mut row) => {
+                                    memo.fold.row_into(&mut row);
+                                    row
+                                }
+                                None => memo.fold.row(),
+                            };
+                            if memo.last.as_ref() == Some(&row) {
+                                scratch = Some(row);
+                                return;
+                            }
+                            if let Some(old) = memo.last.replace(row.clone()) {
                                 session.give((emit(key, old), time, -1));
                             }
-                            if let Some(new) = row {
-                                session.give((emit(key, new), time, 1));
-                            }
+                            session.give((emit(key, row), time, 1));
                         });
                     }
                     // Touched keys exist only mid-time, and then `next_time` is
