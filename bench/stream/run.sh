@@ -4,7 +4,7 @@
 #     bounded job (`--until-end`, WORKERS workers): events/s over the job's wall time
 #     (the generator has finished before the job starts), with the job's and
 #     redis-server's CPU seconds and the load average (the machine may be shared);
-#  2. freshness: RATE events/s generated live (event time = now) for SECONDS into
+#  2. freshness: RATE events/s generated live (event time = now) for LIVE_SECS into
 #     an unbounded job (tick FRESH_TICK_MS, no lateness); p50/p90/p99/p99.9 of the
 #     job's sfs_sink_feature_freshness_seconds histogram, read once every record
 #     has been observed. Per record: its Kafka timestamp (the producer's create
@@ -18,7 +18,7 @@
 #     The generator's achieved rate is reported: on a busy machine it can fall
 #     short of RATE.
 # usage: bench/stream/run.sh [throughput|freshness|all]
-# env: EVENTS (2000000), WORKERS (2), RATE (20000), SECONDS (30), FRESH_TICK_MS (10), WARMUP (15m),
+# env: EVENTS (2000000), WORKERS (2), RATE (20000), LIVE_SECS (30; not SECONDS: bash's built-in counter), FRESH_TICK_MS (10), WARMUP (15m),
 #      KAFKA_BROKERS, REDIS_URL
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/../.." && pwd)"
@@ -27,7 +27,7 @@ MODE="${1:-all}"
 EVENTS="${EVENTS:-2000000}"
 WORKERS="${WORKERS:-2}"
 RATE="${RATE:-20000}"
-SECONDS_LIVE="${SECONDS:-30}"
+LIVE_SECS="${LIVE_SECS:-30}"
 FRESH_TICK_MS="${FRESH_TICK_MS:-10}"
 WARMUP="${WARMUP:-15m}"
 BROKERS="${KAFKA_BROKERS:-127.0.0.1:9092}"
@@ -60,7 +60,8 @@ aof_rewrite_now() { # start a rewrite (if AOF is on) and wait for it, at most 60
     sleep 0.1
   done
 }
-topics() { echo "--txn-topic $1.txn --click-topic $1.click"; }
+topics() { echo "--txn-topic $1.txn --click-topic $1.click"; }       # sfs generate
+job_topics() { echo "--topic txn=$1.txn --topic click=$1.click"; }   # sfs stream
 # CPU ticks (user + system) of a process, or 0 when it is not visible here.
 redis_cpu() { awk '{print $14 + $15}' "/proc/$1/stat" 2>/dev/null || echo 0; }
 TMPDIR_BENCH=$(mktemp -d)
@@ -78,7 +79,7 @@ throughput() {
   load0=$(cut -d' ' -f1 /proc/loadavg)
   start=$(date +%s.%N)
   /usr/bin/time -f "%U %S" -o "$TMPDIR_BENCH/time" \
-    "$SFS" stream --until-end -w "$WORKERS" --metrics-listen "" $(topics "$run") --key-prefix "$run:" --group-id "$run" >/dev/null
+    "$SFS" stream --until-end -w "$WORKERS" --metrics-listen "" $(job_topics "$run") --key-prefix "$run:" --group-id "$run" >/dev/null
   end=$(date +%s.%N)
   redis_cpu1=$(redis_cpu "$redis_pid")
   load1=$(cut -d' ' -f1 /proc/loadavg)
@@ -95,7 +96,7 @@ freshness() {
   # Create the topics (one event), then start the job, then the live load.
   "$SFS" generate --events 1 --start-time now --partitions 4 --brokers "$BROKERS" $(topics "$run") \
     --label-topic "$run.label" --no-progress --summary-json >/dev/null
-  "$SFS" stream -w "$WORKERS" --metrics-listen "127.0.0.1:$port" $(topics "$run") --key-prefix "$run:" \
+  "$SFS" stream -w "$WORKERS" --metrics-listen "127.0.0.1:$port" $(job_topics "$run") --key-prefix "$run:" \
     --group-id "$run" --tick-ms "$FRESH_TICK_MS" --allowed-lateness-ms 0 --idle-timeout-ms 200 >/dev/null &
   local job=$!
   # Redis (appendonly) rewrites its AOF when it has doubled: a fork and a
@@ -107,13 +108,13 @@ freshness() {
   aof0=$(aof_rewrites)
   sleep 3
   local gen
-  gen=$("$SFS" generate --rate "$RATE" --speedup 1 --warmup "$WARMUP" --start-time now --events $((RATE * SECONDS_LIVE)) --seed 2 \
+  gen=$("$SFS" generate --rate "$RATE" --speedup 1 --warmup "$WARMUP" --start-time now --events $((RATE * LIVE_SECS)) --seed 2 \
     --partitions 4 --brokers "$BROKERS" $(topics "$run") --label-topic "$run.label" --linger-ms 1 \
     --no-progress --summary-json)
   # Every generated record (and the topic-creating one) must be observed:
   # records still invisible at the end are the slowest, so leaving them out
   # would flatter the tail. Wait for them (at most 60 s).
-  local metrics expected=$((RATE * SECONDS_LIVE + 1)) waited=0
+  local metrics expected=$((RATE * LIVE_SECS + 1)) waited=0
   while :; do
     metrics=$(curl -s "http://127.0.0.1:$port/metrics")
     local seen
@@ -153,7 +154,7 @@ print(json.dumps({"records": int(count), "records_expected": int(sys.argv[3]),
 PY
 )
   emit stream-freshness \
-    "{\"rate\": $RATE, \"seconds\": $SECONDS_LIVE, \"workers\": $WORKERS, \"partitions\": 4, \"tick_ms\": $FRESH_TICK_MS, \"allowed_lateness_ms\": 0, \"linger_ms\": 1, \"idle_timeout_ms\": 200, \"warmup\": \"$WARMUP\"}" \
+    "{\"rate\": $RATE, \"seconds\": $LIVE_SECS, \"workers\": $WORKERS, \"partitions\": 4, \"tick_ms\": $FRESH_TICK_MS, \"allowed_lateness_ms\": 0, \"linger_ms\": 1, \"idle_timeout_ms\": 200, \"warmup\": \"$WARMUP\"}" \
     "$results"
   redis-cli -u "$REDIS" --scan --pattern "$run:*" | xargs -r -n 1000 redis-cli -u "$REDIS" del >/dev/null
 }

@@ -136,6 +136,76 @@ pub fn load_features_or_exit(path: Option<&std::path::Path>) -> FeatureSet {
     }
 }
 
+/// Check the feature definitions and print their catalogue and version.
+#[derive(Debug, Clone, Default, clap::Args)]
+#[command(after_help = "Examples:\n  sfs features\n  sfs features --features my.toml --tick-ms 100\n  sfs features --version")]
+pub struct FeaturesArgs {
+    /// Feature definitions (default: features.toml).
+    #[arg(long, env = "SFS_FEATURES")]
+    pub features: Option<PathBuf>,
+    /// Also check that every window is a multiple of this tick (ms).
+    #[arg(long)]
+    pub tick_ms: Option<u64>,
+    /// Print only the feature-set version.
+    #[arg(long)]
+    pub version: bool,
+    /// Print the definitions as one JSON object instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `sfs features`: exit 0 with the catalogue, or 2 with every problem.
+pub fn features(args: FeaturesArgs) -> anyhow::Result<()> {
+    let set = load_features_or_exit(args.features.as_deref());
+    if let Some(tick_ms) = args.tick_ms {
+        if let Err(e) = set.check_tick(tick_ms) {
+            eprintln!("error: {e}");
+            std::process::exit(EXIT_INVALID);
+        }
+    }
+    if args.version {
+        println!("{}", set.version);
+        return Ok(());
+    }
+    let count: usize = set.entities.iter().map(|e| e.features.len()).sum();
+    if args.json {
+        let entities: Vec<_> = set
+            .entities
+            .iter()
+            .map(|e| {
+                serde_json::json!({
+                    "name": e.name,
+                    "key": e.key,
+                    "features": e.features.iter().map(|f| serde_json::json!({
+                        "name": f.name,
+                        "aggregation": f.aggregation,
+                        "window_ms": f.window_ms,
+                        "kind": f.kind(),
+                        "source": set.sources[f.source].name,
+                    })).collect::<Vec<_>>(),
+                })
+            })
+            .collect();
+        println!(
+            "{}",
+            serde_json::json!({
+                "version": set.version,
+                "widest_window_ms": set.widest_window_ms(),
+                "entities": entities,
+            })
+        );
+    } else {
+        print!("{set}");
+        println!(
+            "{count} features over {} entities, widest window {}, version {}",
+            set.entities.len(),
+            schemas::features::format_window(set.widest_window_ms()),
+            set.version
+        );
+    }
+    Ok(())
+}
+
 /// `sfs stream`.
 pub fn run(args: StreamArgs) -> anyhow::Result<()> {
     let set = load_features_or_exit(args.features.as_deref());

@@ -129,6 +129,16 @@ pub fn run(
                 .dataflow::<u64, _, _>(|scope| build(scope, &prepared))
                 .map_err(|e| e.to_string())?;
             while worker.has_dataflows() {
+                if stage.finished() {
+                    // Bounded run: every row before the final frontier is
+                    // durable (and recorded, on worker 0). What remains are
+                    // retractions past the end of the log, which no sink
+                    // writes: stop instead of draining them.
+                    for dataflow in worker.installed_dataflows() {
+                        worker.drop_dataflow(dataflow);
+                    }
+                    break;
+                }
                 worker.step_or_park(Some(Duration::from_millis(20)));
             }
             Ok(stage.durable())

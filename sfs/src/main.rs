@@ -27,6 +27,8 @@ enum Command {
     Serve(server::ServeArgs),
     /// Run the streaming feature job: Kafka -> sliding-window features -> Redis.
     Stream(dataflow::cli::StreamArgs),
+    /// Check the feature definitions (features.toml); print the catalogue and version.
+    Features(dataflow::cli::FeaturesArgs),
     /// Dead-letter topics: replay fixed records to their source topic.
     #[command(subcommand)]
     Dlq(DlqCommand),
@@ -59,6 +61,7 @@ fn main() -> anyhow::Result<()> {
         Command::Generate(args) => generator::run(args)?,
         Command::Serve(args) => server::run(args)?,
         Command::Stream(args) => dataflow::cli::run(args)?,
+        Command::Features(args) => dataflow::cli::features(args)?,
         Command::Dlq(DlqCommand::Replay(args)) => dataflow::dlq::run(args)?,
     }
     Ok(())
