@@ -105,7 +105,12 @@ struct Run {
 /// past its last event (the retractions after the end of the log are not
 /// part of a run: a bounded job stops at its final frontier). Times the
 /// events before `T0 + 24h` (warm-up) and after (steady state) separately.
-fn run(log: Arc<Vec<(i64, Event)>>, set: Arc<FeatureSet>, config: GraphConfig, workers: usize) -> Run {
+fn run(
+    log: Arc<Vec<(i64, Event)>>,
+    set: Arc<FeatureSet>,
+    config: GraphConfig,
+    workers: usize,
+) -> Run {
     let start = Arc::new(std::sync::Barrier::new(workers));
     let changes = Arc::new(AtomicUsize::new(0));
     let live = Arc::new(AtomicI64::new(0));
@@ -113,8 +118,16 @@ fn run(log: Arc<Vec<(i64, Event)>>, set: Arc<FeatureSet>, config: GraphConfig, w
     let rss_before = rss_bytes();
     let total_events = log.len();
     let (c2, l2, m2) = (changes.clone(), live.clone(), marks.clone());
-    let txn = set.sources.iter().position(|s| s.name == "txn").expect("a txn source");
-    let click = set.sources.iter().position(|s| s.name == "click").expect("a click source");
+    let txn = set
+        .sources
+        .iter()
+        .position(|s| s.name == "txn")
+        .expect("a txn source");
+    let click = set
+        .sources
+        .iter()
+        .position(|s| s.name == "click")
+        .expect("a click source");
     timely::execute(timely::Config::process(workers), move |worker| {
         let (index, peers) = (worker.index(), worker.peers());
         let probe = ProbeHandle::new();
@@ -126,7 +139,10 @@ fn run(log: Arc<Vec<(i64, Event)>>, set: Arc<FeatureSet>, config: GraphConfig, w
                 .inspect_core(move |event| {
                     if let Ok((_, data)) = event {
                         counter.fetch_add(data.len(), Ordering::Relaxed);
-                        live.fetch_add(data.iter().map(|(_, _, d)| *d as i64).sum(), Ordering::Relaxed);
+                        live.fetch_add(
+                            data.iter().map(|(_, _, d)| *d as i64).sum(),
+                            Ordering::Relaxed,
+                        );
                     }
                 })
                 .probe_with(&probe);
@@ -164,7 +180,10 @@ fn run(log: Arc<Vec<(i64, Event)>>, set: Arc<FeatureSet>, config: GraphConfig, w
                 warmed = Some(began.elapsed());
             }
             while i < mine.len() && mine[i].0 == tick {
-                input.send(std::mem::replace(&mut mine[i].1, (0, Event::Click(empty_click()))));
+                input.send(std::mem::replace(
+                    &mut mine[i].1,
+                    (0, Event::Click(empty_click())),
+                ));
                 i += 1;
             }
             // Keep at most a few ticks in flight.
@@ -282,7 +301,8 @@ fn main() {
     // of earlier versions, where the 1h and 24h windows never retract).
     let span_ms = env("BENCH_SIM_SECS", hours * 3_600) * 1000;
     let log = Arc::new(generate(events, span_ms, 42));
-    let list = |s: &str| -> Vec<u64> { s.split(',').filter_map(|w| w.trim().parse().ok()).collect() };
+    let list =
+        |s: &str| -> Vec<u64> { s.split(',').filter_map(|w| w.trim().parse().ok()).collect() };
     let mut results = Vec::new();
     for tick_ms in list(&ticks) {
         let config = GraphConfig { tick_ms };

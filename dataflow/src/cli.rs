@@ -138,7 +138,9 @@ pub fn load_features_or_exit(path: Option<&std::path::Path>) -> FeatureSet {
 
 /// Check the feature definitions and print their catalogue and version.
 #[derive(Debug, Clone, Default, clap::Args)]
-#[command(after_help = "Examples:\n  sfs features\n  sfs features --features my.toml --tick-ms 100\n  sfs features --version")]
+#[command(
+    after_help = "Examples:\n  sfs features\n  sfs features --features my.toml --tick-ms 100\n  sfs features --version"
+)]
 pub struct FeaturesArgs {
     /// Feature definitions (default: features.toml).
     #[arg(long, env = "SFS_FEATURES")]
@@ -209,7 +211,10 @@ pub fn features(args: FeaturesArgs) -> anyhow::Result<()> {
 /// `sfs stream`.
 pub fn run(args: StreamArgs) -> anyhow::Result<()> {
     let set = load_features_or_exit(args.features.as_deref());
-    let config = match args.resolve().and_then(|c| Ok(c.validate_with(&set).map(|_| c)?)) {
+    let config = match args
+        .resolve()
+        .and_then(|c| Ok(c.validate_with(&set).map(|_| c)?))
+    {
         Ok(config) => config,
         Err(e) => {
             eprintln!("error: {e}");

@@ -119,6 +119,10 @@ struct Cell {
     column: Option<usize>,
 }
 
+/// A cell of a source: its index, its filter (schema field, value), and the
+/// field that must be present.
+type SourceCell = (usize, Vec<(usize, Datum)>, Option<usize>);
+
 /// How one source's events become records of an entity.
 #[derive(Debug, Clone)]
 struct Projection {
@@ -128,7 +132,7 @@ struct Projection {
     /// Schema field indices, by record column.
     columns: Vec<usize>,
     /// Per cell of this source: its index, filter, and the field that must be present.
-    cells: Vec<(usize, Vec<(usize, Datum)>, Option<usize>)>,
+    cells: Vec<SourceCell>,
 }
 
 /// The compiled plan of one entity.
@@ -191,15 +195,14 @@ impl EntityPlan {
             let cell = match keys.iter().position(|k| *k == key) {
                 Some(cell) => cell,
                 None => {
-                    let column = field.map(|f| {
-                        match projection.columns.iter().position(|c| *c == f) {
+                    let column =
+                        field.map(|f| match projection.columns.iter().position(|c| *c == f) {
                             Some(c) => c,
                             None => {
                                 projection.columns.push(f);
                                 projection.columns.len() - 1
                             }
-                        }
-                    });
+                        });
                     cells.push(Cell {
                         window,
                         family,
@@ -414,23 +417,21 @@ impl RowAggregate<Record> for EntityFold {
     fn row_into(&self, row: &mut Vec<Value>) {
         row.clear();
         row.extend(self.plan.outputs.iter().map(|&(cell, aggregation)| {
-                let state = &self.states[cell];
-                match (state, aggregation) {
-                    (State::Count(n), _) => Value::Int(*n),
-                    (State::Moments(m), Aggregation::Sum) => Value::Int(saturate(m.sum)),
-                    (State::Moments(m), Aggregation::Mean) => Value::Float(m.mean().unwrap_or(0.0)),
-                    (State::Moments(m), _) => Value::Float(m.population_std().unwrap_or(0.0)),
-                    (State::Min(m), _) => Value::Int(m.value().unwrap_or(0)),
-                    (State::Max(m), _) | (State::LastTime(m), _) => {
-                        Value::Int(m.value().unwrap_or(0))
-                    }
-                    (State::Multiset(m), Aggregation::Mode) => {
-                        Value::Int(m.mode().and_then(Datum::as_int).unwrap_or(0))
-                    }
-                    (State::Multiset(m), _) => Value::Int(m.distinct()),
-                    (State::Last(m), _) => Value::Int(m.value().map_or(0, |(_, v)| v)),
+            let state = &self.states[cell];
+            match (state, aggregation) {
+                (State::Count(n), _) => Value::Int(*n),
+                (State::Moments(m), Aggregation::Sum) => Value::Int(saturate(m.sum)),
+                (State::Moments(m), Aggregation::Mean) => Value::Float(m.mean().unwrap_or(0.0)),
+                (State::Moments(m), _) => Value::Float(m.population_std().unwrap_or(0.0)),
+                (State::Min(m), _) => Value::Int(m.value().unwrap_or(0)),
+                (State::Max(m), _) | (State::LastTime(m), _) => Value::Int(m.value().unwrap_or(0)),
+                (State::Multiset(m), Aggregation::Mode) => {
+                    Value::Int(m.mode().and_then(Datum::as_int).unwrap_or(0))
                 }
-            }));
+                (State::Multiset(m), _) => Value::Int(m.distinct()),
+                (State::Last(m), _) => Value::Int(m.value().map_or(0, |(_, v)| v)),
+            }
+        }));
     }
 }
 

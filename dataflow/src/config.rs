@@ -230,7 +230,11 @@ impl StreamConfig {
                 )));
             }
         }
-        let mut topics: Vec<String> = set.sources.iter().map(|s| self.topic_of(set, &s.name)).collect();
+        let mut topics: Vec<String> = set
+            .sources
+            .iter()
+            .map(|s| self.topic_of(set, &s.name))
+            .collect();
         topics.sort();
         if topics.windows(2).any(|w| w[0] == w[1]) {
             return Err(ConfigError::Invalid(format!(

@@ -155,7 +155,8 @@ mod tests {
     }
 
     fn decoder() -> EventDecoder {
-        let set = FeatureSet::load(concat!(env!("CARGO_MANIFEST_DIR"), "/../features.toml")).unwrap();
+        let set =
+            FeatureSet::load(concat!(env!("CARGO_MANIFEST_DIR"), "/../features.toml")).unwrap();
         EventDecoder::new(Decoder::default(), &set, |source| match source {
             "txn" => "t".into(),
             _ => "c".into(),

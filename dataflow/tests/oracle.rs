@@ -45,7 +45,13 @@ fn rows_match_the_oracle_at_every_frontier_on_1_2_and_4_workers() {
 #[test]
 fn rows_match_the_oracle_with_a_one_minute_tick() {
     for seed in 10..12 {
-        check_seed(seed, 400, SHIPPED, GraphConfig { tick_ms: 60_000 }, &[1, 2, 4]);
+        check_seed(
+            seed,
+            400,
+            SHIPPED,
+            GraphConfig { tick_ms: 60_000 },
+            &[1, 2, 4],
+        );
     }
 }
 

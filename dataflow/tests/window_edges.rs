@@ -22,7 +22,11 @@ const CARD_WINDOWS: [u64; 4] = [MINUTE, 5 * MINUTE, 60 * MINUTE, 24 * 60 * MINUT
 
 /// Index of card feature `name` in the row of the shipped definitions.
 fn card(name: &str) -> usize {
-    parse(SHIPPED).entity("card").unwrap().position(name).unwrap()
+    parse(SHIPPED)
+        .entity("card")
+        .unwrap()
+        .position(name)
+        .unwrap()
 }
 
 fn txn(card: &str, event_time: i64, amount_minor: i64) -> Txn {
@@ -74,7 +78,10 @@ fn card_as_of(updates: &[(Row, u64, isize)], card: &str, frontier: u64) -> Optio
         *rows.entry(row.values.clone()).or_default() += diff;
     }
     rows.retain(|_, n| *n != 0);
-    assert!(rows.values().all(|n| *n == 1) && rows.len() <= 1, "one row per key");
+    assert!(
+        rows.values().all(|n| *n == 1) && rows.len() <= 1,
+        "one row per key"
+    );
     rows.into_keys().next()
 }
 
@@ -107,7 +114,10 @@ fn an_event_at_f_minus_w_is_in_and_one_at_f_is_out() {
         }
     }
     assert_eq!(
-        int(&card_as_of(&all, "c", t + 1).unwrap(), card("last_txn_time")),
+        int(
+            &card_as_of(&all, "c", t + 1).unwrap(),
+            card("last_txn_time")
+        ),
         T0,
         "last_txn_time is raw"
     );

@@ -83,7 +83,9 @@ pub fn random_log(seed: u64, events: usize) -> Log {
                 country: ["FR", "DE", "US", "GB", "ES"][rng.gen_range(0..5)].into(),
                 channel: [Channel::Pos, Channel::Ecom, Channel::Atm][rng.gen_range(0..3)],
                 event_time,
-                device_id: rng.gen_bool(0.5).then(|| format!("d{}", rng.gen_range(0..4))),
+                device_id: rng
+                    .gen_bool(0.5)
+                    .then(|| format!("d{}", rng.gen_range(0..4))),
                 ip_country: rng
                     .gen_bool(0.5)
                     .then(|| ["FR", "DE", "US"][rng.gen_range(0..3)].into()),
@@ -149,19 +151,42 @@ sources = ["click", "txn"]
         .chain([tick_ms, 2 * tick_ms, 5 * tick_ms])
         .collect();
     let aggregations = [
-        "count", "sum", "mean", "std", "min", "max", "distinct_count", "mode", "last", "last_time",
+        "count",
+        "sum",
+        "mean",
+        "std",
+        "min",
+        "max",
+        "distinct_count",
+        "mode",
+        "last",
+        "last_time",
     ];
     for entity in ["card", "user"] {
         let n = rng.gen_range(1..9);
         for i in 0..n {
-            let source = if entity == "card" || rng.gen_bool(0.4) { "txn" } else { "click" };
+            let source = if entity == "card" || rng.gen_bool(0.4) {
+                "txn"
+            } else {
+                "click"
+            };
             let aggregation = aggregations[rng.gen_range(0..aggregations.len())];
             let (ints, any): (&[&str], &[&str]) = match source {
                 "txn" => (
                     &["amount_minor", "mcc", "country", "ip_country", "event_time"],
-                    &["merchant_id", "country", "channel", "device_id", "user_id", "amount_minor"],
+                    &[
+                        "merchant_id",
+                        "country",
+                        "channel",
+                        "device_id",
+                        "user_id",
+                        "amount_minor",
+                    ],
                 ),
-                _ => (&["dwell_ms", "event_time"], &["category", "item_id", "action", "dwell_ms"]),
+                _ => (
+                    &["dwell_ms", "event_time"],
+                    &["category", "item_id", "action", "dwell_ms"],
+                ),
             };
             let field = match aggregation {
                 "count" if rng.gen_bool(0.7) => None,
@@ -278,7 +303,11 @@ impl Checker {
         Checker {
             log,
             interpreter: Definitions::new(defs, config.tick_ms),
-            entities: parse(defs).entities.iter().map(|e| e.name.clone()).collect(),
+            entities: parse(defs)
+                .entities
+                .iter()
+                .map(|e| e.name.clone())
+                .collect(),
             rows: BTreeMap::new(),
             checked: 0,
         }
@@ -307,15 +336,25 @@ impl Checker {
                     -1 => &mut outs,
                     d => panic!("difference {d} of {key:?} at {t}"),
                 };
-                assert!(side.insert(key.clone(), row.values).is_none(), "two changes of {key:?} at {t}");
+                assert!(
+                    side.insert(key.clone(), row.values).is_none(),
+                    "two changes of {key:?} at {t}"
+                );
             }
             for (key, old) in &outs {
-                assert_eq!(self.rows.get(key), Some(old), "retraction of {key:?} at {t} is not its row");
+                assert_eq!(
+                    self.rows.get(key),
+                    Some(old),
+                    "retraction of {key:?} at {t} is not its row"
+                );
                 assert_ne!(ins.get(key), Some(old), "no-op change of {key:?} at {t}");
                 self.rows.remove(key);
             }
             for (key, new) in ins {
-                assert!(!self.rows.contains_key(&key), "{key:?} inserted twice at {t}");
+                assert!(
+                    !self.rows.contains_key(&key),
+                    "{key:?} inserted twice at {t}"
+                );
                 self.rows.insert(key, new);
             }
         }
@@ -330,7 +369,11 @@ impl Checker {
         if got != expected {
             let keys: BTreeSet<_> = got.keys().chain(expected.keys()).collect();
             for key in keys {
-                assert_eq!(got.get(key), expected.get(key), "row {key:?} as of {frontier}");
+                assert_eq!(
+                    got.get(key),
+                    expected.get(key),
+                    "row {key:?} as of {frontier}"
+                );
             }
         }
         self.checked += 1;
@@ -354,7 +397,15 @@ pub fn run(
     frontiers: Arc<Vec<u64>>,
     check: bool,
 ) -> Vec<(u64, String)> {
-    run_budgeted(timely_config, log, defs, config, frontiers, check, WORK_PER_ACTIVATION)
+    run_budgeted(
+        timely_config,
+        log,
+        defs,
+        config,
+        frontiers,
+        check,
+        WORK_PER_ACTIVATION,
+    )
 }
 
 /// [`run`] with the windowed aggregates capped at `work_per_activation`.
@@ -455,13 +506,18 @@ pub fn run_shared_budgeted(
         let record = all.clone();
         let (mut input, cap) = worker.dataflow::<u64, _, _>(|scope| {
             let (input, events) = scope.new_unordered_input();
-            build_features_budgeted(events_collection(events), &set, &config, work_per_activation)
-                .inner
-                .inspect(move |(row, t, diff)| {
-                    sink.lock().unwrap().push((row.clone(), *t, *diff));
-                    record.lock().unwrap().push((*t, format!("{row:?} {diff}")));
-                })
-                .probe_with(&probe);
+            build_features_budgeted(
+                events_collection(events),
+                &set,
+                &config,
+                work_per_activation,
+            )
+            .inner
+            .inspect(move |(row, t, diff)| {
+                sink.lock().unwrap().push((row.clone(), *t, *diff));
+                record.lock().unwrap().push((*t, format!("{row:?} {diff}")));
+            })
+            .probe_with(&probe);
             input
         });
         let mut cap = Some(cap);
@@ -469,9 +525,17 @@ pub fn run_shared_budgeted(
         let mut events: Vec<(u64, (usize, Event))> = log
             .txns
             .iter()
-            .map(|t| (config.quantize(t.event_time), (txn_source, Event::Txn(t.clone()))))
+            .map(|t| {
+                (
+                    config.quantize(t.event_time),
+                    (txn_source, Event::Txn(t.clone())),
+                )
+            })
             .chain(log.clicks.iter().map(|c| {
-                (config.quantize(c.event_time), (click_source, Event::Click(c.clone())))
+                (
+                    config.quantize(c.event_time),
+                    (click_source, Event::Click(c.clone())),
+                )
             }))
             .skip(index)
             .step_by(peers)

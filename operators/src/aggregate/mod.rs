@@ -391,6 +391,7 @@ mod tests {
     use super::*;
 
     type Changes = Vec<(u64, Vec<(u32, Option<Vec<i64>>)>)>;
+    type Updates = BTreeMap<u64, Vec<((u32, Vec<i64>), isize)>>;
 
     /// Runs `PerWindow<Count>` over `batches` (time, keys) and returns, per
     /// time, each changed key's new row (`None`: deleted), checking that every
@@ -414,7 +415,7 @@ mod tests {
             }
             captured
         });
-        let mut by_time: BTreeMap<u64, Vec<((u32, Vec<i64>), isize)>> = BTreeMap::new();
+        let mut by_time: Updates = BTreeMap::new();
         for (_, data) in captured.extract() {
             for (row, time, diff) in data {
                 by_time.entry(time).or_default().push((row, diff));
@@ -426,7 +427,11 @@ mod tests {
             let mut changed = BTreeMap::new();
             for ((key, row), diff) in &changes {
                 if *diff == -1 {
-                    assert_eq!(current.get(key), Some(row), "retracts the last row at {time}");
+                    assert_eq!(
+                        current.get(key),
+                        Some(row),
+                        "retracts the last row at {time}"
+                    );
                     changed.entry(*key).or_insert(None);
                 }
             }
@@ -494,7 +499,9 @@ mod tests {
             let mut expected: BTreeMap<u32, Vec<i64>> = BTreeMap::new();
             for (t, keys) in &batches {
                 for key in keys {
-                    let row = expected.entry(*key).or_insert_with(|| vec![0; WINDOWS.len()]);
+                    let row = expected
+                        .entry(*key)
+                        .or_insert_with(|| vec![0; WINDOWS.len()]);
                     for (w, len) in WINDOWS.iter().enumerate() {
                         if *t <= s && s < t + len {
                             row[w] += 1;
