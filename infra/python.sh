@@ -18,7 +18,7 @@ ort_path() {
 
 case "${1:-}" in
   install)
-    command -v python3 >/dev/null 2>&1 || die "python3 not found: install Python 3.10+ (Debian: python3 python3-venv)"
+    command -v python3 >/dev/null 2>&1 || die "python3 not found: install Python 3.11+ (Debian: python3 python3-venv)"
     want=$(sha256sum "$REQS" | cut -d' ' -f1)
     if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$want" ]]; then say "venv up to date at $VENV"; exit 0; fi
     if [[ ! -x "$VENV/bin/python" ]]; then

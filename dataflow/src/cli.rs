@@ -178,13 +178,23 @@ pub fn features(args: FeaturesArgs) -> anyhow::Result<()> {
                 serde_json::json!({
                     "name": e.name,
                     "key": e.key,
-                    "features": e.features.iter().map(|f| serde_json::json!({
-                        "name": f.name,
-                        "aggregation": f.aggregation,
-                        "window_ms": f.window_ms,
-                        "kind": f.kind(),
-                        "source": set.sources[f.source].name,
-                    })).collect::<Vec<_>>(),
+                    "features": e.features.iter().map(|f| {
+                        let schema = set.sources[f.source].schema;
+                        let filter: serde_json::Map<String, serde_json::Value> = f
+                            .filter
+                            .iter()
+                            .map(|(i, v)| (schema.fields()[*i].name.to_owned(), serde_json::json!(v)))
+                            .collect();
+                        serde_json::json!({
+                            "name": f.name,
+                            "source": set.sources[f.source].name,
+                            "aggregation": f.aggregation,
+                            "field": f.field.map(|i| schema.fields()[i].name),
+                            "window_ms": f.window_ms,
+                            "filter": filter,
+                            "kind": f.kind(),
+                        })
+                    }).collect::<Vec<_>>(),
                 })
             })
             .collect();
@@ -193,6 +203,7 @@ pub fn features(args: FeaturesArgs) -> anyhow::Result<()> {
             serde_json::json!({
                 "version": set.version,
                 "widest_window_ms": set.widest_window_ms(),
+                "sources": set.sources,
                 "entities": entities,
             })
         );

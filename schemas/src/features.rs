@@ -69,7 +69,10 @@ impl Schema {
 
     /// The field called `name`, with its index in [`Schema::fields`].
     pub fn field(self, name: &str) -> Option<(usize, &'static FieldSpec)> {
-        self.fields().iter().enumerate().find(|(_, f)| f.name == name)
+        self.fields()
+            .iter()
+            .enumerate()
+            .find(|(_, f)| f.name == name)
     }
 
     pub fn as_str(self) -> &'static str {
@@ -502,7 +505,11 @@ pub fn parse_window(text: &str) -> Result<u64, String> {
         "m" => 60_000,
         "h" => 3_600_000,
         "d" => 86_400_000,
-        _ => return Err(format!("window {text:?}: unknown unit {unit:?} (ms, s, m, h, d)")),
+        _ => {
+            return Err(format!(
+                "window {text:?}: unknown unit {unit:?} (ms, s, m, h, d)"
+            ))
+        }
     };
     let ms = n.saturating_mul(scale);
     if ms == 0 || ms > MAX_WINDOW_MS {
@@ -513,7 +520,12 @@ pub fn parse_window(text: &str) -> Result<u64, String> {
 
 /// Formats ms as the largest exact unit (`86400000` -> `1d`).
 pub fn format_window(ms: u64) -> String {
-    for (unit, scale) in [("d", 86_400_000), ("h", 3_600_000), ("m", 60_000), ("s", 1_000)] {
+    for (unit, scale) in [
+        ("d", 86_400_000),
+        ("h", 3_600_000),
+        ("m", 60_000),
+        ("s", 1_000),
+    ] {
         if ms.is_multiple_of(scale) {
             return format!("{}{unit}", ms / scale);
         }
@@ -529,11 +541,7 @@ fn is_identifier(name: &str) -> bool {
         && !name.starts_with('_')
 }
 
-fn check_aggregation(
-    agg: Aggregation,
-    field: Option<&FieldSpec>,
-    problem: &mut dyn FnMut(String),
-) {
+fn check_aggregation(agg: Aggregation, field: Option<&FieldSpec>, problem: &mut dyn FnMut(String)) {
     use Aggregation::*;
     match (agg, field) {
         (Count, _) | (LastTime, None) | (DistinctCount, Some(_)) => {}
@@ -628,7 +636,11 @@ impl FeatureSet {
     pub fn qualified_names(&self) -> Vec<String> {
         self.entities
             .iter()
-            .flat_map(|e| e.features.iter().map(move |f| format!("{}.{}", e.name, f.name)))
+            .flat_map(|e| {
+                e.features
+                    .iter()
+                    .map(move |f| format!("{}.{}", e.name, f.name))
+            })
             .collect()
     }
 
@@ -786,7 +798,10 @@ fn resolve(file: FileDef, problems: &mut Vec<String>) -> FeatureSet {
         let mut filter = Vec::new();
         for (name, value) in &f.filter {
             let Some((i, spec)) = schema.field(name) else {
-                bad(format!("filter on unknown field {name} in source {}", f.source));
+                bad(format!(
+                    "filter on unknown field {name} in source {}",
+                    f.source
+                ));
                 continue;
             };
             let datum = match (spec.ty, value) {
@@ -849,6 +864,9 @@ fn resolve(file: FileDef, problems: &mut Vec<String>) -> FeatureSet {
     if entities.is_empty() {
         problems.push("no entities defined".into());
     }
+    if entities.len() > u8::MAX as usize {
+        problems.push(format!("{} entities, at most {}", entities.len(), u8::MAX));
+    }
     let version = version_of(&sources, &entities);
     FeatureSet {
         sources,
@@ -864,8 +882,9 @@ fn version_of(sources: &[SourceDef], entities: &[EntityDef]) -> String {
     let source_name = |i: usize| sources[i].name.as_str();
     let mut canonical: BTreeSet<String> = BTreeSet::new();
     for s in sources {
+        let keys: BTreeSet<&String> = s.keys.iter().collect();
         canonical.insert(
-            serde_json::json!(["source", s.name, s.topic, s.schema, s.keys, s.time_field])
+            serde_json::json!(["source", s.name, s.topic, s.schema, keys, s.time_field])
                 .to_string(),
         );
     }
@@ -910,13 +929,21 @@ impl fmt::Display for FeatureSet {
                     e.name,
                     d.name,
                     d.aggregation.as_str(),
-                    d.field
-                        .map_or("events", |i| source.schema.fields()[i].name),
+                    d.field.map_or("events", |i| source.schema.fields()[i].name),
                     format_window(d.window_ms),
                     source.name
                 )?;
-                for (i, v) in &d.filter {
-                    write!(f, " where {} = {v:?}", source.schema.fields()[*i].name)?;
+                for (n, (i, v)) in d.filter.iter().enumerate() {
+                    let field = &source.schema.fields()[*i];
+                    let value = match (field.ty, v) {
+                        (FieldType::Country, Datum::Int(code)) => {
+                            format!("{:?}", unpack_country(*code).unwrap_or_default())
+                        }
+                        (_, Datum::Int(i)) => i.to_string(),
+                        (_, Datum::Str(s)) => format!("{s:?}"),
+                    };
+                    let joint = if n == 0 { "where" } else { "and" };
+                    write!(f, " {joint} {} = {value}", field.name)?;
                 }
                 writeln!(f)?;
             }
@@ -1128,7 +1155,9 @@ impl FeatureRow {
         let mut values = Vec::with_capacity(entity.features.len());
         for spec in &entity.features {
             let raw = get(&spec.name)?;
-            values.push(Value::decode(spec.kind(), raw).ok_or_else(|| bad(&spec.name, spec.kind(), raw))?);
+            values.push(
+                Value::decode(spec.kind(), raw).ok_or_else(|| bad(&spec.name, spec.kind(), raw))?,
+            );
         }
         Ok(Some(FeatureRow {
             entity: entity.clone(),
@@ -1202,9 +1231,15 @@ source = "txn"
     fn the_version_ignores_layout_and_changes_with_meaning() {
         let set = shipped();
         let reformatted = format!("# a comment\n{}", SHIPPED.replace(" = ", "="));
-        assert_eq!(FeatureSet::parse("x", &reformatted).unwrap().version, set.version);
+        assert_eq!(
+            FeatureSet::parse("x", &reformatted).unwrap().version,
+            set.version
+        );
         let changed = SHIPPED.replacen("window = \"1m\"", "window = \"2m\"", 1);
-        assert_ne!(FeatureSet::parse("x", &changed).unwrap().version, set.version);
+        assert_ne!(
+            FeatureSet::parse("x", &changed).unwrap().version,
+            set.version
+        );
         // Moving a feature to the end keeps the version.
         let block = "[[features]]\nname = \"txn_count_1m\"\nentity = \"card\"\nsource = \"txn\"\naggregation = \"count\"\nwindow = \"1m\"\n";
         assert!(SHIPPED.contains(block));
@@ -1214,41 +1249,84 @@ source = "txn"
 
     #[test]
     fn errors_name_the_feature_and_the_problem() {
-        let p = problem("name = \"a\"\naggregation = \"sum\"\nfield = \"merchant_id\"\nwindow = \"1h\"");
-        assert!(p.contains("feature a: aggregation sum needs an integer field, merchant_id is string"), "{p}");
-        let p = problem("name = \"b\"\naggregation = \"count\"\nwindow = \"1h\"\nfilter = { nope = 1 }");
+        let p = problem(
+            "name = \"a\"\naggregation = \"sum\"\nfield = \"merchant_id\"\nwindow = \"1h\"",
+        );
+        assert!(
+            p.contains("feature a: aggregation sum needs an integer field, merchant_id is string"),
+            "{p}"
+        );
+        let p = problem(
+            "name = \"b\"\naggregation = \"count\"\nwindow = \"1h\"\nfilter = { nope = 1 }",
+        );
         assert!(p.contains("feature b: filter on unknown field nope"), "{p}");
         let p = problem("name = \"c\"\naggregation = \"max\"\nfield = \"amount\"\nwindow = \"1h\"");
-        assert!(p.contains("feature c: unknown field amount in source txn"), "{p}");
+        assert!(
+            p.contains("feature c: unknown field amount in source txn"),
+            "{p}"
+        );
         let p = problem("name = \"d\"\naggregation = \"count\"\nwindow = \"31d\"");
-        assert!(p.contains("feature d: window \"31d\" must be positive and at most 30d"), "{p}");
+        assert!(
+            p.contains("feature d: window \"31d\" must be positive and at most 30d"),
+            "{p}"
+        );
         let p = problem("name = \"e\"\naggregation = \"median\"\nwindow = \"1h\"");
-        assert!(p.contains("feature e: unknown aggregation \"median\""), "{p}");
+        assert!(
+            p.contains("feature e: unknown aggregation \"median\""),
+            "{p}"
+        );
         let p = problem("name = \"f\"\naggregation = \"count\"\nwindow = \"1h\"\nfilter = { channel = \"web\" }");
-        assert!(p.contains("feature f: filter channel = \"web\": not one of pos, ecom, atm"), "{p}");
-        let p = problem("name = \"g\"\naggregation = \"mode\"\nfield = \"merchant_id\"\nwindow = \"1h\"");
-        assert!(p.contains("feature g: aggregation mode needs an integer"), "{p}");
+        assert!(
+            p.contains("feature f: filter channel = \"web\": not one of pos, ecom, atm"),
+            "{p}"
+        );
+        let p = problem(
+            "name = \"g\"\naggregation = \"mode\"\nfield = \"merchant_id\"\nwindow = \"1h\"",
+        );
+        assert!(
+            p.contains("feature g: aggregation mode needs an integer"),
+            "{p}"
+        );
         let dup = SHIPPED.replacen("name = \"txn_count_5m\"", "name = \"txn_count_1m\"", 1);
         match FeatureSet::parse("x", &dup) {
-            Err(e) => assert!(e.to_string().contains("feature txn_count_1m: duplicate feature name in entity card"), "{e}"),
+            Err(e) => assert!(
+                e.to_string()
+                    .contains("feature txn_count_1m: duplicate feature name in entity card"),
+                "{e}"
+            ),
             Ok(_) => panic!("duplicate accepted"),
         }
         let unknown_source = SHIPPED.replacen("source = \"txn\"", "source = \"txns\"", 1);
-        let e = FeatureSet::parse("x", &unknown_source).unwrap_err().to_string();
-        assert!(e.contains("feature txn_count_1m: unknown source txns"), "{e}");
+        let e = FeatureSet::parse("x", &unknown_source)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("feature txn_count_1m: unknown source txns"),
+            "{e}"
+        );
     }
 
     #[test]
     fn windows_must_be_multiples_of_the_tick() {
-        let set = with_feature("name = \"w\"\naggregation = \"count\"\nwindow = \"1500ms\"").unwrap();
+        let set =
+            with_feature("name = \"w\"\naggregation = \"count\"\nwindow = \"1500ms\"").unwrap();
         assert!(set.check_tick(500).is_ok());
         let e = set.check_tick(1000).unwrap_err();
-        assert!(e.contains("feature w: window 1500ms is not a multiple of the tick (1000 ms)"), "{e}");
+        assert!(
+            e.contains("feature w: window 1500ms is not a multiple of the tick (1000 ms)"),
+            "{e}"
+        );
     }
 
     #[test]
     fn windows_parse_and_format() {
-        for (text, ms) in [("100ms", 100), ("10s", 10_000), ("5m", 300_000), ("24h", 86_400_000), ("30d", MAX_WINDOW_MS)] {
+        for (text, ms) in [
+            ("100ms", 100),
+            ("10s", 10_000),
+            ("5m", 300_000),
+            ("24h", 86_400_000),
+            ("30d", MAX_WINDOW_MS),
+        ] {
             assert_eq!(parse_window(text), Ok(ms));
         }
         assert_eq!(format_window(86_400_000), "1d");
@@ -1370,13 +1448,23 @@ source = "txn"
         };
         let get = |name: &str| txn_field(&t, Schema::Txn.field(name).unwrap().0);
         assert_eq!(get("amount_minor"), Some(Datum::Int(1234)));
-        assert_eq!(get("country"), Some(Datum::Int(pack_country("FR").unwrap())));
+        assert_eq!(
+            get("country"),
+            Some(Datum::Int(pack_country("FR").unwrap()))
+        );
         assert_eq!(get("channel"), Some(Datum::Str("ecom".into())));
         assert_eq!(get("device_id"), None);
-        assert_eq!(get("ip_country"), Some(Datum::Int(pack_country("DE").unwrap())));
+        assert_eq!(
+            get("ip_country"),
+            Some(Datum::Int(pack_country("DE").unwrap()))
+        );
         assert_eq!(get("event_time"), Some(Datum::Int(99)));
         for (i, _) in TXN_FIELDS.iter().enumerate() {
-            assert_eq!(txn_has_field(&t, i), txn_field(&t, i).is_some(), "field {i}");
+            assert_eq!(
+                txn_has_field(&t, i),
+                txn_field(&t, i).is_some(),
+                "field {i}"
+            );
             if let Some(d) = txn_field(&t, i) {
                 assert!(txn_field_is(&t, i, &d), "field {i}");
             }
@@ -1395,7 +1483,11 @@ source = "txn"
         assert_eq!(get("action"), Some(Datum::Str("add_to_cart".into())));
         assert_eq!(get("dwell_ms"), Some(Datum::Int(30)));
         for (i, _) in CLICK_FIELDS.iter().enumerate() {
-            assert_eq!(click_has_field(&c, i), click_field(&c, i).is_some(), "field {i}");
+            assert_eq!(
+                click_has_field(&c, i),
+                click_field(&c, i).is_some(),
+                "field {i}"
+            );
             if let Some(d) = click_field(&c, i) {
                 assert!(click_field_is(&c, i, &d), "field {i}");
             }

@@ -17,7 +17,6 @@ pub use codec::{DecodeError, Decoder, EncodeError, Encoder, Event, Topics};
 pub use event::{Channel, Click, ClickAction, Label, Txn};
 pub use features::{
     Aggregation, DefinitionError, Entity, EntityDef, FeatureDef, FeatureRow, FeatureSet, Row,
-    RowError,
-    Value, ValueKind,
+    RowError, Value, ValueKind,
 };
 pub use validate::{Limits, ValidationError};

@@ -16,7 +16,6 @@ fn free_port() -> u16 {
         .port()
 }
 
-
 #[test]
 fn two_processes_write_the_rows_of_one() {
     let topics = Topics::new("cluster");
@@ -65,7 +64,10 @@ fn two_processes_write_the_rows_of_one() {
             .map(|(k, r)| (k.clone(), r.values.clone()))
             .collect::<Vec<_>>()
     };
-    let (two, one) = (values(&rows_two), values(&redis_rows(&mut conn, &one, SHIPPED)));
+    let (two, one) = (
+        values(&rows_two),
+        values(&redis_rows(&mut conn, &one, SHIPPED)),
+    );
     let differing = two.iter().zip(&one).filter(|(a, b)| a != b).count();
     assert!(
         two.len() == one.len() && differing == 0,

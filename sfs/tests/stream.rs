@@ -25,7 +25,8 @@ fn generated_events_through_kafka_and_the_job_equal_the_oracle() {
     generate(&topics, 4000, 7);
     let prefix = format!("{}:", unique("oracle"));
     let config = stream_config(&topics, &prefix, 2);
-    let summary = dataflow::worker::run(config, shipped(), Metrics::new()).expect("the bounded job runs");
+    let summary =
+        dataflow::worker::run(config, shipped(), Metrics::new()).expect("the bounded job runs");
     let frontier = summary
         .progress
         .expect("worker 0 recorded progress")
@@ -73,10 +74,16 @@ fn a_feature_added_to_the_definitions_flows_end_to_end() {
         .values()
         .find(|r| r.entity.name == "card")
         .expect("card rows");
-    let count_7d = card.get("txn_count_7d").expect("the new feature is in the row");
+    let count_7d = card
+        .get("txn_count_7d")
+        .expect("the new feature is in the row");
     assert!(count_7d.as_f64() >= card.get("txn_count_24h").unwrap().as_f64());
     let set = schemas::FeatureSet::parse("x", &defs).unwrap();
-    assert_eq!(set.widest_window_ms(), 7 * 86_400_000, "replay horizon follows the widest window");
+    assert_eq!(
+        set.widest_window_ms(),
+        7 * 86_400_000,
+        "replay horizon follows the widest window"
+    );
     assert_ne!(set.version, shipped().version);
 }
 
@@ -157,8 +164,12 @@ fn poison_messages_land_in_the_dead_letter_topic_while_valid_traffic_flows() {
     producer.flush(Duration::from_secs(10)).unwrap();
 
     let prefix = format!("{}:", unique("poison"));
-    let summary = dataflow::worker::run(stream_config(&topics, &prefix, 2), shipped(), Metrics::new())
-        .expect("the job runs");
+    let summary = dataflow::worker::run(
+        stream_config(&topics, &prefix, 2),
+        shipped(),
+        Metrics::new(),
+    )
+    .expect("the job runs");
     let frontier = summary.progress.unwrap().frontier_ms;
 
     let letters = read_all(&schemas::event::dlq_topic(&topics.txn));
@@ -186,7 +197,11 @@ fn poison_messages_land_in_the_dead_letter_topic_while_valid_traffic_flows() {
     let (txns, clicks) = read_events(&topics);
     assert_eq!(txns.len(), 300);
     let oracle = oracle(SHIPPED, &txns, &clicks, frontier);
-    assert_rows_match_oracle(&redis_rows(&mut redis(), &prefix, SHIPPED), &oracle, frontier);
+    assert_rows_match_oracle(
+        &redis_rows(&mut redis(), &prefix, SHIPPED),
+        &oracle,
+        frontier,
+    );
 }
 
 fn spawn_job(topics: &Topics, prefix: &str) -> Child {

@@ -1,4 +1,4 @@
-//! Sinks: the exactly-once Redis online store, the offline training-row sink, and Kafka (dead letters).
+//! Sinks: the exactly-once Redis online store and Kafka (dead letters).
 
 pub mod kafka;
 pub mod redis;

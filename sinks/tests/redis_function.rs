@@ -219,14 +219,30 @@ fn a_row_of_another_feature_set_is_replaced_not_merged() -> anyhow::Result<()> {
     let key = user_entity.redis_key(&config.key_prefix, "u1");
     redis::cmd("HSET")
         .arg(&key)
-        .arg(&["_as_of", "9000", "_fv", "fs-0000000000000000", "dropped_feature", "5"])
+        .arg(&[
+            "_as_of",
+            "9000",
+            "_fv",
+            "fs-0000000000000000",
+            "dropped_feature",
+            "5",
+        ])
         .query::<()>(&mut conn)?;
     // Older, but of another version: written.
-    let applied = apply(&mut conn, &config, 1000, &[user(&config, "u1", Some(user_row(4)))], None)?;
+    let applied = apply(
+        &mut conn,
+        &config,
+        1000,
+        &[user(&config, "u1", Some(user_row(4)))],
+        None,
+    )?;
     assert_eq!(applied.written, 1);
     let fields: HashMap<String, String> = redis::cmd("HGETALL").arg(&key).query(&mut conn)?;
     assert!(!fields.contains_key("dropped_feature"), "{fields:?}");
     assert_eq!(fields.len(), user_entity.features.len() + 2);
-    assert_eq!(stored(&mut conn, &config, "u1").unwrap().values, user_row(4));
+    assert_eq!(
+        stored(&mut conn, &config, "u1").unwrap().values,
+        user_row(4)
+    );
     Ok(())
 }

@@ -219,12 +219,13 @@ pub fn read_progress(
     config: &RedisSinkConfig,
 ) -> Result<Option<ProgressRecord>, SinkError> {
     let key = config.progress_key();
-    let (frontier, fv, offsets): (Option<u64>, Option<String>, Option<String>) = ::redis::cmd("HMGET")
-        .arg(&key)
-        .arg("frontier_ms")
-        .arg("fv")
-        .arg("offsets")
-        .query(conn)?;
+    let (frontier, fv, offsets): (Option<u64>, Option<String>, Option<String>) =
+        ::redis::cmd("HMGET")
+            .arg(&key)
+            .arg("frontier_ms")
+            .arg("fv")
+            .arg("offsets")
+            .query(conn)?;
     let Some(frontier_ms) = frontier else {
         return Ok(None);
     };

@@ -8,7 +8,6 @@ use std::time::{Duration, Instant};
 
 use timely::scheduling::SyncActivator;
 
-
 use super::{
     connect, encode_value, load_function, RedisSinkConfig, RowWrite, SinkError, SinkMetrics,
 };
@@ -289,7 +288,11 @@ impl Calls {
             for s in 0..self.schemas.len() {
                 let (entity, width) = self.schemas[s];
                 self.bulk_int(width as u64);
-                for spec in config.features.entities[entity as usize].features.iter().take(width) {
+                for spec in config.features.entities[entity as usize]
+                    .features
+                    .iter()
+                    .take(width)
+                {
                     self.bulk(spec.name.as_bytes());
                 }
             }
