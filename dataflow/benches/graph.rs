@@ -12,7 +12,9 @@
 //! Run: `bash bench/dataflow/run.sh` (or `cargo bench -p dataflow --bench graph`).
 //! Knobs (env): BENCH_EVENTS (default 3_000_000), BENCH_SIM_HOURS (default
 //! 30) or BENCH_SIM_SECS, BENCH_TICKS_MS (default "1000,100,10"), BENCH_WORKERS (default "1,2"),
-//! BENCH_FEATURES (default: the repository's features.toml).
+//! BENCH_FEATURES (default: the repository's features.toml), BENCH_BUILTIN
+//! (default 1: also time DD's built-ins on the card counts, see
+//! [`run_builtin`]; 0 skips it).
 
 use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -216,6 +218,103 @@ fn run(
     }
 }
 
+/// The comparison that justifies a custom operator: the card counts of the
+/// feature set's card windows with DD's built-ins alone, the cheapest way
+/// they compose here (`count_total` over `(card, window)` records, the
+/// retractions fed as input at `t + W` from per-window FIFO queues, since
+/// future-dated retractions inside DD wait in its batcher; see
+/// shared/NOTES-dd-performance.md). It computes 4 of the 22 features; the
+/// graph run computes all of them. Returns events/s of the steady state.
+fn run_builtin(
+    log: Arc<Vec<(i64, Event)>>,
+    windows: Vec<u64>,
+    config: GraphConfig,
+    workers: usize,
+) -> f64 {
+    use differential_dataflow::input::InputSession;
+    use differential_dataflow::operators::CountTotal;
+    use std::collections::VecDeque;
+    let start = Arc::new(std::sync::Barrier::new(workers));
+    let marks = Arc::new(Mutex::new((0usize, Duration::ZERO)));
+    let m2 = marks.clone();
+    timely::execute(timely::Config::process(workers), move |worker| {
+        let (index, peers) = (worker.index(), worker.peers());
+        let probe = ProbeHandle::new();
+        let mut input = InputSession::<u64, (String, u8), isize>::new();
+        worker.dataflow::<u64, _, _>(|scope| {
+            input
+                .to_collection(scope)
+                .count_total()
+                .inner
+                .probe_with(&probe);
+        });
+        let mut mine: Vec<(u64, String)> = log
+            .iter()
+            .skip(index)
+            .step_by(peers)
+            .filter_map(|(t, e)| match e {
+                Event::Txn(x) => Some((config.quantize(*t), x.card_id.clone())),
+                Event::Click(_) => None,
+            })
+            .collect();
+        mine.sort();
+        let full = config.quantize(T0 + DAY_MS);
+        let mut queues: Vec<VecDeque<(u64, String)>> =
+            windows.iter().map(|_| VecDeque::new()).collect();
+        start.wait();
+        let mut began = Instant::now();
+        let mut steady_events = 0;
+        let mut warmed = false;
+        for (tick, card) in mine {
+            if tick > *input.time() {
+                // Departures due up to this tick, then move on.
+                for (w, queue) in queues.iter_mut().enumerate() {
+                    while queue.front().is_some_and(|(t, _)| t + windows[w] <= tick) {
+                        let (t, card) = queue.pop_front().unwrap();
+                        input.update_at((card, w as u8), t + windows[w], -1);
+                    }
+                }
+                input.advance_to(tick);
+                input.flush();
+                let lag = tick.saturating_sub(5 * config.tick_ms);
+                while probe.less_than(&lag) {
+                    worker.step_or_park(Some(Duration::from_millis(1)));
+                }
+                if tick >= full && !warmed {
+                    while probe.less_than(&full) {
+                        worker.step_or_park(Some(Duration::from_millis(1)));
+                    }
+                    warmed = true;
+                    began = Instant::now();
+                }
+            }
+            if warmed {
+                steady_events += 1;
+            }
+            for (w, queue) in queues.iter_mut().enumerate() {
+                input.insert((card.clone(), w as u8));
+                queue.push_back((tick, card.clone()));
+            }
+        }
+        let end = *input.time() + config.tick_ms;
+        input.advance_to(end);
+        input.flush();
+        while probe.less_than(&end) {
+            worker.step_or_park(Some(Duration::from_millis(1)));
+        }
+        if index == 0 {
+            *m2.lock().unwrap() = (steady_events * peers, began.elapsed());
+        }
+        for dataflow in worker.installed_dataflows() {
+            worker.drop_dataflow(dataflow);
+        }
+    })
+    .expect("timely runs");
+    let (txns, elapsed) = *marks.lock().unwrap();
+    // Per event of the log (txns are 40% of it), like the graph's figure.
+    (txns as f64 / 0.4) / elapsed.as_secs_f64().max(1e-9)
+}
+
 fn empty_click() -> Click {
     Click {
         event_id: String::new(),
@@ -315,13 +414,28 @@ fn main() {
             let (warm, steady) = (rate(r.warmup), rate(r.steady));
             let per_key = r.rss_growth_bytes as f64 / r.live_keys.max(1) as f64;
             let load = load_average();
+            let builtin = if env("BENCH_BUILTIN", 1) == 1 {
+                let card = set.entity("card").expect("a card entity");
+                let counts: Vec<u64> = card
+                    .features
+                    .iter()
+                    .filter(|f| f.aggregation == schemas::Aggregation::Count)
+                    .map(|f| f.window_ms)
+                    .collect();
+                format!(
+                    "{:.0}",
+                    run_builtin(log.clone(), counts, config.clone(), w as usize)
+                )
+            } else {
+                "null".to_owned()
+            };
             eprintln!(
-                "tick={tick_ms}ms workers={w} warmup events/s={warm:.0} steady events/s={steady:.0} \
+                "tick={tick_ms}ms workers={w} dd_builtin_card_counts events/s={builtin} warmup events/s={warm:.0} steady events/s={steady:.0} \
                  cpu_secs={cpu:.1} row_changes={} live_keys={} bytes/live_key={per_key:.0} load={load}",
                 r.row_changes, r.live_keys
             );
             results.push(format!(
-                "{{\"tick_ms\":{tick_ms},\"workers\":{w},\"warmup_events_per_sec\":{warm:.0},\"steady_events_per_sec\":{steady:.0},\"warmup_events\":{},\"steady_events\":{},\"cpu_secs\":{cpu:.2},\"row_changes\":{},\"live_keys\":{},\"rss_growth_bytes\":{},\"bytes_per_live_key\":{per_key:.0},\"load_avg_1m\":{load}}}",
+                "{{\"tick_ms\":{tick_ms},\"workers\":{w},\"warmup_events_per_sec\":{warm:.0},\"steady_events_per_sec\":{steady:.0},\"dd_builtin_card_counts_steady_events_per_sec\":{builtin},\"warmup_events\":{},\"steady_events\":{},\"cpu_secs\":{cpu:.2},\"row_changes\":{},\"live_keys\":{},\"rss_growth_bytes\":{},\"bytes_per_live_key\":{per_key:.0},\"load_avg_1m\":{load}}}",
                 r.warmup.0, r.steady.0, r.row_changes, r.live_keys, r.rss_growth_bytes
             ));
         }
