@@ -312,58 +312,30 @@ fn int(record: &Record, column: Option<usize>) -> i64 {
         .expect("validated: the aggregation reads an integer column")
 }
 
+/// `value` enters (or leaves) the window of aggregate `a`.
+#[inline]
+fn step<T: ?Sized, A: Aggregate<T>>(a: &mut A, value: &T, enter: bool) {
+    if enter {
+        a.insert(value)
+    } else {
+        a.retract(value)
+    }
+}
+
 impl State {
     #[inline]
     fn apply(&mut self, cell: &Cell, record: &Record, enter: bool) {
         match self {
             State::Count(n) => *n += if enter { 1 } else { -1 },
-            State::Moments(m) => {
-                let v = int(record, cell.column);
-                if enter {
-                    m.insert(&v)
-                } else {
-                    m.retract(&v)
-                }
-            }
-            State::Min(m) => {
-                let v = int(record, cell.column);
-                if enter {
-                    m.insert(&v)
-                } else {
-                    m.retract(&v)
-                }
-            }
-            State::Max(m) => {
-                let v = int(record, cell.column);
-                if enter {
-                    m.insert(&v)
-                } else {
-                    m.retract(&v)
-                }
-            }
+            State::Moments(m) => step(m, &int(record, cell.column), enter),
+            State::Min(m) => step(m, &int(record, cell.column), enter),
+            State::Max(m) => step(m, &int(record, cell.column), enter),
             State::Multiset(m) => {
-                let v = &record.columns[cell.column.expect("multisets read a column")];
-                if enter {
-                    m.insert(v)
-                } else {
-                    m.retract(v)
-                }
+                let column = cell.column.expect("multisets read a column");
+                step(m, &record.columns[column], enter)
             }
-            State::Last(m) => {
-                let v = (record.time, int(record, cell.column));
-                if enter {
-                    m.insert(&v)
-                } else {
-                    m.retract(&v)
-                }
-            }
-            State::LastTime(m) => {
-                if enter {
-                    m.insert(&record.time)
-                } else {
-                    m.retract(&record.time)
-                }
-            }
+            State::Last(m) => step(m, &(record.time, int(record, cell.column)), enter),
+            State::LastTime(m) => step(m, &record.time, enter),
         }
     }
 }
