@@ -8,6 +8,7 @@
 //! multiset.
 
 use std::rc::Rc;
+use std::sync::Arc;
 
 use operators::aggregate::{Aggregate, Max, Min, Mode, Moments, RowAggregate};
 use operators::window::WindowFold;
@@ -239,7 +240,7 @@ impl EntityPlan {
     /// The key and record of an event of source `source`; `None` when the
     /// source does not feed the entity or the event meets no feature's
     /// condition.
-    pub fn project(&self, source: usize, event: &Event) -> Option<(String, Record)> {
+    pub fn project(&self, source: usize, event: &Event) -> Option<(Arc<str>, Record)> {
         let projection = self.projections.get(source)?.as_ref()?;
         debug_assert_eq!(projection.schema, event.schema());
         let widest = self.windows.len() - 1;
@@ -264,7 +265,7 @@ impl EntityPlan {
             .map(|f| event.field(*f).unwrap_or(Datum::Int(0)))
             .collect();
         Some((
-            key,
+            Arc::from(key),
             Record {
                 time: event.event_time(),
                 windows,

@@ -16,6 +16,7 @@
 //! "Features(name)" ([`WindowedAggregate`]).
 
 use std::rc::Rc;
+use std::sync::Arc;
 
 use differential_dataflow::{AsCollection, VecCollection};
 use serde::{Deserialize, Serialize};
@@ -137,9 +138,9 @@ pub fn build_features_budgeted<'scope>(
             &plan.windows,
             fold,
             work_per_activation,
-            move |id: &String, values| Row {
+            move |id: &Arc<str>, values| Row {
                 entity,
-                id: id.clone(),
+                id: Arc::clone(id),
                 values,
             },
         ));

@@ -73,7 +73,7 @@ fn card_as_of(updates: &[(Row, u64, isize)], card: &str, frontier: u64) -> Optio
     let mut rows: BTreeMap<Vec<Value>, isize> = BTreeMap::new();
     for (row, _, diff) in updates
         .iter()
-        .filter(|(row, t, _)| *t < frontier && row.entity == 0 && row.id == card)
+        .filter(|(row, t, _)| *t < frontier && row.entity == 0 && &*row.id == card)
     {
         *rows.entry(row.values.clone()).or_default() += diff;
     }

@@ -1034,8 +1034,9 @@ impl std::hash::Hash for Value {
 pub struct Row {
     /// Index into [`FeatureSet::entities`].
     pub entity: u8,
-    /// The entity key (`card_id`, `user_id`, ...).
-    pub id: String,
+    /// The entity key (`card_id`, `user_id`, ...), shared by every version of
+    /// the row and the window state (a change clones no string).
+    pub id: Arc<str>,
     /// One value per feature of the entity, in its row order.
     pub values: Vec<Value>,
 }

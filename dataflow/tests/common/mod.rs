@@ -330,7 +330,10 @@ impl Checker {
             let mut outs: BTreeMap<(String, String), Vec<Value>> = BTreeMap::new();
             let mut ins: BTreeMap<(String, String), Vec<Value>> = BTreeMap::new();
             for (row, diff) in changes {
-                let key = (self.entities[row.entity as usize].clone(), row.id);
+                let key = (
+                    self.entities[row.entity as usize].clone(),
+                    row.id.to_string(),
+                );
                 let side = match diff {
                     1 => &mut ins,
                     -1 => &mut outs,

@@ -108,7 +108,7 @@ pub struct RowWrite {
     /// Index into the feature set's entities.
     pub entity: u8,
     /// The entity id.
-    pub id: String,
+    pub id: Arc<str>,
     /// Feature values in the entity's row order; `None` deletes the row.
     pub values: Option<Vec<Value>>,
 }
@@ -124,7 +124,7 @@ impl RowWrite {
     }
 
     /// The deletion of entity `entity`'s row `id`.
-    pub fn delete(entity: u8, id: String) -> RowWrite {
+    pub fn delete(entity: u8, id: Arc<str>) -> RowWrite {
         RowWrite {
             entity,
             id,

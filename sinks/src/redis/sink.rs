@@ -3,6 +3,7 @@
 use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
 use std::rc::Rc;
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use operators::kafka::{OffsetCommitter, PartitionMark, SourceHandle, TopicPartition};
@@ -40,7 +41,7 @@ fn target(frontier: &MutableAntichain<u64>, source: &SourceHandle) -> Option<u64
 }
 
 /// Pending rows by key: the time and values of the key's last change.
-type ReadyRows = HashMap<(u8, String), (u64, Option<Vec<Value>>), FxBuildHasher>;
+type ReadyRows = HashMap<(u8, Arc<str>), (u64, Option<Vec<Value>>), FxBuildHasher>;
 
 /// Writes row changes to Redis, exactly once and monotonically.
 pub trait RedisSink<'scope> {
