@@ -60,8 +60,8 @@ AS_OF_MS = 1_700_000_000_000
 # The entities the scoring routes read, and the card features the server's
 # request-time features need (server/src/features.rs).
 CARD, USER = "card", "user"
-AMOUNT_MEAN, AMOUNT_STD = "amount_mean_24h", "amount_std_24h"
-LAST_TXN_TIME, USUAL_COUNTRY = "last_txn_time", "top_country_24h"
+# Request roles ([request] of features.toml) bound to the card features they read.
+ROLES = ("amount_mean", "amount_std", "last_time", "usual_country")
 REQUEST = [
     "amount_log1p", "amount_to_mean_24h", "amount_zscore_24h", "country_mismatch",
     "seconds_since_last_txn", "channel_ecom", "channel_atm",
@@ -119,6 +119,7 @@ class Definitions:
     schemas: dict[str, str]                  # source -> schema
     entities: dict[str, list[str]]           # entity -> sources
     features: dict[str, list[Feature]] = field(default_factory=dict)  # entity -> features, file order
+    request: dict[str, str] = field(default_factory=dict)  # request role -> card feature
 
     def model_inputs(self, entity: str) -> list[str]:
         """`entity.feature` of every quantity of `entity`, in row order."""
@@ -134,6 +135,7 @@ def load_definitions(path: Path) -> Definitions:
     defs = Definitions(
         schemas={s["name"]: s["schema"] for s in doc.get("sources", [])},
         entities={e["name"]: e["sources"] for e in doc.get("entities", [])},
+        request=dict(doc.get("request", {})),
     )
     for f in doc.get("features", []):
         defs.features.setdefault(f["entity"], []).append(Feature(
@@ -143,9 +145,10 @@ def load_definitions(path: Path) -> Definitions:
     for entity in (CARD, USER):
         if entity not in defs.entities:
             raise SystemExit(f"{path}: no entity {entity}, which the scoring routes read")
-    for name in (AMOUNT_MEAN, AMOUNT_STD, LAST_TXN_TIME, USUAL_COUNTRY):
-        if defs.feature(CARD, name) is None:
-            raise SystemExit(f"{path}: the request-time features need feature {name} of entity {CARD}")
+    for role in ROLES:
+        name = defs.request.get(role)
+        if name is None or defs.feature(CARD, name) is None:
+            raise SystemExit(f"{path}: the request-time features need [request] {role} bound to a feature of entity {CARD}")
     return defs
 
 
@@ -350,11 +353,12 @@ def user_rows(defs: Definitions, rng: np.random.Generator, n: int) -> tuple[dict
     return entity_rows(defs, USER, events), made.get("click") or clicks(rng, np.zeros(n, np.int64), DAY_MS, intent)
 
 
-def request_features(card: dict[str, np.ndarray], amount, country, channel) -> dict[str, np.ndarray]:
+def request_features(defs: Definitions, card: dict[str, np.ndarray], amount, country, channel) -> dict[str, np.ndarray]:
     """The server's request-time features (server/src/features.rs) from the card row and the request."""
     cold = card[f"{CARD}_cold_start"] > 0
-    mean, std = card[f"{CARD}.{AMOUNT_MEAN}"], card[f"{CARD}.{AMOUNT_STD}"]
-    last, usual = card[f"{CARD}.{LAST_TXN_TIME}"], card[f"{CARD}.{USUAL_COUNTRY}"].astype(np.int64)
+    bound = {role: card[f"{CARD}.{defs.request[role]}"] for role in ROLES}
+    mean, std = bound["amount_mean"], bound["amount_std"]
+    last, usual = bound["last_time"], bound["usual_country"].astype(np.int64)
     known = ~cold & unpack_country(usual)
     return {
         "amount_log1p": np.log1p(amount),
@@ -395,7 +399,7 @@ def fraud_dataset(defs: Definitions, features: list[str], rng: np.random.Generat
     country = np.where(foreign, rng.choice([pack_country(c) for c in FOREIGN_COUNTRIES], n), home)
     channel = rng.choice(3, n, p=[0.6, 0.3, 0.1])
     channel = np.where(attack & (rng.random(n) < 0.5), 1, channel)
-    cols.update(request_features(cols, amount, country, channel))
+    cols.update(request_features(defs, cols, amount, country, channel))
     cols.update(user_rows(defs, rng, n)[0])
     label = np.where(attack, rng.random(n) < 0.85, rng.random(n) < 0.004)
     x = np.column_stack([np.asarray(cols[f], dtype=np.float64) for f in features])

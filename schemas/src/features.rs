@@ -413,6 +413,10 @@ pub type Entity = Arc<EntityDef>;
 pub struct FeatureSet {
     pub sources: Vec<SourceDef>,
     pub entities: Vec<Entity>,
+    /// Request roles bound to features (`[request]`: role -> feature name of
+    /// some entity), for the server's request-time features. Not hashed into
+    /// the version: rows do not depend on it.
+    pub request: BTreeMap<String, String>,
     /// The stable hash of the definitions, `fs-` and 16 hex digits.
     pub version: String,
 }
@@ -443,6 +447,8 @@ struct FileDef {
     entities: Vec<FileEntity>,
     #[serde(default)]
     features: Vec<FileFeature>,
+    #[serde(default)]
+    request: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -867,10 +873,16 @@ fn resolve(file: FileDef, problems: &mut Vec<String>) -> FeatureSet {
     if entities.len() > u8::MAX as usize {
         problems.push(format!("{} entities, at most {}", entities.len(), u8::MAX));
     }
+    for (role, feature) in &file.request {
+        if !entities.iter().any(|e| e.position(feature).is_some()) {
+            problems.push(format!("request {role}: no feature {feature}"));
+        }
+    }
     let version = version_of(&sources, &entities);
     FeatureSet {
         sources,
         entities: entities.into_iter().map(Arc::new).collect(),
+        request: file.request,
         version,
     }
 }

@@ -33,14 +33,20 @@ use schemas::Channel;
 pub const CARD_ENTITY: &str = "card";
 /// The entity of the customer (keyed by the requests' `user_id`).
 pub const USER_ENTITY: &str = "user";
-/// Card feature: mean amount (minor units), read by `amount_to_mean_24h` and `amount_zscore_24h`.
-pub const AMOUNT_MEAN_FEATURE: &str = "amount_mean_24h";
-/// Card feature: amount standard deviation, read by `amount_zscore_24h`.
-pub const AMOUNT_STD_FEATURE: &str = "amount_std_24h";
-/// Card feature: time (ms) of the card's latest transaction, read by `seconds_since_last_txn`.
-pub const LAST_TXN_TIME_FEATURE: &str = "last_txn_time";
-/// Card feature: the card's usual country (packed code), read by `country_mismatch`.
-pub const USUAL_COUNTRY_FEATURE: &str = "top_country_24h";
+/// Request roles (`[request]` of features.toml), each bound to a card feature.
+/// Mean amount (minor units), read by `amount_to_mean_24h` and `amount_zscore_24h`.
+pub const AMOUNT_MEAN: &str = "amount_mean";
+/// Amount standard deviation, read by `amount_zscore_24h`.
+pub const AMOUNT_STD: &str = "amount_std";
+/// Time (ms) of the card's latest transaction, read by `seconds_since_last_txn`.
+pub const LAST_TIME: &str = "last_time";
+/// The card's usual country (packed code), read by `country_mismatch`.
+pub const USUAL_COUNTRY: &str = "usual_country";
+
+/// The feature bound to request role `role`, if the set binds it.
+pub fn request_feature<'a>(set: &'a FeatureSet, role: &str) -> Option<&'a str> {
+    set.request.get(role).map(String::as_str)
+}
 /// Suffix of the cold-start flags, `{entity}_cold_start`.
 pub const COLD_START_SUFFIX: &str = "_cold_start";
 
@@ -123,7 +129,7 @@ pub enum FeatureError {
         feature: String,
         version: String,
     },
-    #[error("request-time feature {name} needs feature {needs} of entity {CARD_ENTITY}, which the feature set ({version}) does not define")]
+    #[error("request-time feature {name} needs the {CARD_ENTITY} feature bound to request role {needs} ([request] of the feature definitions), which the feature set ({version}) does not define")]
     NeedsCardFeature {
         name: &'static str,
         needs: &'static str,
@@ -132,7 +138,8 @@ pub enum FeatureError {
     #[error("request-time feature {name} needs {CARD_ENTITY}.{needs} to be the mode or last value of a country field")]
     NotACountry {
         name: &'static str,
-        needs: &'static str,
+        /// The card feature bound to the usual-country role.
+        needs: String,
     },
 }
 
@@ -148,13 +155,14 @@ fn card_feature(
         version: set.version.clone(),
     };
     let entity = set.entity_index(CARD_ENTITY).ok_or_else(missing)?;
-    let feature = set.entities[entity].position(needs).ok_or_else(missing)?;
+    let bound = request_feature(set, needs).ok_or_else(missing)?;
+    let feature = set.entities[entity].position(bound).ok_or_else(missing)?;
     Ok(FeatureAt { entity, feature })
 }
 
 /// The usual-country feature: it must hold a packed country code.
 fn country_feature(set: &FeatureSet, name: &'static str) -> Result<FeatureAt, FeatureError> {
-    let at = card_feature(set, name, USUAL_COUNTRY_FEATURE)?;
+    let at = card_feature(set, name, USUAL_COUNTRY)?;
     let def = &set.entities[at.entity].features[at.feature];
     let field = def
         .field
@@ -167,7 +175,7 @@ fn country_feature(set: &FeatureSet, name: &'static str) -> Result<FeatureAt, Fe
     } else {
         Err(FeatureError::NotACountry {
             name,
-            needs: USUAL_COUNTRY_FEATURE,
+            needs: set.entities[at.entity].features[at.feature].name.clone(),
         })
     }
 }
@@ -177,17 +185,17 @@ pub fn resolve(name: &str, set: &FeatureSet) -> Result<Source, FeatureError> {
     Ok(match name {
         "amount_log1p" => Source::AmountLog1p,
         "amount_to_mean_24h" => Source::AmountToMean {
-            mean: card_feature(set, "amount_to_mean_24h", AMOUNT_MEAN_FEATURE)?,
+            mean: card_feature(set, "amount_to_mean_24h", AMOUNT_MEAN)?,
         },
         "amount_zscore_24h" => Source::AmountZscore {
-            mean: card_feature(set, "amount_zscore_24h", AMOUNT_MEAN_FEATURE)?,
-            std: card_feature(set, "amount_zscore_24h", AMOUNT_STD_FEATURE)?,
+            mean: card_feature(set, "amount_zscore_24h", AMOUNT_MEAN)?,
+            std: card_feature(set, "amount_zscore_24h", AMOUNT_STD)?,
         },
         "country_mismatch" => Source::CountryMismatch {
             usual: country_feature(set, "country_mismatch")?,
         },
         "seconds_since_last_txn" => Source::SecondsSinceLastTxn {
-            last: card_feature(set, "seconds_since_last_txn", LAST_TXN_TIME_FEATURE)?,
+            last: card_feature(set, "seconds_since_last_txn", LAST_TIME)?,
         },
         "channel_ecom" => Source::ChannelEcom,
         "channel_atm" => Source::ChannelAtm,
@@ -328,11 +336,14 @@ mod tests {
         let end = SHIPPED[start + 1..]
             .find("[[features]]")
             .map_or(SHIPPED.len(), |i| start + 1 + i);
-        FeatureSet::parse(
-            "test.toml",
-            &format!("{}{}", &SHIPPED[..start], &SHIPPED[end..]),
-        )
-        .unwrap()
+        // Its request binding goes too (a binding must name a feature).
+        let binding = format!(" = \"{name}\"");
+        let text: String = format!("{}{}", &SHIPPED[..start], &SHIPPED[end..])
+            .lines()
+            .filter(|l| !l.ends_with(&binding))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        FeatureSet::parse("test.toml", &text).unwrap()
     }
 
     fn card_row(set: &FeatureSet, mean: f64, std: f64, last_txn_time: i64) -> FeatureRow {
@@ -340,12 +351,14 @@ mod tests {
         let values = card
             .features
             .iter()
-            .map(|f| match f.name.as_str() {
-                AMOUNT_MEAN_FEATURE => Value::Float(mean),
-                AMOUNT_STD_FEATURE => Value::Float(std),
-                LAST_TXN_TIME_FEATURE => Value::Int(last_txn_time),
-                USUAL_COUNTRY_FEATURE => Value::Int(pack_country("DE").unwrap()),
-                "txn_count_1m" => Value::Int(3),
+            .map(|f| match Some(f.name.as_str()) {
+                n if n == request_feature(set, AMOUNT_MEAN) => Value::Float(mean),
+                n if n == request_feature(set, AMOUNT_STD) => Value::Float(std),
+                n if n == request_feature(set, LAST_TIME) => Value::Int(last_txn_time),
+                n if n == request_feature(set, USUAL_COUNTRY) => {
+                    Value::Int(pack_country("DE").unwrap())
+                }
+                Some("txn_count_1m") => Value::Int(3),
                 _ => Value::Int(1),
             })
             .collect();
@@ -388,7 +401,7 @@ mod tests {
         assert_eq!(
             resolve("country_mismatch", &set),
             Ok(Source::CountryMismatch {
-                usual: at(card, USUAL_COUNTRY_FEATURE)
+                usual: at(card, request_feature(&set, USUAL_COUNTRY).unwrap())
             })
         );
         assert_eq!(
@@ -417,13 +430,13 @@ mod tests {
     #[test]
     fn a_request_time_feature_whose_card_feature_is_gone_does_not_resolve() {
         for (name, needs) in [
-            ("amount_to_mean_24h", AMOUNT_MEAN_FEATURE),
-            ("amount_zscore_24h", AMOUNT_MEAN_FEATURE),
-            ("amount_zscore_24h", AMOUNT_STD_FEATURE),
-            ("seconds_since_last_txn", LAST_TXN_TIME_FEATURE),
-            ("country_mismatch", USUAL_COUNTRY_FEATURE),
+            ("amount_to_mean_24h", AMOUNT_MEAN),
+            ("amount_zscore_24h", AMOUNT_MEAN),
+            ("amount_zscore_24h", AMOUNT_STD),
+            ("seconds_since_last_txn", LAST_TIME),
+            ("country_mismatch", USUAL_COUNTRY),
         ] {
-            let set = without(needs);
+            let set = without(request_feature(&shipped(), needs).unwrap());
             let err = resolve(name, &set).unwrap_err();
             assert!(
                 matches!(&err, FeatureError::NeedsCardFeature { name: n, needs: m, .. } if *n == name && *m == needs),

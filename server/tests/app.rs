@@ -418,26 +418,28 @@ async fn a_model_naming_a_feature_the_set_lacks_is_refused_naming_it() {
 
 #[tokio::test]
 async fn a_request_time_feature_whose_card_feature_is_gone_fails_the_model() {
-    let set = edited_features("no-last-txn", |text| without_feature(text, "last_txn_time"));
+    // The feature and its request binding go (a binding must name a feature).
+    let drop = |text: String| {
+        without_feature(text, "last_txn_time").replace("last_time = \"last_txn_time\"\n", "")
+    };
+    let set = edited_features("no-last-txn", drop);
     let err = build(&config("no-last-txn", &workspace().join("models")), set)
         .err()
         .expect("load must fail")
         .to_string();
     assert!(
-        err.contains("request-time feature seconds_since_last_txn needs feature last_txn_time of entity card"),
+        err.contains("request-time feature seconds_since_last_txn needs the card feature bound to request role last_time"),
         "{err}"
     );
     // The rule-based fallback reads it too, and fails the same way.
-    let set = edited_features("no-last-txn-rules", |text| {
-        without_feature(text, "last_txn_time")
-    });
+    let set = edited_features("no-last-txn-rules", drop);
     let empty = temp_dir("no-last-txn-rules");
     let err = build(&config("no-last-txn-rules", &empty), set)
         .err()
         .expect("load must fail")
         .to_string();
     assert!(
-        err.contains("rule-based-v1 for fraud: request-time feature seconds_since_last_txn needs feature last_txn_time"),
+        err.contains("rule-based-v1 for fraud: request-time feature seconds_since_last_txn needs the card feature bound to request role last_time"),
         "{err}"
     );
     std::fs::remove_dir_all(empty).unwrap();

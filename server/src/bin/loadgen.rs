@@ -20,7 +20,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use schemas::features::{FeatureRow, FeatureSet, Value, ValueKind};
-use server::features::{AMOUNT_MEAN_FEATURE, AMOUNT_STD_FEATURE, LAST_TXN_TIME_FEATURE};
+use server::features::{request_feature, AMOUNT_MEAN, AMOUNT_STD, LAST_TIME};
 
 struct Args {
     addr: SocketAddr,
@@ -89,10 +89,12 @@ fn seed(url: &str, prefix: &str, n: usize, set: &FeatureSet) -> redis::RedisResu
                 let values = entity
                     .features
                     .iter()
-                    .map(|f| match (f.name.as_str(), f.kind()) {
-                        (AMOUNT_MEAN_FEATURE, _) => Value::Float(mean),
-                        (AMOUNT_STD_FEATURE, _) => Value::Float(mean / 3.0),
-                        (LAST_TXN_TIME_FEATURE, _) => Value::Int(now - (i as i64 % 3600) * 1000),
+                    .map(|f| match (Some(f.name.as_str()), f.kind()) {
+                        (n, _) if n == request_feature(set, AMOUNT_MEAN) => Value::Float(mean),
+                        (n, _) if n == request_feature(set, AMOUNT_STD) => Value::Float(mean / 3.0),
+                        (n, _) if n == request_feature(set, LAST_TIME) => {
+                            Value::Int(now - (i as i64 % 3600) * 1000)
+                        }
                         (_, ValueKind::Float) => Value::Float(mean),
                         (_, ValueKind::Int) => Value::Int((i % 7) as i64 + 1),
                     })
