@@ -552,3 +552,71 @@ impl Purchases {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn label(id: &str, fraud: bool, at: i64) -> Label {
+        Label {
+            event_id: id.into(),
+            card_id: "c".into(),
+            is_fraud: fraud,
+            fraud_type: fraud.then(|| "card_testing".into()),
+            label_time: at,
+        }
+    }
+
+    fn config(maturity: i64) -> BackfillConfig {
+        BackfillConfig {
+            tick_ms: 1000,
+            workers: 1,
+            label_cutoff_ms: None,
+            label_maturity_ms: maturity,
+            purchase_window_ms: 1_800_000,
+            progress: false,
+        }
+    }
+
+    #[test]
+    fn labels_are_known_as_of_the_cutoff_and_young_transactions_are_pending() {
+        let labels = Labels::new(
+            &[
+                label("early", true, 100),
+                label("late", true, 5_000),
+                label("negative", false, 200),
+                label("flipped", false, 100),
+                label("flipped", true, 300),
+            ],
+            1_000,
+        );
+        let c = config(400);
+        let status = |id: &str, t: i64| labels.of(id, t, &c).status;
+        assert_eq!(status("early", 50), LabelStatus::Fraud);
+        assert_eq!(
+            labels.of("early", 50, &c).fraud_type.as_deref(),
+            Some("card_testing")
+        );
+        // Arrived after the cutoff: unknown, so old enough counts as legit...
+        assert_eq!(status("late", 600), LabelStatus::Legit);
+        // ...and too young is pending, never legit.
+        assert_eq!(status("late", 601), LabelStatus::Pending);
+        assert_eq!(status("negative", 990), LabelStatus::Legit);
+        assert_eq!(status("flipped", 990), LabelStatus::Fraud);
+        assert_eq!(status("unlabelled", 600), LabelStatus::Legit);
+        assert_eq!(status("unlabelled", 700), LabelStatus::Pending);
+    }
+
+    #[test]
+    fn a_view_is_labelled_by_a_later_purchase_within_the_window() {
+        let purchases = Purchases(HashMap::from([("u".to_owned(), vec![100, 5_000])]));
+        // (t, t + window]: a purchase at the view's own time does not count.
+        assert_eq!(purchases.label("u", 100, 1_000, 10_000), Some(false));
+        assert_eq!(purchases.label("u", 99, 1_000, 10_000), Some(true));
+        assert_eq!(purchases.label("u", 4_000, 1_000, 10_000), Some(true));
+        assert_eq!(purchases.label("u", 3_999, 1_000, 10_000), Some(false));
+        // The window runs past the end of the log: not known yet.
+        assert_eq!(purchases.label("u", 9_500, 1_000, 10_000), None);
+        assert_eq!(purchases.label("other", 9_000, 1_000, 10_000), Some(false));
+    }
+}

@@ -24,7 +24,8 @@ pub struct EventLog {
     pub events: Vec<(usize, Event)>,
     /// The fraud labels, ordered by label time.
     pub labels: Vec<Label>,
-    /// Records that could not be read (Kafka only: files fail as a whole).
+    /// Records left out as the stream job dead-letters them: unreadable
+    /// (Kafka only: a file that does not parse fails as a whole) or invalid.
     pub skipped: u64,
 }
 
@@ -76,6 +77,19 @@ fn file_of(dir: &Path, topic: &str) -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
+/// Reads `path` (`.avro` container or `.jsonl`) as events of type `E`,
+/// leaving out (and counting) those the stream job would dead-letter as
+/// invalid. Files carry no record timestamp, so the future-time bound is
+/// not applied.
+fn read_valid<E: schemas::Event>(path: &Path, skipped: &mut u64) -> anyhow::Result<Vec<E>> {
+    let limits = schemas::Limits::default();
+    let mut events = read_file::<E>(path)?;
+    let before = events.len();
+    events.retain(|e| e.validate(e.time_ms(), &limits).is_ok());
+    *skipped += (before - events.len()) as u64;
+    Ok(events)
+}
+
 /// Reads `path` (`.avro` container or `.jsonl`) as events of type `E`.
 fn read_file<E: schemas::Event>(path: &Path) -> anyhow::Result<Vec<E>> {
     let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
@@ -115,19 +129,19 @@ fn read_files(dir: &Path, set: &FeatureSet, topics: &Topics) -> anyhow::Result<E
         })?;
         match def.schema {
             Schema::Txn => log.events.extend(
-                read_file::<Txn>(&path)?
+                read_valid::<Txn>(&path, &mut log.skipped)?
                     .into_iter()
                     .map(|t| (index, Event::Txn(t))),
             ),
             Schema::Click => log.events.extend(
-                read_file::<Click>(&path)?
+                read_valid::<Click>(&path, &mut log.skipped)?
                     .into_iter()
                     .map(|c| (index, Event::Click(c))),
             ),
         }
     }
     match file_of(dir, &topics.labels) {
-        Some(path) => log.labels = read_file::<Label>(&path)?,
+        Some(path) => log.labels = read_valid::<Label>(&path, &mut log.skipped)?,
         None => tracing::warn!(
             dir = %dir.display(),
             topic = %topics.labels,
@@ -217,6 +231,12 @@ fn read_kafka(
             ends.remove(&key);
         }
         let payload = message.payload().unwrap_or_default();
+        // As the stream job: the record's timestamp bounds future event times.
+        let now_ms = message
+            .timestamp()
+            .to_millis()
+            .filter(|t| *t > 0)
+            .unwrap_or(i64::MAX / 2);
         let kind = kinds
             .iter()
             .find(|(t, _)| *t == key.0)
@@ -224,12 +244,14 @@ fn read_kafka(
             .expect("assigned topics only");
         let read = match kind {
             Kind::Source(i, Schema::Txn) => decoder
-                .read::<Txn>(payload)
+                .decode::<Txn>(payload, now_ms)
                 .map(|t| log.events.push((i, Event::Txn(t)))),
             Kind::Source(i, Schema::Click) => decoder
-                .read::<Click>(payload)
+                .decode::<Click>(payload, now_ms)
                 .map(|c| log.events.push((i, Event::Click(c)))),
-            Kind::Labels => decoder.read::<Label>(payload).map(|l| log.labels.push(l)),
+            Kind::Labels => decoder
+                .decode::<Label>(payload, now_ms)
+                .map(|l| log.labels.push(l)),
         };
         if let Err(e) = read {
             log.skipped += 1;
