@@ -126,14 +126,7 @@ impl Job {
 
     /// The job's /metrics text (empty while it does not answer).
     fn scrape(&self) -> String {
-        let Ok(mut stream) = std::net::TcpStream::connect(&self.metrics) else {
-            return String::new();
-        };
-        let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
-        let _ = stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
-        let mut body = String::new();
-        let _ = stream.read_to_string(&mut body);
-        body
+        get(&self.metrics, "/metrics")
     }
 
     /// The sum of every sample of metric `name` (all label sets).
@@ -194,6 +187,61 @@ impl Drop for Job {
         let _ = self.child.wait();
         let _ = std::fs::remove_file(&self.log);
     }
+}
+
+/// The body of `GET path` at `addr` (empty when it does not answer).
+fn get(addr: &str, path: &str) -> String {
+    let Ok(mut stream) = std::net::TcpStream::connect(addr) else {
+        return String::new();
+    };
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+    let _ = write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    );
+    let mut raw = String::new();
+    let _ = stream.read_to_string(&mut raw);
+    raw.split_once("\r\n\r\n")
+        .map_or(String::new(), |x| x.1.to_owned())
+}
+
+/// `sfs serve` over the test's prefix, its status page scraping `job_metrics`.
+fn spawn_server(prefix: &str, job_metrics: &str) -> (Child, String) {
+    let addr = format!("127.0.0.1:{}", free_port());
+    let child = Command::new(env!("CARGO_BIN_EXE_sfs"))
+        .args(["serve", "--listen", &addr, "--key-prefix", prefix])
+        .args(["--stream-metrics", job_metrics])
+        .args([
+            "--models-dir",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/../models"),
+        ])
+        .args([
+            "--features",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/../features.toml"),
+        ])
+        .env("REDIS_URL", redis_url())
+        .env("SFS_LOG", "warn")
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    (child, addr)
+}
+
+/// Kills the process on drop.
+struct Kill(Child);
+
+impl Drop for Kill {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `job.sink_stalled` of the server's `/status.json` (None while it does not answer).
+fn page_says_stalled(server: &str) -> Option<bool> {
+    let body = get(server, "/status.json");
+    let json: serde_json::Value = serde_json::from_str(&body).ok()?;
+    json["job"]["sink_stalled"].as_bool()
 }
 
 fn sum_samples(text: &str, name: &str) -> f64 {
@@ -384,6 +432,11 @@ fn redis_restart_while_the_job_streams() {
         || progress_of(&prefix).is_some(),
     );
     let before = progress_of(&prefix).unwrap();
+    let (server, page) = spawn_server(&prefix, &job.metrics);
+    let server = Kill(server);
+    wait_until(Duration::from_secs(30), "the status page", || {
+        page_says_stalled(&page) == Some(false)
+    });
 
     own.run("stop");
     generate_from(&topics, 2000, 32, &(first_end + 1000).to_string(), &[]);
@@ -396,6 +449,11 @@ fn redis_restart_while_the_job_streams() {
     let errors_down = job.metric("sfs_sink_redis_errors_total");
     assert!(errors_down >= 2.0, "the sink retried: {errors_down} errors");
     assert!(job.child_alive(), "the job survived the outage");
+    assert_eq!(
+        page_says_stalled(&page),
+        Some(true),
+        "the status page shows the stall"
+    );
 
     own.run("start");
     let resumed = wait_until(
@@ -407,6 +465,12 @@ fn redis_restart_while_the_job_streams() {
         },
     );
     let errors = job.metric("sfs_sink_redis_errors_total");
+    wait_until(
+        Duration::from_secs(5),
+        "the status page to clear the stall",
+        || page_says_stalled(&page) == Some(false),
+    );
+    drop(server);
     let (took, status, _) = job.terminate();
     assert!(
         status.success(),
@@ -418,7 +482,7 @@ fn redis_restart_while_the_job_streams() {
     eprintln!(
         "drill redis-restart: progress {before} before; sink stalled {stalled_after:.1?} after Redis stopped; \
          {errors_down} redis errors while down ({errors} in all, retried with backoff); \
-         resumed and recorded progress past the outage {resumed:.1?} after Redis restarted; \
+         the status page showed the stall and its end; resumed and recorded progress past the outage {resumed:.1?} after Redis restarted; \
          SIGTERM exit in {took:.1?}; final frontier {frontier} == oracle; {polls} watcher polls, no _as_of regression"
     );
 }

@@ -279,13 +279,26 @@ fn sigkill_at_random_moments_changes_nothing_and_no_row_regresses() {
         });
     eprintln!("kill schedule seed {seed} (replay: SFS_KILL_SEED={seed})");
     let mut kills = Vec::new();
-    for _ in 0..6 {
+    for i in 0..6 {
         seed = seed
             .wrapping_mul(6364136223846793005)
             .wrapping_add(1442695040888963407);
         let delay = 200 + (seed >> 33) % 1500;
         let mut child = spawn_job(&topics, &prefix);
-        std::thread::sleep(Duration::from_millis(delay));
+        if i >= 4 {
+            // The last kills land after this run has recorded progress of its own.
+            let before = progress_frontier(&mut conn, &prefix);
+            let waited = std::time::Instant::now();
+            while progress_frontier(&mut conn, &prefix) == before
+                && waited.elapsed() < Duration::from_secs(20)
+                && child.try_wait().unwrap().is_none()
+            {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            std::thread::sleep(Duration::from_millis(delay / 8));
+        } else {
+            std::thread::sleep(Duration::from_millis(delay));
+        }
         // A kill lands mid-run when the process has not exited by itself.
         let running = child.try_wait().unwrap().is_none();
         let recorded = progress_frontier(&mut conn, &prefix);
