@@ -7,7 +7,7 @@ export KAFKA_BROKERS ?= 127.0.0.1:9092
 export REDIS_URL ?= redis://127.0.0.1:6379
 SFS := $(CARGO_TARGET_DIR)/release/sfs
 
-.PHONY: help setup up down status health build test demo fmt lint bench clean
+.PHONY: help setup up down status health build test demo fmt lint bench clean inspect logs monitor
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -46,6 +46,18 @@ test: ## fmt check, clippy -D warnings, all unit and integration tests against r
 
 demo: ## generate traffic, stream features into Redis, score requests end to end
 	bash infra/demo.sh
+
+inspect: ## one terminal screen of the running job, Redis and server (sfs inspect)
+	@test -x $(SFS) || cargo build --release --bin sfs
+	$(SFS) inspect
+
+logs: ## tail the stream job and server logs (.data/logs)
+	@mkdir -p .data/logs; ls .data/logs/*.log >/dev/null 2>&1 || { echo "no logs in .data/logs yet: run make demo first"; exit 1; }
+	tail -n 50 -F .data/logs/*.log
+
+monitor: ## start Prometheus with the alerting rules loaded; print its URL
+	bash infra/prometheus.sh start
+	@echo "Prometheus: http://127.0.0.1:$${PROMETHEUS_PORT:-9090} (alerts: http://127.0.0.1:$${PROMETHEUS_PORT:-9090}/alerts, rules: infra/prometheus/rules.yml)"
 
 fmt: ## format the Rust code
 	cargo fmt --all

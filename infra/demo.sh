@@ -56,8 +56,10 @@ p.produce("txn.events", key=b"poison-3", value=b'{"event_id":"e","card_id":"c","
 p.flush(10)
 PY
 
-step "streaming the log into Redis (sfs stream --until-end, ${DEMO_WORKERS:-2} workers)"
-"$SFS" stream -w "${DEMO_WORKERS:-2}" --until-end --key-prefix "$PREFIX" --metrics-listen ""
+LOGS="$SFS_DATA/logs"
+mkdir -p "$LOGS"
+step "streaming the log into Redis (sfs stream --until-end, ${DEMO_WORKERS:-2} workers; log in $LOGS/stream.log)"
+"$SFS" stream -w "${DEMO_WORKERS:-2}" --until-end --key-prefix "$PREFIX" --metrics-listen "" 2> >(tee -a "$LOGS/stream.log" >&2)
 
 rows_card=$(redis-cli -u "$REDIS_URL" --scan --pattern "${PREFIX}card:*" | wc -l)
 rows_user=$(redis-cli -u "$REDIS_URL" --scan --pattern "${PREFIX}user:*" | wc -l)
@@ -84,7 +86,7 @@ c.close()
 PY
 
 step "serving on 127.0.0.1:$PORT"
-SFS_LOG=warn "$SFS" serve --listen "127.0.0.1:$PORT" --key-prefix "$PREFIX" --models-dir models &
+SFS_LOG=warn "$SFS" serve --listen "127.0.0.1:$PORT" --key-prefix "$PREFIX" --models-dir models 2>>"$LOGS/serve.log" &
 server=$!
 wait_for 30 "server ready" curl -fs "http://127.0.0.1:$PORT/ready" || die "sfs serve did not become ready"
 

@@ -20,6 +20,7 @@ step "installing services and the Python venv"
 bash infra/kafka.sh install
 bash infra/redis.sh install
 bash infra/python.sh install
+bash infra/chromium.sh install
 
 for svc in kafka redis; do
   if ! bash "infra/$svc.sh" status >/dev/null 2>&1; then

@@ -239,7 +239,12 @@ pub fn run(args: StreamArgs) -> anyhow::Result<()> {
         metrics.serve(&addr)?;
     }
     tracing::info!(version = %set.version, entities = set.entities.len(), "feature definitions loaded");
-    let summary = crate::worker::run(config, std::sync::Arc::new(set), metrics)?;
+    let shutdown = crate::shutdown::Shutdown::on_signal()?;
+    let summary =
+        crate::worker::run_until(config, std::sync::Arc::new(set), metrics, shutdown.clone())?;
+    if shutdown.requested() {
+        tracing::info!("stream job stopped on request");
+    }
     if let Some(progress) = summary.progress {
         tracing::info!(frontier_ms = progress.frontier_ms, "stream job finished");
         println!(

@@ -8,6 +8,7 @@ pub mod decode;
 pub mod dlq;
 pub mod graph;
 pub mod metrics;
+pub mod shutdown;
 pub mod stream;
 pub mod worker;
 

@@ -2,7 +2,7 @@
 //! (`-n`, `-p`, `--hostfile`).
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use schemas::FeatureSet;
 use sinks::redis::{connect, load_function, read_progress, ProgressRecord};
@@ -10,6 +10,7 @@ use timely::{CommunicationConfig, WorkerConfig};
 
 use crate::config::StreamConfig;
 use crate::metrics::Metrics;
+use crate::shutdown::{Shutdown, DRAIN_LIMIT};
 use crate::stream::{build, Prepared};
 
 /// What a finished (bounded) run reports.
@@ -110,6 +111,18 @@ pub fn run(
     features: Arc<FeatureSet>,
     metrics: Metrics,
 ) -> anyhow::Result<RunSummary> {
+    run_until(config, features, metrics, Shutdown::default())
+}
+
+/// Runs the job until it ends (bounded) or `shutdown` is requested; then
+/// drains: worker 0 records progress for every acknowledged frontier (at
+/// most [`crate::shutdown::DRAIN_LIMIT`]) and every worker stops.
+pub fn run_until(
+    config: StreamConfig,
+    features: Arc<FeatureSet>,
+    metrics: Metrics,
+    shutdown: Shutdown,
+) -> anyhow::Result<RunSummary> {
     config.validate()?;
     config.validate_with(&features)?;
     let prepared = prepare(&config, features, metrics)?;
@@ -128,7 +141,32 @@ pub fn run(
             let stage = worker
                 .dataflow::<u64, _, _>(|scope| build(scope, &prepared))
                 .map_err(|e| e.to_string())?;
+            let mut drain_until: Option<Instant> = None;
             while worker.has_dataflows() {
+                if shutdown.requested() {
+                    let now = Instant::now();
+                    let first = drain_until.is_none();
+                    let until = *drain_until.get_or_insert(now + DRAIN_LIMIT);
+                    // One step after the signal, so that what the sinks
+                    // acknowledged by then reaches the progress stage.
+                    if !first && worker.index() == 0 && stage.settled() {
+                        shutdown.set_drained();
+                    }
+                    if shutdown.drained() || now >= until {
+                        if worker.index() == 0 {
+                            let frontier_ms = stage.durable().map(|p| p.frontier_ms);
+                            if shutdown.drained() {
+                                tracing::info!(?frontier_ms, "drained: progress recorded");
+                            } else {
+                                tracing::warn!(?frontier_ms, "drain limit passed: stopping");
+                            }
+                        }
+                        for dataflow in worker.installed_dataflows() {
+                            worker.drop_dataflow(dataflow);
+                        }
+                        break;
+                    }
+                }
                 if stage.finished() {
                     // Bounded run: every row before the final frontier is
                     // durable (and recorded, on worker 0). What remains are

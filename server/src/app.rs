@@ -40,6 +40,8 @@ pub struct AppState {
     cold_starts: Vec<Counter>,
     scored: AtomicU64,
     draining: AtomicBool,
+    /// The status page's scrape targets and rate samples.
+    pub status: crate::status::StatusState,
 }
 
 impl AppState {
@@ -78,6 +80,7 @@ impl AppState {
             cold_starts,
             scored: AtomicU64::new(0),
             draining: AtomicBool::new(false),
+            status: Default::default(),
         })
     }
 }
@@ -178,6 +181,8 @@ impl App {
             ["ready"] if get => (Route::ready, Ok(self.ready().await)),
             ["metrics"] if get => (Route::metrics, Ok(metrics_response(&self.state.metrics))),
             ["models"] if get => (Route::models, Ok(self.models())),
+            [""] if get => (Route::status, Ok(status_page())),
+            ["status.json"] if get => (Route::status, Ok(self.status_json().await)),
             ["features", _, _] | ["health"] | ["ready"] | ["metrics"] | ["models"] => {
                 (Route::other, Err(ApiError::MethodNotAllowed))
             }
@@ -396,7 +401,18 @@ impl App {
         )
     }
 
+    async fn status_json(&self) -> Resp {
+        let models = self.models_json()["models"].take();
+        let own = self.state.metrics.encode();
+        let body = self.state.status.snapshot(&own, models, now_ms()).await;
+        json_response(StatusCode::OK, &body)
+    }
+
     fn models(&self) -> Resp {
+        json_response(StatusCode::OK, &self.models_json())
+    }
+
+    fn models_json(&self) -> Value {
         let models: Vec<Value> = self
             .state
             .models
@@ -419,14 +435,11 @@ impl App {
                 })
             })
             .collect();
-        json_response(
-            StatusCode::OK,
-            &json!({
-                "registry": self.state.models.dir(),
-                "feature_set_version": self.state.store.features().version,
-                "models": models,
-            }),
-        )
+        json!({
+            "registry": self.state.models.dir(),
+            "feature_set_version": self.state.store.features().version,
+            "models": models,
+        })
     }
 }
 
@@ -453,6 +466,18 @@ pub fn row_json(row: &FeatureRow, version: &str, now: i64) -> Value {
         "feature_set_version": version,
         "features": features,
     })
+}
+
+/// `GET /`: the status page (self-contained; it polls `status.json`).
+fn status_page() -> Resp {
+    let mut resp = Response::new(Full::new(Bytes::from_static(
+        crate::status::PAGE.as_bytes(),
+    )));
+    resp.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/html; charset=utf-8"),
+    );
+    resp
 }
 
 /// `/metrics` in the Prometheus text format.

@@ -44,6 +44,9 @@ pub struct ServeConfig {
     /// Feature definitions (`features.toml`); unset: `$SFS_FEATURES`, else
     /// `features.toml` in the working directory.
     pub features: Option<PathBuf>,
+    /// The stream job's `/metrics` addresses (`host:port`, one per process),
+    /// scraped by the status page at `GET /`.
+    pub stream_metrics: Vec<String>,
 }
 
 impl Default for ServeConfig {
@@ -66,6 +69,7 @@ impl Default for ServeConfig {
             drain_timeout_ms: 10_000,
             worker_threads: 0,
             features: None,
+            stream_metrics: vec!["127.0.0.1:8088".into()],
         }
     }
 }
@@ -81,6 +85,9 @@ impl ServeConfig {
 
 /// `sfs serve`: the scoring server.
 #[derive(Debug, Clone, clap::Args)]
+#[command(
+    after_help = "Example:\n  sfs serve --listen 127.0.0.1:8080 --models-dir models --stream-metrics 127.0.0.1:8088\n  then open http://127.0.0.1:8080/ (the status page)"
+)]
 pub struct ServeArgs {
     /// TOML config file (see server/serve.example.toml).
     #[arg(long)]
@@ -106,6 +113,10 @@ pub struct ServeArgs {
     /// Feature definitions, overriding the config (default features.toml).
     #[arg(long, env = "SFS_FEATURES")]
     pub features: Option<PathBuf>,
+    /// The stream job's /metrics address for the status page (repeatable;
+    /// overrides the config's stream_metrics).
+    #[arg(long = "stream-metrics", value_name = "HOST:PORT")]
+    pub stream_metrics: Vec<String>,
 }
 
 impl ServeArgs {
@@ -120,6 +131,7 @@ impl ServeArgs {
             models_dir,
             ort_dylib_path,
             features,
+            stream_metrics,
         } = self.clone();
         let mut cfg = match config {
             Some(path) => ServeConfig::from_file(&path)?,
@@ -145,6 +157,9 @@ impl ServeArgs {
         }
         if features.is_some() {
             cfg.features = features;
+        }
+        if !stream_metrics.is_empty() {
+            cfg.stream_metrics = stream_metrics;
         }
         Ok(cfg)
     }

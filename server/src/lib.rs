@@ -9,6 +9,7 @@ pub mod metrics;
 pub mod model;
 pub mod request;
 pub mod serve;
+pub mod status;
 pub mod store;
 
 pub use app::{app, App, AppState};

@@ -22,6 +22,8 @@ pub enum Route {
     ready,
     metrics,
     models,
+    /// The status page and its JSON.
+    status,
     other,
 }
 

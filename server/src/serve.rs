@@ -40,6 +40,7 @@ pub fn build(cfg: &ServeConfig, features: Arc<FeatureSet>) -> anyhow::Result<App
         drain_timeout_ms: _,
         worker_threads: _,
         features: _,
+        stream_metrics,
     } = cfg;
     let metrics = Arc::new(Metrics::new());
     let breaker = Breaker::new(
@@ -61,8 +62,9 @@ pub fn build(cfg: &ServeConfig, features: Arc<FeatureSet>) -> anyhow::Result<App
         ort_dylib_path.as_deref(),
         &metrics,
     )?;
-    let state = AppState::new(store, models, metrics, *max_body_bytes, *log_sample_every)
+    let mut state = AppState::new(store, models, metrics, *max_body_bytes, *log_sample_every)
         .map_err(anyhow::Error::msg)?;
+    state.status = crate::status::StatusState::new(stream_metrics.clone());
     Ok(app(state))
 }
 

@@ -3,12 +3,19 @@
 
 use clap::{Parser, Subcommand};
 
+mod inspect;
+
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// Streaming feature store with online inference.
 #[derive(Debug, Parser)]
-#[command(name = "sfs", version, about)]
+#[command(
+    name = "sfs",
+    version,
+    about,
+    after_help = "Example:\n  make up && sfs generate --events 100000 && sfs stream -w 2 --until-end && sfs serve"
+)]
 struct Cli {
     /// Log as JSON lines instead of human-readable text.
     #[arg(long, global = true, env = "SFS_LOG_JSON")]
@@ -20,8 +27,12 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Print the build version and exit.
+    #[command(after_help = "Example:\n  sfs version")]
     Version,
     /// Generate transactions, clicks and delayed fraud labels to Kafka or files.
+    #[command(
+        after_help = "Examples:\n  sfs generate --start-time now-1h --duration 1h --sim-rate 100\n  sfs generate --rate 20000                       # live traffic\n  sfs generate --out json --out-dir /tmp/events --events 1000"
+    )]
     Generate(generator::GenerateArgs),
     /// Serve fraud and propensity scores over HTTP from the online store.
     Serve(server::ServeArgs),
@@ -32,13 +43,18 @@ enum Command {
     /// Replay the event log through the feature graph into point-in-time training sets (Parquet).
     Backfill(offline::cli::BackfillArgs),
     /// Dead-letter topics: replay fixed records to their source topic.
-    #[command(subcommand)]
+    #[command(subcommand, after_help = "Example:\n  sfs dlq replay --help")]
     Dlq(DlqCommand),
+    /// One terminal screen of the running system: topic rates, lag, frontier, dead letters, live rows, models.
+    Inspect(inspect::InspectArgs),
 }
 
 #[derive(Debug, Subcommand)]
 enum DlqCommand {
     /// Re-publish a dead-letter topic's records to the topics they came from.
+    #[command(
+        after_help = "Examples:\n  sfs dlq replay --topic txn.events.dlq\n  sfs dlq replay --topic txn.events.dlq --reason unknown_schema_id"
+    )]
     Replay(dataflow::dlq::ReplayArgs),
 }
 
@@ -55,17 +71,45 @@ fn init_tracing(json: bool) {
     }
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() {
     let cli = Cli::parse();
     init_tracing(cli.log_json);
-    match cli.command {
-        Command::Version => println!("sfs {}", env!("CARGO_PKG_VERSION")),
-        Command::Generate(args) => generator::run(args)?,
-        Command::Serve(args) => server::run(args)?,
-        Command::Stream(args) => dataflow::cli::run(args)?,
-        Command::Features(args) => dataflow::cli::features(args)?,
-        Command::Backfill(args) => offline::cli::run(args)?,
-        Command::Dlq(DlqCommand::Replay(args)) => dataflow::dlq::run(args)?,
+    let (result, next) = match cli.command {
+        Command::Version => {
+            println!("sfs {}", env!("CARGO_PKG_VERSION"));
+            (Ok(()), "")
+        }
+        Command::Generate(args) => (
+            generator::run(args),
+            "check that Kafka answers at --brokers (make up; make health), then run again",
+        ),
+        Command::Serve(args) => (
+            server::run(args),
+            "check the serve config and flags (sfs serve --help) and that the listen address is free",
+        ),
+        Command::Stream(args) => (
+            dataflow::cli::run(args),
+            "check that Kafka (--brokers, KAFKA_BROKERS) and Redis (--redis-url, REDIS_URL) answer (make up; make health) and that the metrics port is free, then run again: it resumes from its progress record",
+        ),
+        Command::Features(args) => (
+            dataflow::cli::features(args),
+            "fix the feature definitions (docs/FEATURES.md), then run again",
+        ),
+        Command::Dlq(DlqCommand::Replay(args)) => (
+            dataflow::dlq::run(args),
+            "check that Kafka answers at --brokers and the dead-letter topic exists, then run again",
+        ),
+        Command::Backfill(args) => (
+            offline::cli::run(args),
+            "check --input (the --out-dir of sfs generate --out avro|json) or that Kafka answers at --brokers with --from-kafka, then run again",
+        ),
+        Command::Inspect(args) => (inspect::run(args), "make up; make health"),
+    };
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        if !next.is_empty() {
+            eprintln!("next: {next}");
+        }
+        std::process::exit(1);
     }
-    Ok(())
 }

@@ -267,27 +267,50 @@ fn sigkill_at_random_moments_changes_nothing_and_no_row_regresses() {
     let regressions = Arc::new(Mutex::new(Vec::new()));
     let watcher = watch(prefix.clone(), Arc::clone(&stop), Arc::clone(&regressions));
     let mut conn = redis();
-    let mut seed = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .subsec_nanos() as u64;
-    let mut frontiers_at_kill = Vec::new();
-    for _ in 0..6 {
+    // SFS_KILL_SEED=<seed> replays a failed run's kill schedule.
+    let mut seed = std::env::var("SFS_KILL_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .subsec_nanos() as u64
+        });
+    eprintln!("kill schedule seed {seed} (replay: SFS_KILL_SEED={seed})");
+    let mut kills = Vec::new();
+    for i in 0..6 {
         seed = seed
             .wrapping_mul(6364136223846793005)
             .wrapping_add(1442695040888963407);
         let delay = 200 + (seed >> 33) % 1500;
         let mut child = spawn_job(&topics, &prefix);
-        std::thread::sleep(Duration::from_millis(delay));
+        if i >= 4 {
+            // The last kills land after this run has recorded progress of its own.
+            let before = progress_frontier(&mut conn, &prefix);
+            let waited = std::time::Instant::now();
+            while progress_frontier(&mut conn, &prefix) == before
+                && waited.elapsed() < Duration::from_secs(20)
+                && child.try_wait().unwrap().is_none()
+            {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            std::thread::sleep(Duration::from_millis(delay / 8));
+        } else {
+            std::thread::sleep(Duration::from_millis(delay));
+        }
+        // A kill lands mid-run when the process has not exited by itself.
+        let running = child.try_wait().unwrap().is_none();
+        let recorded = progress_frontier(&mut conn, &prefix);
         let _ = child.kill(); // SIGKILL
         let _ = child.wait();
-        frontiers_at_kill.push((delay, progress_frontier(&mut conn, &prefix)));
+        kills.push((delay, running, recorded));
     }
     let status = spawn_job(&topics, &prefix).wait().unwrap();
     assert!(status.success(), "final run failed: {status}");
     stop.store(true, Ordering::Relaxed);
     let polls = watcher.join().unwrap();
-    eprintln!("kills (delay ms, durable frontier): {frontiers_at_kill:?}; watcher polls: {polls}");
+    eprintln!("kills (delay ms, running, recorded frontier): {kills:?}; watcher polls: {polls}");
 
     assert!(
         regressions.lock().unwrap().is_empty(),
@@ -295,6 +318,12 @@ fn sigkill_at_random_moments_changes_nothing_and_no_row_regresses() {
         regressions.lock().unwrap()
     );
     let frontier = progress_frontier(&mut conn, &reference).unwrap();
+    assert!(
+        kills
+            .iter()
+            .any(|(_, running, recorded)| *running && recorded.is_some_and(|f| f < frontier)),
+        "no kill landed mid-run after progress was recorded (final frontier {frontier}): {kills:?}"
+    );
     assert_eq!(progress_frontier(&mut conn, &prefix), Some(frontier));
     let expected = redis_rows(&mut conn, &reference, SHIPPED);
     let actual = redis_rows(&mut conn, &prefix, SHIPPED);

@@ -40,12 +40,30 @@ pub fn oracle(
     Definitions::new(defs, 1000).rows_as_of(txns, clicks, frontier)
 }
 
+thread_local! {
+    /// Per-thread overrides of the brokers and the Redis URL (drills that
+    /// restart a service run their own instance of it).
+    static SERVICES: std::cell::RefCell<(Option<String>, Option<String>)> =
+        const { std::cell::RefCell::new((None, None)) };
+}
+
+/// Points this thread's helpers at other Kafka brokers and/or Redis.
+pub fn use_services(brokers: Option<&str>, redis_url: Option<&str>) {
+    SERVICES.with(|s| {
+        *s.borrow_mut() = (brokers.map(String::from), redis_url.map(String::from));
+    });
+}
+
 pub fn brokers() -> String {
-    std::env::var("KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into())
+    SERVICES.with(|s| s.borrow().0.clone()).unwrap_or_else(|| {
+        std::env::var("KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into())
+    })
 }
 
 pub fn redis_url() -> String {
-    std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+    SERVICES.with(|s| s.borrow().1.clone()).unwrap_or_else(|| {
+        std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+    })
 }
 
 /// A name no other run uses.
@@ -84,10 +102,16 @@ struct GenerateCli {
 
 /// Runs the generator into the test's topics (4 partitions each).
 pub fn generate(topics: &Topics, events: u64, seed: u64) {
+    generate_from(topics, events, seed, "now-3h", &[]);
+}
+
+/// Like [`generate`], from simulated `start_time`, with extra flags
+/// (e.g. `--rate 1000` to pace the events over wall-clock time).
+pub fn generate_from(topics: &Topics, events: u64, seed: u64, start_time: &str, extra: &[&str]) {
     let events = events.to_string();
     let seed = seed.to_string();
     let brokers = brokers();
-    let argv = [
+    let mut argv = vec![
         "generate",
         "--out",
         "kafka",
@@ -113,11 +137,12 @@ pub fn generate(topics: &Topics, events: u64, seed: u64) {
         "--sim-rate",
         "3",
         "--start-time",
-        "now-3h",
+        start_time,
         "--partitions",
         "4",
         "--summary-json",
     ];
+    argv.extend_from_slice(extra);
     let cli = GenerateCli::parse_from(argv);
     generator::run(cli.args).expect("the generator writes to kafka");
 }
@@ -341,4 +366,58 @@ pub fn wait_all(mut children: Vec<Child>, limit: Duration) {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// Polls every row under `prefix` (at `redis_url`) until `stop`, and records
+/// any `_as_of` that went backwards. Redis errors (a restart) skip a poll.
+pub fn watch_as_of(
+    redis_url: String,
+    prefix: String,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    regressions: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+) -> std::thread::JoinHandle<usize> {
+    std::thread::spawn(move || {
+        let client = redis::Client::open(redis_url).unwrap();
+        let mut conn: Option<redis::Connection> = None;
+        let mut highest: BTreeMap<String, i64> = BTreeMap::new();
+        let mut polls = 0;
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            std::thread::sleep(Duration::from_millis(10));
+            if conn.is_none() {
+                conn = client
+                    .get_connection_with_timeout(Duration::from_millis(200))
+                    .ok();
+            }
+            let Some(c) = conn.as_mut() else { continue };
+            let poll = (|| -> redis::RedisResult<Vec<(String, i64)>> {
+                let mut keys: Vec<String> =
+                    redis::cmd("KEYS").arg(format!("{prefix}card:*")).query(c)?;
+                let user_keys: Vec<String> =
+                    redis::cmd("KEYS").arg(format!("{prefix}user:*")).query(c)?;
+                keys.extend(user_keys);
+                let mut out = Vec::with_capacity(keys.len());
+                for key in keys {
+                    let as_of: Option<i64> = redis::cmd("HGET").arg(&key).arg("_as_of").query(c)?;
+                    out.extend(as_of.map(|a| (key, a)));
+                }
+                Ok(out)
+            })();
+            let Ok(seen) = poll else {
+                conn = None;
+                continue;
+            };
+            for (key, as_of) in seen {
+                let high = highest.entry(key.clone()).or_insert(as_of);
+                if as_of < *high {
+                    regressions
+                        .lock()
+                        .unwrap()
+                        .push(format!("{key}: {high} -> {as_of}"));
+                }
+                *high = (*high).max(as_of);
+            }
+            polls += 1;
+        }
+        polls
+    })
 }

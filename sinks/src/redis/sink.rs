@@ -173,6 +173,7 @@ impl<'scope> RedisSink<'scope> for VecCollection<'scope, u64, Row, isize> {
 pub struct ProgressStage {
     durable: Rc<RefCell<Option<ProgressRecord>>>,
     finished: Rc<std::cell::Cell<bool>>,
+    settled: Rc<std::cell::Cell<bool>>,
 }
 
 impl ProgressStage {
@@ -182,6 +183,12 @@ impl ProgressStage {
     /// the log, which are never written.
     pub fn finished(&self) -> bool {
         self.finished.get()
+    }
+
+    /// Worker 0: no progress write is in flight and the record covers every
+    /// frontier the sinks have acknowledged (a draining job may stop here).
+    pub fn settled(&self) -> bool {
+        self.settled.get()
     }
 
     /// The last progress record this worker wrote (worker 0 only).
@@ -228,6 +235,7 @@ pub fn progress_stage<'scope>(
     let stage = ProgressStage::default();
     let durable = Rc::clone(&stage.durable);
     let finished = Rc::clone(&stage.finished);
+    let settled = Rc::clone(&stage.settled);
     let fv = config.features.version.clone();
     let floor = start.as_ref().map_or(0, |p| p.frontier_ms);
 
@@ -339,6 +347,7 @@ pub fn progress_stage<'scope>(
                     written_at = frontier;
                 }
             }
+            settled.set(writer.idle() && frontier.is_none_or(|f| f <= written_at || f == u64::MAX));
             if final_acked
                 && writer.idle()
                 && source.final_frontier().is_some_and(|end| written_at >= end)
