@@ -156,10 +156,8 @@ enum Note {
     },
 }
 
-/// Events fed per step of the input worker before it lets the dataflow catch up.
-const FEED_BATCH: usize = 4096;
-/// How far (ms of event time) the input may run ahead of the collected frontier.
-const MAX_AHEAD_TICKS: u64 = 64;
+/// Events fed per advance of the inputs' time.
+const FEED_BATCH: usize = 16_384;
 
 /// Runs the backfill of `log` into `output`.
 pub fn run(
@@ -422,15 +420,14 @@ fn worker_main(
 
     if index == 0 {
         let mut next_query = 0usize;
+        // Each event goes in at its own time, but the inputs advance only
+        // once per batch: one round of progress tracking covers a batch's
+        // thousands of ticks, where the stream job pays one per tick.
         let mut time = 0u64;
+        let mut previous = 0u64;
         for (i, (source, event)) in log.events.iter().enumerate() {
-            let at = graph.quantize(event.event_time());
-            if at > time {
-                time = at;
-                events.advance_to(time);
-                lookups.advance_to(time);
-            }
-            events.insert((*source, event.clone()));
+            time = graph.quantize(event.event_time()).max(time);
+            events.update_at((*source, event.clone()), time, 1);
             while let Some(query) = queries.list.get(next_query).filter(|q| q.event == i) {
                 for (entity, key) in &query.lookups {
                     let record = ((*entity, Arc::clone(key)), (next_query as u64, query.as_of));
@@ -440,12 +437,16 @@ fn worker_main(
                 next_query += 1;
             }
             if i % FEED_BATCH == FEED_BATCH - 1 {
+                events.advance_to(time);
+                lookups.advance_to(time);
                 events.flush();
                 lookups.flush();
-                let behind = time.saturating_sub(MAX_AHEAD_TICKS * graph.tick_ms);
-                while probe.less_than(&behind) && !done.load(Ordering::Relaxed) {
+                // Let the dataflow finish the batch before last: one batch
+                // in flight, memory bounded.
+                while probe.less_than(&previous) && !done.load(Ordering::Relaxed) {
                     worker.step();
                 }
+                previous = time;
             }
         }
     }
