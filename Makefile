@@ -39,7 +39,7 @@ status: ## say which services are running
 	-@bash infra/registry.sh status
 	-@bash infra/prometheus.sh status
 
-health: ## check Kafka, Redis and Prometheus answer; non-zero exit if any does not
+health: ## check Kafka, Redis, the schema registry and Prometheus answer; non-zero exit if any does not
 	@bash infra/health.sh
 
 build: ## build the sfs binary (release)
