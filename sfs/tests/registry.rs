@@ -179,5 +179,9 @@ fn a_registry_outage_pauses_decoding_and_the_job_finishes_right_after_it() {
     );
     let expected = oracle(SHIPPED, &txns, &clicks, frontier);
     assert!(expected.len() > 50, "the oracle has rows");
-    assert_rows_match_oracle(&redis_rows(&mut conn, &prefix, SHIPPED), &expected, frontier);
+    assert_rows_match_oracle(
+        &redis_rows(&mut conn, &prefix, SHIPPED),
+        &expected,
+        frontier,
+    );
 }

@@ -210,7 +210,6 @@ fn client_config(config: &KafkaSourceConfig) -> ClientConfig {
     cc
 }
 
-
 /// The partitions this worker owns, opened at their start points.
 struct Opened {
     partitions: Vec<Partition>,
@@ -636,8 +635,10 @@ impl<D, E> Placer<D, E> {
         }
     }
 
-    fn emit_dead(&mut self, out: &mut OutputBuilder<u64, CapacityContainerBuilder<Vec<DeadLetter<E>>>>)
-    where
+    fn emit_dead(
+        &mut self,
+        out: &mut OutputBuilder<u64, CapacityContainerBuilder<Vec<DeadLetter<E>>>>,
+    ) where
         E: Clone + 'static,
     {
         if self.dead.is_empty() {
@@ -655,7 +656,10 @@ impl<D, E> Placer<D, E> {
 
     /// Marks for partitions whose watermark moved, then the capabilities
     /// follow the least watermark.
-    fn emit_marks(&mut self, out: &mut OutputBuilder<u64, CapacityContainerBuilder<Vec<PartitionMark>>>) {
+    fn emit_marks(
+        &mut self,
+        out: &mut OutputBuilder<u64, CapacityContainerBuilder<Vec<PartitionMark>>>,
+    ) {
         if let Some(mark_cap) = self.caps.marks.as_ref() {
             let mut output = out.activate();
             for part in self.partitions.iter_mut() {
@@ -807,7 +811,11 @@ impl<'scope> KafkaSource<'scope> for Scope<'scope, u64> {
             observer: Rc::clone(&handle.observer),
             final_frontier: Rc::clone(&handle.final_frontier),
             probes: (barrier_a_probe.clone(), barrier_b_probe.clone()),
-            idle_timeout_ms: if bounded { None } else { config.idle_timeout_ms },
+            idle_timeout_ms: if bounded {
+                None
+            } else {
+                config.idle_timeout_ms
+            },
             last_idle_check: 0,
             bounded,
             worker: index,
