@@ -12,30 +12,34 @@ SFS := $(CARGO_TARGET_DIR)/release/sfs
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
 
-setup: ## install Kafka jars, Redis, Prometheus, the Python venv (with ONNX Runtime); fetch crates
+setup: ## install Kafka jars, Redis, the schema registry, Prometheus, the Python venv (with ONNX Runtime); fetch crates
 	bash infra/kafka.sh install
 	bash infra/redis.sh install
+	bash infra/registry.sh install
 	bash infra/prometheus.sh install
 	bash infra/python.sh install
 	cargo fetch --locked 2>/dev/null || cargo fetch
 	@echo "setup: done"
 
-up: ## start Kafka, Redis and Prometheus on loopback
+up: ## start Kafka, Redis, the schema registry and Prometheus on loopback
 	bash infra/kafka.sh start
 	bash infra/redis.sh start
+	bash infra/registry.sh start
 	bash infra/prometheus.sh start
 
 down: ## stop everything `make up` started
 	-bash infra/prometheus.sh stop
+	-bash infra/registry.sh stop
 	-bash infra/redis.sh stop
 	-bash infra/kafka.sh stop
 
 status: ## say which services are running
 	-@bash infra/kafka.sh status
 	-@bash infra/redis.sh status
+	-@bash infra/registry.sh status
 	-@bash infra/prometheus.sh status
 
-health: ## check Kafka, Redis and Prometheus answer; non-zero exit if any does not
+health: ## check Kafka, Redis, the schema registry and Prometheus answer; non-zero exit if any does not
 	@bash infra/health.sh
 
 build: ## build the sfs binary (release)

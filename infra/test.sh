@@ -19,15 +19,21 @@ step() { echo; echo "==> $*"; }
 step "installing services and the Python venv"
 bash infra/kafka.sh install
 bash infra/redis.sh install
+bash infra/registry.sh install
 bash infra/python.sh install
 bash infra/chromium.sh install
 
-for svc in kafka redis; do
+for svc in kafka redis registry; do
   if ! bash "infra/$svc.sh" status >/dev/null 2>&1; then
     started+=("$svc")
     bash "infra/$svc.sh" start
   fi
 done
+
+# The schema registry: the shipped schemas get their shipped ids (checked), and
+# every producer and stream job of the tests resolves ids from it.
+bash infra/registry.sh register
+export SCHEMA_REGISTRY_URL="${SCHEMA_REGISTRY_URL:-$(bash infra/registry.sh url)}"
 
 export ORT_DYLIB_PATH="${ORT_DYLIB_PATH:-$(bash infra/python.sh ort-path)}"
 export SFS_VENV_PYTHON="$SFS_ROOT/.venv/bin/python"

@@ -3,9 +3,8 @@
 //! dead-letter sink writes to `<topic>.dlq` with its reason.
 
 use std::fmt;
-use std::time::Duration;
 
-use operators::kafka::SourceRecord;
+use operators::kafka::{Decoded, RecordDecoder, SourceRecord};
 use schemas::codec::{DecodeError, Decoder};
 use schemas::features::Schema;
 use schemas::FeatureSet;
@@ -20,6 +19,9 @@ pub struct DecodeFailure {
     pub reason: &'static str,
     /// Human-readable detail.
     pub message: String,
+    /// A dependency (the schema registry) did not answer: the same record
+    /// may decode later.
+    pub retryable: bool,
 }
 
 impl fmt::Display for DecodeFailure {
@@ -39,6 +41,7 @@ impl From<DecodeError> for DecodeFailure {
         DecodeFailure {
             reason: e.reason(),
             message: e.to_string(),
+            retryable: e.is_retryable(),
         }
     }
 }
@@ -64,17 +67,23 @@ impl EventDecoder {
         EventDecoder { decoder, topics }
     }
 
-    /// The event and its event time (ms), or why not. A schema registry that
-    /// is unreachable is an infrastructure fault, not bad data: the decoder
-    /// retries (stalling this worker) rather than dead-lettering.
+    /// The event and its event time (ms), or why not: one attempt. A schema
+    /// registry that is unreachable fails with reason `registry_unavailable`;
+    /// the stream job does not dead-letter that but retries (see the
+    /// [`RecordDecoder`] impl).
     pub fn decode(
         &mut self,
         record: &SourceRecord<'_>,
     ) -> Result<(SourceEvent, i64), DecodeFailure> {
+        self.attempt(record)
+    }
+
+    fn attempt(&mut self, record: &SourceRecord<'_>) -> Result<(SourceEvent, i64), DecodeFailure> {
         let Some(payload) = record.payload else {
             return Err(DecodeFailure {
                 reason: "empty",
                 message: "record has no payload".into(),
+                retryable: false,
             });
         };
         // Validation bounds future event times by the record's Kafka
@@ -88,28 +97,33 @@ impl EventDecoder {
             return Err(DecodeFailure {
                 reason: "unknown_topic",
                 message: format!("no decoder for topic {}", record.topic),
+                retryable: false,
             });
         };
-        let mut backoff = Duration::from_millis(100);
-        loop {
-            let result = match schema {
-                Schema::Txn => self.decoder.decode_txn(payload, now_ms).map(|t| {
-                    let time = t.event_time;
-                    ((source, Event::Txn(t)), time)
-                }),
-                Schema::Click => self.decoder.decode_click(payload, now_ms).map(|c| {
-                    let time = c.event_time;
-                    ((source, Event::Click(c)), time)
-                }),
-            };
-            match result {
-                Err(e) if e.is_retryable() => {
-                    tracing::warn!(error = %e, topic = record.topic, "schema registry unavailable, retrying");
-                    std::thread::sleep(backoff);
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
-                }
-                other => return other.map_err(DecodeFailure::from),
-            }
+        let result = match schema {
+            Schema::Txn => self.decoder.decode_txn(payload, now_ms).map(|t| {
+                let time = t.event_time;
+                ((source, Event::Txn(t)), time)
+            }),
+            Schema::Click => self.decoder.decode_click(payload, now_ms).map(|c| {
+                let time = c.event_time;
+                ((source, Event::Click(c)), time)
+            }),
+        };
+        result.map_err(DecodeFailure::from)
+    }
+}
+
+/// In the stream job: an unreachable schema registry is an infrastructure
+/// fault, not bad data. The record is deferred ([`Decoded::Retry`]): the
+/// decode stage pauses with the frontier held and retries after a backoff,
+/// without blocking the worker, and never dead-letters it.
+impl RecordDecoder<SourceEvent, DecodeFailure> for EventDecoder {
+    fn decode(&mut self, record: &SourceRecord<'_>) -> Decoded<SourceEvent, DecodeFailure> {
+        match self.attempt(record) {
+            Ok((event, time)) => Decoded::Data(event, time),
+            Err(failure) if failure.retryable => Decoded::Retry(failure.message),
+            Err(failure) => Decoded::Rejected(failure),
         }
     }
 }

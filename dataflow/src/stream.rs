@@ -114,13 +114,13 @@ pub fn build<'scope>(
 ) -> Result<ProgressStage, BuildError> {
     let config = &prepared.config;
     let features = &prepared.features;
-    let mut decoder = EventDecoder::new(prepared.decoder.clone(), features, |source| {
+    let decoder = EventDecoder::new(prepared.decoder.clone(), features, |source| {
         config.topic_of(features, source)
     });
     let output = scope.kafka_source(
         prepared.source_config(),
         prepared.metrics.source.clone(),
-        move |record| decoder.decode(record),
+        decoder,
     )?;
     let append_times = AppendTimes::default();
     {

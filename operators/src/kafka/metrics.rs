@@ -38,6 +38,11 @@ pub struct SourceMetrics {
     pub idle_advances: Family<PartitionLabels, Counter>,
     /// Consumer errors (infrastructure faults, retried by the client).
     pub consumer_errors: Counter,
+    /// Workers whose decode stage is paused (its decoder asked to retry,
+    /// e.g. the schema registry is down).
+    pub decode_paused: Gauge,
+    /// Decode attempts deferred with a backoff.
+    pub decode_retries: Counter,
 }
 
 impl SourceMetrics {
@@ -84,6 +89,16 @@ impl SourceMetrics {
             "consumer_errors",
             "Kafka consumer errors",
             self.consumer_errors.clone(),
+        );
+        r.register(
+            "decode_paused",
+            "Workers whose decoding is paused until a dependency (the schema registry) answers",
+            self.decode_paused.clone(),
+        );
+        r.register(
+            "decode_retries",
+            "Decode attempts deferred with a backoff (the schema registry did not answer)",
+            self.decode_retries.clone(),
         );
     }
 

@@ -22,6 +22,7 @@
 
 pub mod assign;
 pub mod clock;
+pub mod decode;
 pub mod metrics;
 pub mod resume;
 mod source;
@@ -32,6 +33,7 @@ use serde::{Deserialize, Serialize};
 
 pub use assign::{assign, TopicPartition};
 pub use clock::{ClockConfig, PartitionClock, Placement, ResumePoint};
+pub use decode::{Decoded, RecordDecoder};
 pub use metrics::SourceMetrics;
 pub use resume::ResumeTracker;
 pub use source::{KafkaOutput, KafkaSource, SourceHandle};
