@@ -44,6 +44,10 @@ pub struct ServeConfig {
     /// Feature definitions (`features.toml`); unset: `$SFS_FEATURES`, else
     /// `features.toml` in the working directory.
     pub features: Option<PathBuf>,
+    /// Most entity rows in one `POST /get-online-features` request.
+    pub feast_max_entities: usize,
+    /// The Feast project name (`sfs feast init --project`), in Feast-style errors.
+    pub feast_project: String,
 }
 
 impl Default for ServeConfig {
@@ -66,6 +70,8 @@ impl Default for ServeConfig {
             drain_timeout_ms: 10_000,
             worker_threads: 0,
             features: None,
+            feast_max_entities: crate::feast::DEFAULT_MAX_ENTITIES,
+            feast_project: crate::feast::DEFAULT_PROJECT.into(),
         }
     }
 }

@@ -4,6 +4,7 @@ pub mod app;
 pub mod breaker;
 pub mod config;
 pub mod error;
+pub mod feast;
 pub mod features;
 pub mod metrics;
 pub mod model;

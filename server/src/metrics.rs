@@ -22,6 +22,7 @@ pub enum Route {
     ready,
     metrics,
     models,
+    get_online_features,
     other,
 }
 

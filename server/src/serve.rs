@@ -40,6 +40,8 @@ pub fn build(cfg: &ServeConfig, features: Arc<FeatureSet>) -> anyhow::Result<App
         drain_timeout_ms: _,
         worker_threads: _,
         features: _,
+        feast_max_entities,
+        feast_project,
     } = cfg;
     let metrics = Arc::new(Metrics::new());
     let breaker = Breaker::new(
@@ -61,8 +63,12 @@ pub fn build(cfg: &ServeConfig, features: Arc<FeatureSet>) -> anyhow::Result<App
         ort_dylib_path.as_deref(),
         &metrics,
     )?;
-    let state = AppState::new(store, models, metrics, *max_body_bytes, *log_sample_every)
+    let mut state = AppState::new(store, models, metrics, *max_body_bytes, *log_sample_every)
         .map_err(anyhow::Error::msg)?;
+    state.feast = crate::feast::FeastSettings {
+        max_entities: *feast_max_entities,
+        project: feast_project.clone(),
+    };
     Ok(app(state))
 }
 
