@@ -20,6 +20,7 @@ step "installing services and the Python venv"
 bash infra/kafka.sh install
 bash infra/redis.sh install
 bash infra/python.sh install
+bash infra/python.sh install-feast
 
 for svc in kafka redis; do
   if ! bash "infra/$svc.sh" status >/dev/null 2>&1; then
@@ -30,6 +31,8 @@ done
 
 export ORT_DYLIB_PATH="${ORT_DYLIB_PATH:-$(bash infra/python.sh ort-path)}"
 export SFS_VENV_PYTHON="$SFS_ROOT/.venv/bin/python"
+# sfs/tests/feast.rs: Feast's SDK against sfs serve.
+export SFS_FEAST_PYTHON="${SFS_FEAST_PYTHON:-$(bash infra/python.sh feast-python)}"
 
 step "cargo fmt --check"
 cargo fmt --all -- --check

@@ -1054,10 +1054,7 @@ fn resolve_services(
             };
             for p in picked {
                 if features.contains(&(vi, p)) {
-                    bad(format!(
-                        "{view_name}:{} listed twice",
-                        def.features[p].name
-                    ));
+                    bad(format!("{view_name}:{} listed twice", def.features[p].name));
                 } else {
                     features.push((vi, p));
                 }
@@ -1419,13 +1416,19 @@ source = "txn"
             "{SHIPPED}\n[[feature_views]]\nname = \"card_small\"\nentity = \"card\"\nfeatures = [\"txn_count_1m\", \"amount_mean_24h\"]\n[[feature_services]]\nname = \"small\"\nfeatures = [\"card_small:amount_mean_24h\"]\n"
         );
         let more = FeatureSet::parse("x", &extra).unwrap();
-        assert_eq!(more.version, set.version, "views and services are not hashed");
+        assert_eq!(
+            more.version, set.version,
+            "views and services are not hashed"
+        );
         let small = more.view("card_small").unwrap();
         assert_eq!(small.ttl_ms, None);
         let svc = more.service("small").unwrap();
         let (v, p) = svc.features[0];
         assert_eq!(more.views[v].name, "card_small");
-        assert_eq!(more.entities[small.entity].features[p].name, "amount_mean_24h");
+        assert_eq!(
+            more.entities[small.entity].features[p].name,
+            "amount_mean_24h"
+        );
     }
 
     #[test]

@@ -218,7 +218,8 @@ pub async fn get_online_features(
         Err(e) => (e.status, e.body),
     };
     let mut resp = hyper::Response::new(http_body_util::Full::new(bytes::Bytes::from(body)));
-    *resp.status_mut() = hyper::StatusCode::from_u16(status).unwrap_or(hyper::StatusCode::BAD_REQUEST);
+    *resp.status_mut() =
+        hyper::StatusCode::from_u16(status).unwrap_or(hyper::StatusCode::BAD_REQUEST);
     resp.headers_mut().insert(
         hyper::header::CONTENT_TYPE,
         hyper::header::HeaderValue::from_static("application/json"),
@@ -319,10 +320,7 @@ impl Plan {
                 };
                 let v = &set.views[view];
                 let entity = &set.entities[v.entity];
-                let Some(pos) = entity
-                    .position(feature)
-                    .filter(|p| v.features.contains(p))
-                else {
+                let Some(pos) = entity.position(feature).filter(|p| v.features.contains(p)) else {
                     return Err(FeastError::detail(
                         404,
                         "FeastObjectNotFoundException",
@@ -615,8 +613,7 @@ fn repeat(out: &mut String, item: &str, n: usize) {
 
 /// A JSON string literal.
 fn push_str(out: &mut String, s: &str) {
-    if s
-        .bytes()
+    if s.bytes()
         .all(|b| b >= 0x20 && b != b'"' && b != b'\\' && b < 0x7f)
     {
         out.push('"');
@@ -707,12 +704,17 @@ mod tests {
         let doc: String = serde_json::from_str(&e.body).unwrap();
         let doc: serde_json::Value = serde_json::from_str(&doc).unwrap();
         assert_eq!(doc["class"], "FeatureViewNotFoundException");
-        assert_eq!(doc["message"], "Feature view nope does not exist in project sfs");
+        assert_eq!(
+            doc["message"],
+            "Feature view nope does not exist in project sfs"
+        );
 
         let e = plan(r#"{"features":["card_features:nope"],"entities":{"card_id":["c"]}}"#)
             .unwrap_err();
         assert_eq!(e.status, 404);
-        assert!(e.body.contains("Feature nope not found in projection card_features"));
+        assert!(e
+            .body
+            .contains("Feature nope not found in projection card_features"));
 
         let e = plan(r#"{"feature_service":"v9","entities":{"card_id":["c"]}}"#).unwrap_err();
         assert_eq!(e.status, 404);
@@ -727,8 +729,9 @@ mod tests {
         assert_eq!(e.status, 422);
         assert!(e.body.contains("entities"));
 
-        let e = plan(r#"{"features":["card_features:txn_count_1m"],"entities":{"card_id":[null]}}"#)
-            .unwrap_err();
+        let e =
+            plan(r#"{"features":["card_features:txn_count_1m"],"entities":{"card_id":[null]}}"#)
+                .unwrap_err();
         assert_eq!(e.status, 422);
         assert!(e.body.contains("entities.card_id[0]"), "{}", e.body);
 
@@ -757,7 +760,8 @@ mod tests {
     #[test]
     fn too_many_entities_are_refused() {
         let ids: Vec<String> = (0..3).map(|i| format!("c{i}")).collect();
-        let body = json!({"features": ["card_features:txn_count_1m"], "entities": {"card_id": ids}});
+        let body =
+            json!({"features": ["card_features:txn_count_1m"], "entities": {"card_id": ids}});
         let s = FeastSettings {
             max_entities: 2,
             ..Default::default()

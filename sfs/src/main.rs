@@ -29,9 +29,19 @@ enum Command {
     Stream(dataflow::cli::StreamArgs),
     /// Check the feature definitions (features.toml); print the catalogue and version.
     Features(dataflow::cli::FeaturesArgs),
+    /// Feast compatibility: write a Feast repository whose online store is sfs serve.
+    #[command(subcommand)]
+    Feast(FeastCommand),
     /// Dead-letter topics: replay fixed records to their source topic.
     #[command(subcommand)]
     Dlq(DlqCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum FeastCommand {
+    /// Write feature_store.yaml (online store: this server) and the entity,
+    /// feature view and feature service definitions of features.toml.
+    Init(server::feast_init::FeastInitArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -62,6 +72,7 @@ fn main() -> anyhow::Result<()> {
         Command::Serve(args) => server::run(args)?,
         Command::Stream(args) => dataflow::cli::run(args)?,
         Command::Features(args) => dataflow::cli::features(args)?,
+        Command::Feast(FeastCommand::Init(args)) => server::feast_init::run(args)?,
         Command::Dlq(DlqCommand::Replay(args)) => dataflow::dlq::run(args)?,
     }
     Ok(())
