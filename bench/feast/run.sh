@@ -4,9 +4,9 @@
 # Redis of their own, same POST /get-online-features request shape, loaded by
 # outside tools: wrk (closed loop, throughput) and oha (fixed rate, latency
 # corrected). Prints one JSON line (also to bench/out/feast.jsonl).
-# env: CARDS (10000), DURATION (10 s per run), CONNECTIONS (64), FEAST_WORKERS (1),
+# env: OHA (1; 0 skips the fixed-rate runs), CARDS (10000), DURATION (10 s per run), CONNECTIONS (64), FEAST_WORKERS (1),
 #      RATE (5000: sfs single-card rate), BATCH_RATE (500: sfs 100-card batch rate),
-#      BENCH_REDIS_PORT (16391), SFS_PORT (18095), FEAST_PORT (18096)
+#      SFS_BIN (a built sfs: skips the build), BENCH_REDIS_PORT (16391), SFS_PORT (18095), FEAST_PORT (18096)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 ROOT=$PWD
@@ -22,13 +22,14 @@ bash infra/python.sh install-feast >&2
 PY=$(bash infra/python.sh feast-python)
 FEAST_BIN="$(dirname "$PY")/feast"
 command -v wrk >/dev/null || { say "installing wrk (Debian)"; apt-get install -y -qq wrk >&2; }
-if ! command -v oha >/dev/null; then
+export PATH="$HOME/.cargo/bin:$PATH"
+if [[ "${OHA:-1}" == 1 ]] && ! command -v oha >/dev/null; then
   say "installing oha (cargo install oha --locked)"
   env -u CARGO_TARGET_DIR cargo install -q oha --locked >&2
 fi
 export PATH="$HOME/.cargo/bin:$PATH"
-cargo build --release -q --bin sfs >&2
-SFS="$CARGO_TARGET_DIR/release/sfs"
+SFS="${SFS_BIN:-$CARGO_TARGET_DIR/release/sfs}"
+[[ -n "${SFS_BIN:-}" ]] || cargo build --release -q --bin sfs >&2
 
 work=$(mktemp -d)
 pids=()
@@ -110,18 +111,22 @@ sfs_check=$(curl -fs -XPOST "http://127.0.0.1:$SFS_PORT/get-online-features" -H 
 "$PY" - "$check" "$sfs_check" <<'PY'
 import json, sys
 f, s = json.loads(sys.argv[1]), json.loads(sys.argv[2])
-assert f["metadata"]["feature_names"] == s["metadata"]["feature_names"], (f["metadata"], s["metadata"])
-assert [r["values"] for r in f["results"]] == [r["values"] for r in s["results"]], "values differ"
+# Feast orders the columns its own way: compare by name.
+cols = lambda d: dict(zip(d["metadata"]["feature_names"], [r["values"] for r in d["results"]]))
+assert cols(f) == cols(s), (cols(f), cols(s))
 PY
 BATCH=1 wrk -t1 -c4 -d2s -s bench/feast/batch.lua "http://127.0.0.1:$SFS_PORT" >/dev/null
 sfs_wrk=$(wrk_run "http://127.0.0.1:$SFS_PORT" 1)
 say "sfs: $sfs_wrk"
 one="{\"features\":$FEATURES,\"entities\":{\"card_id\":[\"c42\"]}}"
+sfs_rate='{"skipped": "OHA=0"}'; sfs_batch=$sfs_rate
+if [[ "${OHA:-1}" == 1 ]]; then
 sfs_rate=$(oha_run "http://127.0.0.1:$SFS_PORT" "$one" "$RATE")
 say "sfs at $RATE rps: $sfs_rate"
 hundred=$("$PY" -c 'import json,os; print(json.dumps({"features": json.loads(os.environ["FEATURES"]), "entities": {"card_id": ["c%d" % (i * 97 % int(os.environ["CARDS"])) for i in range(100)]}}))')
 sfs_batch=$(oha_run "http://127.0.0.1:$SFS_PORT" "$hundred" "$BATCH_RATE")
 say "sfs 100-card batches at $BATCH_RATE rps: $sfs_batch"
+fi
 
 "$PY" - <<PY | tee bench/out/feast.jsonl
 import json, os, platform, subprocess
