@@ -22,6 +22,7 @@ bash infra/redis.sh install
 bash infra/registry.sh install
 bash infra/python.sh install
 bash infra/chromium.sh install
+bash infra/python.sh install-feast
 
 for svc in kafka redis registry; do
   if ! bash "infra/$svc.sh" status >/dev/null 2>&1; then
@@ -37,6 +38,8 @@ export SCHEMA_REGISTRY_URL="${SCHEMA_REGISTRY_URL:-$(bash infra/registry.sh url)
 
 export ORT_DYLIB_PATH="${ORT_DYLIB_PATH:-$(bash infra/python.sh ort-path)}"
 export SFS_VENV_PYTHON="$SFS_ROOT/.venv/bin/python"
+# sfs/tests/feast.rs: Feast's SDK against sfs serve.
+export SFS_FEAST_PYTHON="${SFS_FEAST_PYTHON:-$(bash infra/python.sh feast-python)}"
 
 step "cargo fmt --check"
 cargo fmt --all -- --check

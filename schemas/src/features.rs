@@ -417,8 +417,36 @@ pub struct FeatureSet {
     /// some entity), for the server's request-time features. Not hashed into
     /// the version: rows do not depend on it.
     pub request: BTreeMap<String, String>,
+    /// Feature views (`[[feature_views]]`): named selections of one entity's
+    /// features with a max age, served over the Feast protocol. Not hashed
+    /// into the version: rows do not depend on them.
+    pub views: Vec<FeatureView>,
+    /// Feature services (`[[feature_services]]`): named lists of view
+    /// features, e.g. a model's inputs. Not hashed into the version.
+    pub services: Vec<FeatureService>,
     /// The stable hash of the definitions, `fs-` and 16 hex digits.
     pub version: String,
+}
+
+/// A feature view: some features of one entity, read together, with a max
+/// age (Feast's `ttl`) past which a row is reported `OUTSIDE_MAX_AGE`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FeatureView {
+    pub name: String,
+    /// Index into `FeatureSet::entities`.
+    pub entity: usize,
+    /// Positions in the entity's row, in the view's order.
+    pub features: Vec<usize>,
+    /// Max age of a row in ms; `None`: rows never age out.
+    pub ttl_ms: Option<u64>,
+}
+
+/// A feature service: a named list of view features.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FeatureService {
+    pub name: String,
+    /// (index into `FeatureSet::views`, position in the entity's row), in order.
+    pub features: Vec<(usize, usize)>,
 }
 
 /// A problem with feature definitions: what and where.
@@ -449,6 +477,28 @@ struct FileDef {
     features: Vec<FileFeature>,
     #[serde(default)]
     request: BTreeMap<String, String>,
+    #[serde(default)]
+    feature_views: Vec<FileView>,
+    #[serde(default)]
+    feature_services: Vec<FileService>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileView {
+    name: String,
+    entity: String,
+    #[serde(default)]
+    features: Option<Vec<String>>,
+    #[serde(default)]
+    ttl: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileService {
+    name: String,
+    features: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -621,6 +671,16 @@ impl FeatureSet {
     /// The index of the entity called `name`.
     pub fn entity_index(&self, name: &str) -> Option<usize> {
         self.entities.iter().position(|e| e.name == name)
+    }
+
+    /// The feature view called `name`.
+    pub fn view(&self, name: &str) -> Option<&FeatureView> {
+        self.views.iter().find(|v| v.name == name)
+    }
+
+    /// The feature service called `name`.
+    pub fn service(&self, name: &str) -> Option<&FeatureService> {
+        self.services.iter().find(|s| s.name == name)
     }
 
     /// The source called `name`.
@@ -878,13 +938,134 @@ fn resolve(file: FileDef, problems: &mut Vec<String>) -> FeatureSet {
             problems.push(format!("request {role}: no feature {feature}"));
         }
     }
+    let views = resolve_views(file.feature_views, &entities, problems);
+    let services = resolve_services(file.feature_services, &views, &entities, problems);
     let version = version_of(&sources, &entities);
     FeatureSet {
         sources,
         entities: entities.into_iter().map(Arc::new).collect(),
         request: file.request,
+        views,
+        services,
         version,
     }
+}
+
+/// Feature views: a known entity, known features of it (all by default),
+/// no feature twice, a valid `ttl`; unique names.
+fn resolve_views(
+    file: Vec<FileView>,
+    entities: &[EntityDef],
+    problems: &mut Vec<String>,
+) -> Vec<FeatureView> {
+    let mut views: Vec<FeatureView> = Vec::new();
+    for v in file {
+        let mut bad = |p: String| problems.push(format!("feature view {}: {p}", v.name));
+        if !is_identifier(&v.name) {
+            bad("name must be lowercase letters, digits and _ (not starting with _)".into());
+        }
+        if views.iter().any(|o| o.name == v.name) {
+            bad("duplicate feature view name".into());
+        }
+        let Some(entity) = entities.iter().position(|e| e.name == v.entity) else {
+            bad(format!("unknown entity {}", v.entity));
+            continue;
+        };
+        let def = &entities[entity];
+        let features = match &v.features {
+            None => (0..def.features.len()).collect(),
+            Some(names) => {
+                if names.is_empty() {
+                    bad("features is empty (leave it out for all the entity's features)".into());
+                }
+                let mut positions: Vec<usize> = Vec::new();
+                for name in names {
+                    match def.position(name) {
+                        Some(p) if positions.contains(&p) => {
+                            bad(format!("feature {name} listed twice"))
+                        }
+                        Some(p) => positions.push(p),
+                        None => bad(format!("entity {} has no feature {name}", v.entity)),
+                    }
+                }
+                positions
+            }
+        };
+        let ttl_ms = match v.ttl.as_deref().map(parse_window).transpose() {
+            Ok(t) => t,
+            Err(e) => {
+                bad(format!("ttl: {e}"));
+                None
+            }
+        };
+        views.push(FeatureView {
+            name: v.name,
+            entity,
+            features,
+            ttl_ms,
+        });
+    }
+    views
+}
+
+/// Feature services: each reference is `view` (all its features) or
+/// `view:feature`; no feature twice; unique names.
+fn resolve_services(
+    file: Vec<FileService>,
+    views: &[FeatureView],
+    entities: &[EntityDef],
+    problems: &mut Vec<String>,
+) -> Vec<FeatureService> {
+    let mut services: Vec<FeatureService> = Vec::new();
+    for s in file {
+        let mut bad = |p: String| problems.push(format!("feature service {}: {p}", s.name));
+        if !is_identifier(&s.name) {
+            bad("name must be lowercase letters, digits and _ (not starting with _)".into());
+        }
+        if services.iter().any(|o| o.name == s.name) {
+            bad("duplicate feature service name".into());
+        }
+        if s.features.is_empty() {
+            bad("features is empty".into());
+        }
+        let mut features: Vec<(usize, usize)> = Vec::new();
+        for reference in &s.features {
+            let (view_name, feature) = match reference.split_once(':') {
+                Some((v, f)) => (v, Some(f)),
+                None => (reference.as_str(), None),
+            };
+            let Some(vi) = views.iter().position(|v| v.name == view_name) else {
+                bad(format!("{reference}: unknown feature view {view_name}"));
+                continue;
+            };
+            let view = &views[vi];
+            let def = &entities[view.entity];
+            let picked: Vec<usize> = match feature {
+                None => view.features.clone(),
+                Some(f) => match def.position(f).filter(|p| view.features.contains(p)) {
+                    Some(p) => vec![p],
+                    None => {
+                        bad(format!(
+                            "{reference}: feature view {view_name} has no feature {f}"
+                        ));
+                        continue;
+                    }
+                },
+            };
+            for p in picked {
+                if features.contains(&(vi, p)) {
+                    bad(format!("{view_name}:{} listed twice", def.features[p].name));
+                } else {
+                    features.push((vi, p));
+                }
+            }
+        }
+        services.push(FeatureService {
+            name: s.name,
+            features,
+        });
+    }
+    services
 }
 
 /// FNV-1a over a canonical JSON form of the definitions that ignores the
@@ -1219,6 +1400,55 @@ source = "txn"
         match with_feature(feature) {
             Err(DefinitionError::Invalid { list, .. }) => list.join("\n"),
             other => panic!("expected a validation error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn feature_views_and_services_resolve_and_stay_out_of_the_version() {
+        let set = shipped();
+        let card = set.view("card_features").unwrap();
+        assert_eq!(set.entities[card.entity].name, "card");
+        assert_eq!(card.features.len(), 14, "all the card features by default");
+        assert_eq!(card.ttl_ms, Some(3_600_000));
+        let fraud = set.service("fraud_v1").unwrap();
+        assert_eq!(fraud.features.len(), 14 + 8);
+        let extra = format!(
+            "{SHIPPED}\n[[feature_views]]\nname = \"card_small\"\nentity = \"card\"\nfeatures = [\"txn_count_1m\", \"amount_mean_24h\"]\n[[feature_services]]\nname = \"small\"\nfeatures = [\"card_small:amount_mean_24h\"]\n"
+        );
+        let more = FeatureSet::parse("x", &extra).unwrap();
+        assert_eq!(
+            more.version, set.version,
+            "views and services are not hashed"
+        );
+        let small = more.view("card_small").unwrap();
+        assert_eq!(small.ttl_ms, None);
+        let svc = more.service("small").unwrap();
+        let (v, p) = svc.features[0];
+        assert_eq!(more.views[v].name, "card_small");
+        assert_eq!(
+            more.entities[small.entity].features[p].name,
+            "amount_mean_24h"
+        );
+    }
+
+    #[test]
+    fn bad_views_and_services_are_named() {
+        let text = format!(
+            "{SHIPPED}\n[[feature_views]]\nname = \"v\"\nentity = \"ship\"\n[[feature_views]]\nname = \"w\"\nentity = \"card\"\nfeatures = [\"nope\"]\nttl = \"1 h\"\n[[feature_services]]\nname = \"s\"\nfeatures = [\"zz\", \"card_features:nope\", \"card_features\", \"card_features:txn_count_1m\"]\n"
+        );
+        let Err(DefinitionError::Invalid { list, .. }) = FeatureSet::parse("x", &text) else {
+            panic!("expected problems");
+        };
+        let all = list.join("\n");
+        for needle in [
+            "feature view v: unknown entity ship",
+            "feature view w: entity card has no feature nope",
+            "feature view w: ttl: ",
+            "feature service s: zz: unknown feature view zz",
+            "feature service s: card_features:nope: feature view card_features has no feature nope",
+            "feature service s: card_features:txn_count_1m listed twice",
+        ] {
+            assert!(all.contains(needle), "{needle} not in:\n{all}");
         }
     }
 

@@ -42,6 +42,8 @@ pub struct AppState {
     draining: AtomicBool,
     /// The status page's scrape targets and rate samples.
     pub status: crate::status::StatusState,
+    /// Settings of the Feast route (`POST /get-online-features`).
+    pub feast: crate::feast::FeastSettings,
 }
 
 impl AppState {
@@ -81,6 +83,7 @@ impl AppState {
             scored: AtomicU64::new(0),
             draining: AtomicBool::new(false),
             status: Default::default(),
+            feast: Default::default(),
         })
     }
 }
@@ -173,10 +176,20 @@ impl App {
                     Err(ApiError::MethodNotAllowed)
                 },
             ),
+            ["get-online-features"] => (
+                Route::get_online_features,
+                if post {
+                    let body = self.body(req.into_body()).await;
+                    Ok(crate::feast::get_online_features(&self.state, body).await)
+                } else {
+                    Err(ApiError::MethodNotAllowed)
+                },
+            ),
             ["features", entity, id] if get => (Route::features, self.features(entity, id).await),
             ["health"] if get => (
                 Route::health,
-                Ok(json_response(StatusCode::OK, &json!({"status": "ok"}))),
+                // As Feast's feature server answers: 200, empty body.
+                Ok(Response::new(Full::new(Bytes::new()))),
             ),
             ["ready"] if get => (Route::ready, Ok(self.ready().await)),
             ["metrics"] if get => (Route::metrics, Ok(metrics_response(&self.state.metrics))),

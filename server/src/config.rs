@@ -47,6 +47,10 @@ pub struct ServeConfig {
     /// The stream job's `/metrics` addresses (`host:port`, one per process),
     /// scraped by the status page at `GET /`.
     pub stream_metrics: Vec<String>,
+    /// Most entity rows in one `POST /get-online-features` request.
+    pub feast_max_entities: usize,
+    /// The Feast project name (`sfs feast init --project`), in Feast-style errors.
+    pub feast_project: String,
 }
 
 impl Default for ServeConfig {
@@ -70,6 +74,8 @@ impl Default for ServeConfig {
             worker_threads: 0,
             features: None,
             stream_metrics: vec!["127.0.0.1:8088".into()],
+            feast_max_entities: crate::feast::DEFAULT_MAX_ENTITIES,
+            feast_project: crate::feast::DEFAULT_PROJECT.into(),
         }
     }
 }

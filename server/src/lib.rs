@@ -4,6 +4,8 @@ pub mod app;
 pub mod breaker;
 pub mod config;
 pub mod error;
+pub mod feast;
+pub mod feast_init;
 pub mod features;
 pub mod metrics;
 pub mod model;

@@ -24,6 +24,7 @@ pub enum Route {
     models,
     /// The status page and its JSON.
     status,
+    get_online_features,
     other,
 }
 

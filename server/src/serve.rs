@@ -41,6 +41,8 @@ pub fn build(cfg: &ServeConfig, features: Arc<FeatureSet>) -> anyhow::Result<App
         worker_threads: _,
         features: _,
         stream_metrics,
+        feast_max_entities,
+        feast_project,
     } = cfg;
     let metrics = Arc::new(Metrics::new());
     let breaker = Breaker::new(
@@ -65,6 +67,10 @@ pub fn build(cfg: &ServeConfig, features: Arc<FeatureSet>) -> anyhow::Result<App
     let mut state = AppState::new(store, models, metrics, *max_body_bytes, *log_sample_every)
         .map_err(anyhow::Error::msg)?;
     state.status = crate::status::StatusState::new(stream_metrics.clone());
+    state.feast = crate::feast::FeastSettings {
+        max_entities: *feast_max_entities,
+        project: feast_project.clone(),
+    };
     Ok(app(state))
 }
 

@@ -148,6 +148,43 @@ impl FeatureStore {
         Ok(rows)
     }
 
+    /// The rows of many `(entity index, id)` reads, in order, and the job's
+    /// durable frontier: one pipelined round trip for the whole batch (the
+    /// Feast route's `POST /get-online-features`).
+    pub async fn rows_many(
+        &self,
+        metrics: &Metrics,
+        reads: &[(usize, &str)],
+    ) -> Result<(Vec<Option<FeatureRow>>, Option<i64>), ApiError> {
+        if reads.is_empty() {
+            return Ok((Vec::new(), None));
+        }
+        let mut pipe = redis::pipe();
+        for &(entity, id) in reads {
+            pipe.hgetall(self.features.entities[entity].redis_key(&self.prefix, id));
+        }
+        pipe.hget(&self.progress_key, "frontier_ms");
+        let mut conn = self.conn.clone();
+        let (hashes, frontier): (Vec<Hash>, Option<i64>) = self
+            .call(metrics, async move {
+                let mut replies: Vec<redis::Value> = pipe.query_async(&mut conn).await?;
+                let frontier: Option<Option<i64>> =
+                    replies.pop().map(redis::from_redis_value).transpose()?;
+                let hashes = replies
+                    .into_iter()
+                    .map(redis::from_redis_value)
+                    .collect::<Result<_, _>>()?;
+                Ok((hashes, frontier.flatten()))
+            })
+            .await?;
+        let rows = reads
+            .iter()
+            .zip(&hashes)
+            .map(|(&(entity, id), hash)| self.decode(&self.features.entities[entity], id, hash))
+            .collect::<Result<_, _>>()?;
+        Ok((rows, frontier))
+    }
+
     /// One row, for `GET /features/{entity}/{id}`.
     pub async fn row(
         &self,

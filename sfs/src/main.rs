@@ -42,11 +42,21 @@ enum Command {
     Features(dataflow::cli::FeaturesArgs),
     /// Replay the event log through the feature graph into point-in-time training sets (Parquet).
     Backfill(offline::cli::BackfillArgs),
+    /// Feast compatibility: write a Feast repository whose online store is sfs serve.
+    #[command(subcommand)]
+    Feast(FeastCommand),
     /// Dead-letter topics: replay fixed records to their source topic.
     #[command(subcommand, after_help = "Example:\n  sfs dlq replay --help")]
     Dlq(DlqCommand),
     /// One terminal screen of the running system: topic rates, lag, frontier, dead letters, live rows, models.
     Inspect(inspect::InspectArgs),
+}
+
+#[derive(Debug, Subcommand)]
+enum FeastCommand {
+    /// Write feature_store.yaml (online store: this server) and the entity,
+    /// feature view and feature service definitions of features.toml.
+    Init(server::feast_init::FeastInitArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -102,6 +112,10 @@ fn main() {
         Command::Backfill(args) => (
             offline::cli::run(args),
             "check --input (the --out-dir of sfs generate --out avro|json) or that Kafka answers at --brokers with --from-kafka, then run again",
+        ),
+        Command::Feast(FeastCommand::Init(args)) => (
+            server::feast_init::run(args),
+            "check that DIR is writable and --url is where sfs serve listens, then run again",
         ),
         Command::Inspect(args) => (inspect::run(args), "make up; make health"),
     };
