@@ -7,7 +7,7 @@ export KAFKA_BROKERS ?= 127.0.0.1:9092
 export REDIS_URL ?= redis://127.0.0.1:6379
 SFS := $(CARGO_TARGET_DIR)/release/sfs
 
-.PHONY: help setup up down status health build test demo fmt lint bench clean
+.PHONY: help setup up down status health build test demo fmt lint bench clean train mlflow
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -46,6 +46,12 @@ test: ## fmt check, clippy -D warnings, all unit and integration tests against r
 
 demo: ## generate traffic, stream features into Redis, score requests end to end
 	bash infra/demo.sh
+
+train: ## generate a 30-day log, backfill it, train + register (MLflow) + publish the models (TRAIN_DAYS, TRAIN_USERS)
+	bash infra/train.sh run
+
+mlflow: ## serve the MLflow UI of `make train` runs on 127.0.0.1:5000
+	bash infra/train.sh mlflow
 
 fmt: ## format the Rust code
 	cargo fmt --all
