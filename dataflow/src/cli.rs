@@ -114,7 +114,8 @@ impl StreamArgs {
     }
 }
 
-fn parse_topic(text: &str) -> Result<(String, String), String> {
+/// A `--topic SOURCE=TOPIC` flag.
+pub fn parse_topic(text: &str) -> Result<(String, String), String> {
     match text.split_once('=') {
         Some((source, topic)) if !source.is_empty() && !topic.is_empty() => {
             Ok((source.to_owned(), topic.to_owned()))

@@ -4,6 +4,9 @@
 
 use std::io::{self, Write};
 
+use crate::avro::EventKind;
+use crate::codec::binary::Reader;
+use crate::codec::AvroError;
 use crate::codec::{write_datum, EncodeError, Event};
 
 const MAGIC: &[u8; 4] = b"Obj\x01";
@@ -94,6 +97,172 @@ impl<W: Write> ContainerWriter<W> {
     }
 }
 
+/// Why a container file cannot be read.
+#[derive(Debug, thiserror::Error)]
+pub enum ContainerError {
+    #[error("not an Avro object container file (bad magic)")]
+    BadMagic,
+    #[error("truncated container file")]
+    Truncated,
+    #[error("container codec {0:?} is not supported (only null)")]
+    Codec(String),
+    #[error("container schema is not a shipped {kind} schema: {detail}")]
+    Schema { kind: EventKind, detail: String },
+    #[error("block {block}: sync marker does not match the header's")]
+    Sync { block: u64 },
+    #[error("block {block}, datum {datum}: {error}")]
+    Datum {
+        block: u64,
+        datum: i64,
+        error: AvroError,
+    },
+}
+
+/// Reads the events of one kind from an object container file in memory,
+/// written by [`ContainerWriter`] or any Avro library (codec `null`, writer
+/// schema one of the shipped versions of `E`).
+#[derive(Debug)]
+pub struct ContainerReader<'a, E> {
+    rest: &'a [u8],
+    sync: [u8; 16],
+    version: u32,
+    block: &'a [u8],
+    left: i64,
+    blocks: u64,
+    datum: i64,
+    kind: std::marker::PhantomData<E>,
+}
+
+fn take<'a>(buf: &mut &'a [u8], n: usize) -> Result<&'a [u8], ContainerError> {
+    if buf.len() < n {
+        return Err(ContainerError::Truncated);
+    }
+    let (head, tail) = buf.split_at(n);
+    *buf = tail;
+    Ok(head)
+}
+
+fn read_long(buf: &mut &[u8]) -> Result<i64, ContainerError> {
+    let mut r = Reader::new(buf);
+    let v = r.long().map_err(|_| ContainerError::Truncated)?;
+    *buf = &buf[r.position()..];
+    Ok(v)
+}
+
+fn read_bytes<'a>(buf: &mut &'a [u8]) -> Result<&'a [u8], ContainerError> {
+    let len = usize::try_from(read_long(buf)?).map_err(|_| ContainerError::Truncated)?;
+    take(buf, len)
+}
+
+impl<'a, E: Event> ContainerReader<'a, E> {
+    /// Parses the header; the datums are read by iterating.
+    pub fn new(bytes: &'a [u8]) -> Result<Self, ContainerError> {
+        let mut rest = bytes;
+        if take(&mut rest, 4).map_err(|_| ContainerError::BadMagic)? != MAGIC {
+            return Err(ContainerError::BadMagic);
+        }
+        let (mut schema, mut codec) = (None, None);
+        loop {
+            let mut count = read_long(&mut rest)?;
+            if count == 0 {
+                break;
+            }
+            if count < 0 {
+                count = -count;
+                read_long(&mut rest)?;
+            }
+            for _ in 0..count {
+                let key = read_bytes(&mut rest)?;
+                let value = read_bytes(&mut rest)?;
+                match key {
+                    b"avro.schema" => schema = Some(value),
+                    b"avro.codec" => codec = Some(value),
+                    _ => {}
+                }
+            }
+        }
+        let codec = String::from_utf8_lossy(codec.unwrap_or(b"null")).into_owned();
+        if codec != "null" {
+            return Err(ContainerError::Codec(codec));
+        }
+        let bad = |detail: String| ContainerError::Schema {
+            kind: E::KIND,
+            detail,
+        };
+        let text = std::str::from_utf8(schema.ok_or_else(|| bad("no avro.schema".into()))?)
+            .map_err(|e| bad(e.to_string()))?;
+        let parsed = apache_avro::Schema::parse_str(text).map_err(|e| bad(e.to_string()))?;
+        let known = crate::avro::identify(&parsed)
+            .filter(|k| k.kind == E::KIND)
+            .ok_or_else(|| bad("unknown schema".into()))?;
+        let mut sync = [0u8; 16];
+        sync.copy_from_slice(take(&mut rest, 16)?);
+        Ok(ContainerReader {
+            rest,
+            sync,
+            version: known.version,
+            block: &[],
+            left: 0,
+            blocks: 0,
+            datum: 0,
+            kind: std::marker::PhantomData,
+        })
+    }
+
+    /// The writer schema's version.
+    pub fn version(&self) -> u32 {
+        self.version
+    }
+
+    fn next_block(&mut self) -> Result<bool, ContainerError> {
+        while self.left == 0 {
+            if self.rest.is_empty() {
+                return Ok(false);
+            }
+            self.left = read_long(&mut self.rest)?;
+            let size = usize::try_from(read_long(&mut self.rest)?)
+                .map_err(|_| ContainerError::Truncated)?;
+            self.block = take(&mut self.rest, size)?;
+            if take(&mut self.rest, 16)? != self.sync {
+                return Err(ContainerError::Sync { block: self.blocks });
+            }
+            self.blocks += 1;
+            self.datum = 0;
+        }
+        Ok(true)
+    }
+}
+
+impl<E: Event> Iterator for ContainerReader<'_, E> {
+    type Item = Result<E, ContainerError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        match self.next_block() {
+            Ok(true) => {}
+            Ok(false) => return None,
+            Err(e) => {
+                self.rest = &[];
+                self.left = 0;
+                return Some(Err(e));
+            }
+        }
+        let mut r = Reader::new(self.block);
+        let result = E::read_datum(&mut r, self.version);
+        self.block = &self.block[r.position()..];
+        self.left -= 1;
+        self.datum += 1;
+        Some(result.map_err(|error| {
+            // A datum that does not parse leaves the rest of its block unreadable.
+            self.left = 0;
+            ContainerError::Datum {
+                block: self.blocks - 1,
+                datum: self.datum - 1,
+                error,
+            }
+        }))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -129,5 +298,36 @@ mod tests {
             n += 1;
         }
         assert_eq!(n, labels.len());
+        let back: Vec<Label> = ContainerReader::<Label>::new(&bytes)
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(back, labels);
+    }
+
+    #[test]
+    fn a_container_of_another_kind_or_a_corrupt_block_is_an_error() {
+        let label = Label {
+            event_id: "t".into(),
+            card_id: "c".into(),
+            is_fraud: true,
+            fraud_type: None,
+            label_time: 5,
+        };
+        let mut w = ContainerWriter::new::<Label>(Vec::new(), 1).unwrap();
+        w.append(&label).unwrap();
+        let mut bytes = w.finish().unwrap();
+        assert!(matches!(
+            ContainerReader::<crate::event::Txn>::new(&bytes),
+            Err(ContainerError::Schema { .. })
+        ));
+        assert!(matches!(
+            ContainerReader::<Label>::new(b"nope"),
+            Err(ContainerError::BadMagic)
+        ));
+        let last = bytes.len() - 1;
+        bytes[last] ^= 1;
+        let read: Vec<_> = ContainerReader::<Label>::new(&bytes).unwrap().collect();
+        assert!(matches!(read[..], [Err(ContainerError::Sync { block: 0 })]));
     }
 }

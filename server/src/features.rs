@@ -47,6 +47,17 @@ pub const USUAL_COUNTRY: &str = "usual_country";
 pub fn request_feature<'a>(set: &'a FeatureSet, role: &str) -> Option<&'a str> {
     set.request.get(role).map(String::as_str)
 }
+/// The request-time features, in the order models list them by convention.
+pub const REQUEST_TIME_FEATURES: &[&str] = &[
+    "amount_log1p",
+    "amount_to_mean_24h",
+    "amount_zscore_24h",
+    "country_mismatch",
+    "seconds_since_last_txn",
+    "channel_ecom",
+    "channel_atm",
+];
+
 /// Suffix of the cold-start flags, `{entity}_cold_start`.
 pub const COLD_START_SUFFIX: &str = "_cold_start";
 
@@ -378,6 +389,15 @@ mod tests {
             rows,
             frontier_ms: None,
             txn,
+        }
+    }
+
+    #[test]
+    fn every_request_time_feature_resolves_and_reads_the_transaction() {
+        let set = shipped();
+        for name in REQUEST_TIME_FEATURES {
+            let source = resolve(name, &set).unwrap();
+            assert!(source.needs_transaction(), "{name}");
         }
     }
 

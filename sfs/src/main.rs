@@ -29,6 +29,8 @@ enum Command {
     Stream(dataflow::cli::StreamArgs),
     /// Check the feature definitions (features.toml); print the catalogue and version.
     Features(dataflow::cli::FeaturesArgs),
+    /// Replay the event log through the feature graph into point-in-time training sets (Parquet).
+    Backfill(offline::cli::BackfillArgs),
     /// Dead-letter topics: replay fixed records to their source topic.
     #[command(subcommand)]
     Dlq(DlqCommand),
@@ -62,6 +64,7 @@ fn main() -> anyhow::Result<()> {
         Command::Serve(args) => server::run(args)?,
         Command::Stream(args) => dataflow::cli::run(args)?,
         Command::Features(args) => dataflow::cli::features(args)?,
+        Command::Backfill(args) => offline::cli::run(args)?,
         Command::Dlq(DlqCommand::Replay(args)) => dataflow::dlq::run(args)?,
     }
     Ok(())

@@ -49,6 +49,11 @@ impl<'a> Reader<'a> {
         Reader { buf, pos: 0 }
     }
 
+    /// Bytes consumed so far.
+    pub(crate) fn position(&self) -> usize {
+        self.pos
+    }
+
     /// Fails unless every byte was consumed.
     pub(crate) fn finish(&self) -> Result<(), AvroError> {
         match self.buf.len() - self.pos {

@@ -9,7 +9,7 @@
 //! writer schema found in the registry is decoded with apache-avro and
 //! resolved by the Avro rules. Both are cached per schema id.
 
-mod binary;
+pub(crate) mod binary;
 mod generic;
 
 use std::collections::HashMap;

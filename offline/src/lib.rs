@@ -1,0 +1,10 @@
+//! Offline: the training sets, backfilled from the event log by the same
+//! differential-dataflow feature graph the stream job runs, joined point in
+//! time with each transaction and product view, written as Parquet.
+
+pub mod backfill;
+pub mod cli;
+pub mod log;
+pub mod output;
+
+pub use backfill::{BackfillConfig, Summary};
