@@ -7,8 +7,8 @@
 # usage: infra/train.sh [run|mlflow]
 # Knobs (environment, or make variables: `make train TRAIN_DAYS=3 TRAIN_USERS=2000`):
 #   TRAIN_DAYS (30)            simulated days of log
-#   TRAIN_USERS (20000)        users of the simulation
-#   TRAIN_SIM_RATE (1.5)       mean events per simulated second
+#   TRAIN_USERS (10000)        users of the simulation
+#   TRAIN_SIM_RATE (0.5)       mean events per simulated second
 #   TRAIN_FRAUD_RATE (0.01)    share of fraudulent transactions
 #   TRAIN_LABEL_DELAY (1d)     mean delay of a fraud label
 #   TRAIN_LABEL_MATURITY (7d)  a transaction younger than this at the cutoff has no settled label
@@ -23,8 +23,8 @@ source "$(dirname "$0")/lib.sh"
 cd "$SFS_ROOT"
 
 TRAIN_DAYS="${TRAIN_DAYS:-30}"
-TRAIN_USERS="${TRAIN_USERS:-20000}"
-TRAIN_SIM_RATE="${TRAIN_SIM_RATE:-1.5}"
+TRAIN_USERS="${TRAIN_USERS:-10000}"
+TRAIN_SIM_RATE="${TRAIN_SIM_RATE:-0.5}"
 TRAIN_FRAUD_RATE="${TRAIN_FRAUD_RATE:-0.01}"
 TRAIN_LABEL_DELAY="${TRAIN_LABEL_DELAY:-1d}"
 TRAIN_LABEL_MATURITY="${TRAIN_LABEL_MATURITY:-7d}"
