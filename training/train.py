@@ -156,7 +156,9 @@ def read_backfill(path: Path, name: str, features: list[str], warmup_ms: int) ->
     if not path.is_file():
         raise SystemExit(f"{path}: not found: run `sfs backfill --input <log> --out {path.parent}` first")
     table = pq.read_table(path)
-    meta = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items() if k.startswith(b"sfs.")}
+    # The file's key-value metadata (and the Arrow schema's, if a writer put it there).
+    kv = {**(table.schema.metadata or {}), **(pq.read_metadata(path).metadata or {})}
+    meta = {k.decode(): v.decode() for k, v in kv.items() if k.startswith(b"sfs.")}
     if meta.get("sfs.kind") != name:
         raise SystemExit(f"{path}: metadata sfs.kind is {meta.get('sfs.kind')!r}, expected {name!r}")
     id_col = "txn_id" if name == "fraud" else "click_id"
