@@ -7,7 +7,7 @@ export KAFKA_BROKERS ?= 127.0.0.1:9092
 export REDIS_URL ?= redis://127.0.0.1:6379
 SFS := $(CARGO_TARGET_DIR)/release/sfs
 
-.PHONY: help setup up down status health build test demo fmt lint bench clean inspect logs monitor
+.PHONY: help setup up down status health build test demo fmt lint bench clean inspect logs  monitor train mlflow
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -62,6 +62,12 @@ logs: ## tail the stream job and server logs (.data/logs)
 monitor: ## start Prometheus with the alerting rules loaded; print its URL
 	bash infra/prometheus.sh start
 	@echo "Prometheus: http://127.0.0.1:$${PROMETHEUS_PORT:-9090} (alerts: http://127.0.0.1:$${PROMETHEUS_PORT:-9090}/alerts, rules: infra/prometheus/rules.yml)"
+
+train: ## generate a 30-day log, backfill it, train + register (MLflow) + publish the models (TRAIN_DAYS, TRAIN_USERS)
+	bash infra/train.sh run
+
+mlflow: ## serve the MLflow UI of `make train` runs on 127.0.0.1:5000
+	bash infra/train.sh mlflow
 
 fmt: ## format the Rust code
 	cargo fmt --all

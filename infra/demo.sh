@@ -106,7 +106,22 @@ post /score/fraud '{"card_id":"never-seen","transaction_amount":10}'
 echo "-- POST /score/fraud (bad request: amount is a string)"
 post /score/fraud "{\"card_id\":\"$card\",\"transaction_amount\":\"lots\"}"
 echo "-- GET /models"
-curl -s "http://127.0.0.1:$PORT/models"; echo
+models_json=$(curl -s "http://127.0.0.1:$PORT/models")
+echo "$models_json"
+echo "-- the served models against the rules on their held-out test rows (make train)"
+python3 - "$models_json" <<'PY'
+import json, sys
+for m in json.loads(sys.argv[1])["models"]:
+    name, label = m["name"], m["model_version"]
+    test = (m.get("training") or {}).get("metrics", {}).get("test")
+    if not test:
+        print(f"  {name}: {label} has no held-out metrics (not trained by make train)")
+        continue
+    t = m["training"]
+    print(f"  {name} {label}: {t['rows_test']} held-out rows, {t['split']['test'][0]} .. {t['split']['test'][1]}")
+    for k, what in (("roc_auc", "ROC-AUC"), ("pr_auc", "PR-AUC"), ("recall_at_1pct_fpr", "recall at 1% FPR")):
+        print(f"    {what:<17} model {test['model'][k]:.4f}   rules {test['rules'][k]:.4f}")
+PY
 
 echo
 echo "demo: generated 1 simulated hour, $rows_card card and $rows_user user rows in Redis, scored 3 requests; Prometheus on http://127.0.0.1:9090"

@@ -17,7 +17,14 @@ use server::serve::{build, spawn_model_poller};
 fn shipped_models_match_python_scores_on_the_fixed_vectors() {
     let ort = ort_path();
     for kind in ModelKind::ALL {
-        let dir = workspace().join("models").join(kind.name()).join("1");
+        // The newest published version, as the server picks it.
+        let versions = workspace().join("models").join(kind.name());
+        let newest = std::fs::read_dir(&versions)
+            .unwrap()
+            .filter_map(|e| e.unwrap().file_name().to_str()?.parse::<u32>().ok())
+            .max()
+            .unwrap_or_else(|| panic!("no version under {}", versions.display()));
+        let dir = versions.join(newest.to_string());
         let model = load_version(kind, &dir, &features(), 1, Some(&ort))
             .unwrap_or_else(|e| panic!("loading {}: {e}", dir.display()));
         let doc: serde_json::Value =
@@ -31,6 +38,18 @@ fn shipped_models_match_python_scores_on_the_fixed_vectors() {
         let vectors = doc["vectors"].as_array().unwrap();
         let scores = doc["scores"].as_array().unwrap();
         assert!(vectors.len() >= 20 && vectors.len() == scores.len());
+        // Python's onnxruntime against the trainer's own model (LightGBM), when recorded.
+        if let Some(trainer) = doc["lightgbm_scores"].as_array() {
+            assert_eq!(trainer.len(), scores.len());
+            for (a, b) in trainer.iter().zip(scores) {
+                let (a, b) = (a.as_f64().unwrap(), b.as_f64().unwrap());
+                assert!(
+                    (a - b).abs() <= 1e-5,
+                    "{}: lightgbm {a} vs onnx {b}",
+                    kind.name()
+                );
+            }
+        }
         for (x, want) in vectors.iter().zip(scores) {
             let x: Vec<f32> = x
                 .as_array()

@@ -89,7 +89,7 @@ pub fn load_version(
     if let Some(v) = doc.get("feature_set_version").filter(|v| !v.is_string()) {
         return Err(invalid(format!(
             "metadata.json: feature_set_version {v} is not a feature-set version string (fs-...): \
-             retrain with training/train.py --feature-set-version {}",
+             retrain on {} with `make train`",
             features.version
         )));
     }
@@ -108,9 +108,9 @@ pub fn load_version(
     let plan = kind.plan(&meta.features, features).map_err(invalid)?;
     if meta.feature_set_version != features.version {
         return Err(invalid(format!(
-            "trained on feature-set version {}, the server reads {}: retrain with \
-             training/train.py --feature-set-version {}",
-            meta.feature_set_version, features.version, features.version
+            "trained on feature-set version {}, the server reads {}: retrain with `make train` \
+             (sfs backfill, then training/train.py)",
+            meta.feature_set_version, features.version
         )));
     }
     let ascending = meta
