@@ -120,30 +120,10 @@ impl FeatureStore {
             rows: vec![None; self.features.entities.len()],
             frontier_ms: None,
         };
-        if reads.is_empty() {
-            return Ok(rows);
-        }
-        let mut pipe = redis::pipe();
-        for &(entity, id) in reads {
-            pipe.hgetall(self.features.entities[entity].redis_key(&self.prefix, id));
-        }
-        pipe.hget(&self.progress_key, "frontier_ms");
-        let mut conn = self.conn.clone();
-        let (hashes, frontier): (Vec<Hash>, Option<i64>) = self
-            .call(metrics, async move {
-                let mut replies: Vec<redis::Value> = pipe.query_async(&mut conn).await?;
-                let frontier: Option<Option<i64>> =
-                    replies.pop().map(redis::from_redis_value).transpose()?;
-                let hashes = replies
-                    .into_iter()
-                    .map(redis::from_redis_value)
-                    .collect::<Result<_, _>>()?;
-                Ok((hashes, frontier.flatten()))
-            })
-            .await?;
+        let (found, frontier) = self.rows_many(metrics, reads).await?;
         rows.frontier_ms = frontier;
-        for (&(entity, id), hash) in reads.iter().zip(&hashes) {
-            rows.rows[entity] = self.decode(&self.features.entities[entity], id, hash)?;
+        for (&(entity, _), row) in reads.iter().zip(found) {
+            rows.rows[entity] = row;
         }
         Ok(rows)
     }
