@@ -41,7 +41,13 @@ async fn http(
             .unwrap();
         if buf.len() >= end + 4 + len {
             let status = head[9..12].parse().unwrap();
-            let json = serde_json::from_slice(&buf[end + 4..end + 4 + len]).unwrap();
+            // `/health` answers with an empty body, as Feast's does.
+            let body = &buf[end + 4..end + 4 + len];
+            let json = if body.is_empty() {
+                serde_json::Value::Null
+            } else {
+                serde_json::from_slice(body).unwrap()
+            };
             return (status, json);
         }
     }

@@ -43,7 +43,10 @@ enum Command {
     /// Replay the event log through the feature graph into point-in-time training sets (Parquet).
     Backfill(offline::cli::BackfillArgs),
     /// Feast compatibility: write a Feast repository whose online store is sfs serve.
-    #[command(subcommand)]
+    #[command(
+        subcommand,
+        after_help = "Example:\n  sfs feast init feast_repo --url http://127.0.0.1:8080"
+    )]
     Feast(FeastCommand),
     /// Dead-letter topics: replay fixed records to their source topic.
     #[command(subcommand, after_help = "Example:\n  sfs dlq replay --help")]
