@@ -9,13 +9,6 @@ use std::time::Duration;
 
 use stream_support::*;
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free loopback port")
-        .port()
-}
-
 #[test]
 fn two_processes_write_the_rows_of_one() {
     let topics = Topics::new("cluster");

@@ -22,14 +22,6 @@ use stream_support::*;
 
 const INFRA: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../infra");
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// A service started by its infra script on its own ports and data folder;
 /// stopped (and its folder removed) on drop.
 struct Own {

@@ -54,14 +54,6 @@ impl Drop for Registry {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// The sum of every series of metric `name` in the Prometheus text.
 fn metric(text: &str, name: &str) -> f64 {
     text.lines()

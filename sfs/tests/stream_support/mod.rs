@@ -66,6 +66,14 @@ pub fn redis_url() -> String {
     })
 }
 
+/// A loopback port free now (for a service a test starts itself).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free loopback port")
+        .port()
+}
+
 /// A name no other run uses.
 pub fn unique(name: &str) -> String {
     let nanos = std::time::SystemTime::now()
