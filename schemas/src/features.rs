@@ -1406,29 +1406,34 @@ source = "txn"
     #[test]
     fn feature_views_and_services_resolve_and_stay_out_of_the_version() {
         let set = shipped();
-        let card = set.view("card_features").unwrap();
-        assert_eq!(set.entities[card.entity].name, "card");
-        assert_eq!(card.features.len(), 14, "all the card features by default");
-        assert_eq!(card.ttl_ms, Some(3_600_000));
-        let fraud = set.service("fraud_v1").unwrap();
-        assert_eq!(fraud.features.len(), 14 + 8);
+        for view in &set.views {
+            let entity = &set.entities[view.entity];
+            if view.features.len() == entity.features.len() {
+                assert!(view.features.iter().copied().eq(0..entity.features.len()));
+            }
+        }
+        for service in &set.services {
+            assert!(!service.features.is_empty(), "{}", service.name);
+        }
+        // A view of two features of the first entity, and a service of one.
+        let entity = &set.entities[0];
+        let (f0, f1) = (&entity.features[0].name, &entity.features[1].name);
         let extra = format!(
-            "{SHIPPED}\n[[feature_views]]\nname = \"card_small\"\nentity = \"card\"\nfeatures = [\"txn_count_1m\", \"amount_mean_24h\"]\n[[feature_services]]\nname = \"small\"\nfeatures = [\"card_small:amount_mean_24h\"]\n"
+            "{SHIPPED}\n[[feature_views]]\nname = \"small_view\"\nentity = \"{}\"\nfeatures = [\"{f0}\", \"{f1}\"]\n[[feature_services]]\nname = \"small\"\nfeatures = [\"small_view:{f1}\"]\n",
+            entity.name
         );
         let more = FeatureSet::parse("x", &extra).unwrap();
         assert_eq!(
             more.version, set.version,
             "views and services are not hashed"
         );
-        let small = more.view("card_small").unwrap();
+        let small = more.view("small_view").unwrap();
         assert_eq!(small.ttl_ms, None);
+        assert_eq!(small.features, vec![0, 1]);
         let svc = more.service("small").unwrap();
         let (v, p) = svc.features[0];
-        assert_eq!(more.views[v].name, "card_small");
-        assert_eq!(
-            more.entities[small.entity].features[p].name,
-            "amount_mean_24h"
-        );
+        assert_eq!(more.views[v].name, "small_view");
+        assert_eq!(&more.entities[small.entity].features[p].name, f1);
     }
 
     #[test]
