@@ -1438,22 +1438,27 @@ source = "txn"
 
     #[test]
     fn bad_views_and_services_are_named() {
+        let set = shipped();
+        let view = &set.views[0];
+        let entity = &set.entities[view.entity].name;
+        let first = &set.entities[view.entity].features[0].name;
+        let vn = &view.name;
         let text = format!(
-            "{SHIPPED}\n[[feature_views]]\nname = \"v\"\nentity = \"ship\"\n[[feature_views]]\nname = \"w\"\nentity = \"card\"\nfeatures = [\"nope\"]\nttl = \"1 h\"\n[[feature_services]]\nname = \"s\"\nfeatures = [\"zz\", \"card_features:nope\", \"card_features\", \"card_features:txn_count_1m\"]\n"
+            "{SHIPPED}\n[[feature_views]]\nname = \"v\"\nentity = \"ship\"\n[[feature_views]]\nname = \"w\"\nentity = \"{entity}\"\nfeatures = [\"nope\"]\nttl = \"1 h\"\n[[feature_services]]\nname = \"s\"\nfeatures = [\"zz\", \"{vn}:nope\", \"{vn}\", \"{vn}:{first}\"]\n"
         );
         let Err(DefinitionError::Invalid { list, .. }) = FeatureSet::parse("x", &text) else {
             panic!("expected problems");
         };
         let all = list.join("\n");
         for needle in [
-            "feature view v: unknown entity ship",
-            "feature view w: entity card has no feature nope",
-            "feature view w: ttl: ",
-            "feature service s: zz: unknown feature view zz",
-            "feature service s: card_features:nope: feature view card_features has no feature nope",
-            "feature service s: card_features:txn_count_1m listed twice",
+            "feature view v: unknown entity ship".to_owned(),
+            format!("feature view w: entity {entity} has no feature nope"),
+            "feature view w: ttl: ".to_owned(),
+            "feature service s: zz: unknown feature view zz".to_owned(),
+            format!("feature service s: {vn}:nope: feature view {vn} has no feature nope"),
+            format!("feature service s: {vn}:{first} listed twice"),
         ] {
-            assert!(all.contains(needle), "{needle} not in:\n{all}");
+            assert!(all.contains(&needle), "{needle} not in:\n{all}");
         }
     }
 
