@@ -54,24 +54,33 @@ impl Metrics {
 
     /// Serves `GET /metrics` on `addr` from a background thread.
     pub fn serve(&self, addr: &str) -> std::io::Result<std::net::SocketAddr> {
-        let listener = TcpListener::bind(addr)?;
-        let local = listener.local_addr()?;
         let metrics = self.clone();
-        std::thread::Builder::new()
-            .name("sfs-metrics".into())
-            .spawn(move || {
-                for stream in listener.incoming().flatten() {
-                    if let Err(error) = respond(stream, &metrics) {
-                        tracing::debug!(%error, "metrics request failed");
-                    }
-                }
-            })?;
-        tracing::info!(%local, "serving /metrics");
-        Ok(local)
+        serve_text(addr, move || metrics.encode())
     }
 }
 
-fn respond(stream: TcpStream, metrics: &Metrics) -> std::io::Result<()> {
+/// Serves `GET /metrics` on `addr` from a background thread, the body drawn
+/// by `render` (OpenMetrics text) per request.
+pub fn serve_text(
+    addr: &str,
+    render: impl Fn() -> String + Send + 'static,
+) -> std::io::Result<std::net::SocketAddr> {
+    let listener = TcpListener::bind(addr)?;
+    let local = listener.local_addr()?;
+    std::thread::Builder::new()
+        .name("sfs-metrics".into())
+        .spawn(move || {
+            for stream in listener.incoming().flatten() {
+                if let Err(error) = respond(stream, &render) {
+                    tracing::debug!(%error, "metrics request failed");
+                }
+            }
+        })?;
+    tracing::info!(%local, "serving /metrics");
+    Ok(local)
+}
+
+fn respond(stream: TcpStream, render: &impl Fn() -> String) -> std::io::Result<()> {
     let mut reader = BufReader::new(stream.try_clone()?);
     let mut request_line = String::new();
     reader.read_line(&mut request_line)?;
@@ -83,7 +92,7 @@ fn respond(stream: TcpStream, metrics: &Metrics) -> std::io::Result<()> {
     let mut stream = stream;
     let path = request_line.split_whitespace().nth(1).unwrap_or("");
     if path == "/metrics" {
-        let body = metrics.encode();
+        let body = render();
         write!(
             stream,
             "HTTP/1.1 200 OK\r\nContent-Type: application/openmetrics-text; version=1.0.0; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",

@@ -87,25 +87,8 @@ pub fn run(args: BackfillArgs) -> anyhow::Result<()> {
         eprintln!("error: --tick-ms {}: {e}", args.tick_ms);
         std::process::exit(EXIT_INVALID);
     }
-    let mut sources: Vec<String> = set.sources.iter().map(|s| s.topic.clone()).collect();
-    for (name, topic) in &args.topics {
-        let Some(i) = set.sources.iter().position(|s| &s.name == name) else {
-            eprintln!("error: --topic {name}={topic}: no source {name} in the feature definitions");
-            std::process::exit(EXIT_INVALID);
-        };
-        sources[i] = topic.clone();
-    }
-    let topics = Topics {
-        sources,
-        labels: args.label_topic.clone(),
-    };
-    let source = match &args.input {
-        Some(dir) => LogSource::Files(dir.clone()),
-        None => LogSource::Kafka {
-            brokers: args.brokers.clone(),
-            timeout: Duration::from_millis(args.kafka_timeout.max(1) as u64),
-        },
-    };
+    let topics = topics_or_exit(&set, &args.topics, &args.label_topic);
+    let source = log_source(args.input.as_ref(), &args.brokers, args.kafka_timeout);
     tracing::info!(?source, "reading the log");
     let log = log::read(&source, &set, &topics)?;
     anyhow::ensure!(
@@ -171,4 +154,175 @@ pub fn run(args: BackfillArgs) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// The topics to read: each source's from the definitions unless overridden
+/// by `--topic SOURCE=TOPIC` (exit 2 naming an unknown source).
+fn topics_or_exit(
+    set: &schemas::FeatureSet,
+    overrides: &[(String, String)],
+    labels: &str,
+) -> Topics {
+    let mut sources: Vec<String> = set.sources.iter().map(|s| s.topic.clone()).collect();
+    for (name, topic) in overrides {
+        let Some(i) = set.sources.iter().position(|s| &s.name == name) else {
+            eprintln!("error: --topic {name}={topic}: no source {name} in the feature definitions");
+            std::process::exit(EXIT_INVALID);
+        };
+        sources[i] = topic.clone();
+    }
+    Topics {
+        sources,
+        labels: labels.to_owned(),
+    }
+}
+
+fn log_source(input: Option<&PathBuf>, brokers: &str, timeout_ms: i64) -> LogSource {
+    match input {
+        Some(dir) => LogSource::Files(dir.clone()),
+        None => LogSource::Kafka {
+            brokers: brokers.to_owned(),
+            timeout: Duration::from_millis(timeout_ms.max(1) as u64),
+        },
+    }
+}
+
+/// Check served feature vectors against the same vectors recomputed from the
+/// event log: read the served-vector log (`scores.log`, written by `sfs
+/// serve`), replay the events through the backfill's feature graph as of
+/// each served row's time, and report per model input the mismatch rate, the
+/// missing rate and SMAPE.
+#[derive(Debug, Clone, clap::Args)]
+#[command(after_help = "Examples:
+  sfs parity                                  # scores.log and the events, from Kafka
+  sfs parity --json --fail-below 0.999        # for CI: exit 1 below 99.9% identical
+  sfs parity --watch 1m --metrics-listen 127.0.0.1:9465   # continuously, as gauges")]
+pub struct ParityArgs {
+    /// Kafka bootstrap servers.
+    #[arg(long, env = "KAFKA_BROKERS", default_value = "127.0.0.1:9092")]
+    pub brokers: String,
+    /// The served-vector log topic.
+    #[arg(long, default_value = schemas::score::SCORES_TOPIC)]
+    pub scores_topic: String,
+    /// Read the events from the generator's files in DIR instead of Kafka.
+    #[arg(long, value_name = "DIR")]
+    pub input: Option<PathBuf>,
+    /// Read source SOURCE from TOPIC instead of its topic in the feature
+    /// definitions (repeatable).
+    #[arg(long = "topic", value_name = "SOURCE=TOPIC", value_parser = parse_topic)]
+    pub topics: Vec<(String, String)>,
+    /// Give up reading Kafka after this long (e.g. 10m).
+    #[arg(long, default_value = "10m", value_parser = parse_duration_ms)]
+    pub kafka_timeout: i64,
+    /// Feature definitions (default: features.toml).
+    #[arg(long, env = "SFS_FEATURES")]
+    pub features: Option<PathBuf>,
+    /// Dataflow tick (ms): the stream job's.
+    #[arg(long, env = "SFS_TICK_MS", default_value_t = 1000)]
+    pub tick_ms: u64,
+    /// Worker threads.
+    #[arg(
+        short = 'w',
+        long = "workers",
+        env = "SFS_WORKERS",
+        default_value_t = 2
+    )]
+    pub workers: usize,
+    /// Print the report as one JSON object instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    /// Exit 1 when fewer than this fraction of the checked vectors are identical.
+    #[arg(long, value_name = "FRACTION")]
+    pub fail_below: Option<f64>,
+    /// Run again every INTERVAL (e.g. 1m), publishing the report as gauges.
+    #[arg(long, value_name = "INTERVAL", value_parser = parse_duration_ms)]
+    pub watch: Option<i64>,
+    /// Serve the gauges on HOST:PORT/metrics (with --watch).
+    #[arg(long, value_name = "HOST:PORT", requires = "watch")]
+    pub metrics_listen: Option<String>,
+}
+
+/// Runs `sfs parity`.
+pub fn run_parity(args: ParityArgs) -> anyhow::Result<()> {
+    let set = Arc::new(load_features_or_exit(args.features.as_deref()));
+    if let Err(e) = set.check_tick(args.tick_ms) {
+        eprintln!("error: --tick-ms {}: {e}", args.tick_ms);
+        std::process::exit(EXIT_INVALID);
+    }
+    let topics = topics_or_exit(&set, &args.topics, schemas::event::LABEL_TOPIC);
+    let gauges = crate::parity::Gauges::default();
+    if let Some(addr) = &args.metrics_listen {
+        gauges.serve(addr)?;
+    }
+    loop {
+        let report = parity_pass(&args, &set, &topics)?;
+        gauges.publish(&report);
+        if args.json {
+            println!("{}", serde_json::to_string(&report)?);
+        } else {
+            print!("{}", report.table());
+            println!(
+                "parity: {} of {} served vectors identical ({:.3}%), {} unverifiable, {} events replayed in {:.1} s",
+                report.identical,
+                report.checked,
+                100.0 * report.identical_rate,
+                report.unverifiable.values().sum::<u64>(),
+                report.events,
+                report.elapsed_secs
+            );
+        }
+        let Some(every) = args.watch else {
+            if let Some(min) = args.fail_below {
+                if report.checked == 0 || report.identical_rate < min {
+                    eprintln!(
+                        "error: {:.4} of {} vectors identical, below --fail-below {min}",
+                        report.identical_rate, report.checked
+                    );
+                    std::process::exit(1);
+                }
+            }
+            return Ok(());
+        };
+        std::thread::sleep(Duration::from_millis(every.max(1) as u64));
+    }
+}
+
+/// One parity check of the whole served-vector log.
+fn parity_pass(
+    args: &ParityArgs,
+    set: &Arc<schemas::FeatureSet>,
+    topics: &Topics,
+) -> anyhow::Result<crate::parity::Report> {
+    let timeout = Duration::from_millis(args.kafka_timeout.max(1) as u64);
+    // The scores first: every event a served row aggregated is in the
+    // event log by the time the events are read after them.
+    let mut records = Vec::new();
+    let mut unreadable = 0u64;
+    log::read_topics(
+        &args.brokers,
+        timeout,
+        std::slice::from_ref(&args.scores_topic),
+        |_, m| match schemas::score::ScoreRecord::decode(
+            rdkafka::Message::payload(m).unwrap_or_default(),
+        ) {
+            Ok(r) => records.push(r),
+            Err(e) => {
+                unreadable += 1;
+                tracing::debug!(error = %e, offset = rdkafka::Message::offset(m), "unreadable score record");
+            }
+        },
+    )?;
+    tracing::info!(records = records.len(), unreadable, topic = %args.scores_topic, "read the served-vector log");
+    let source = log_source(args.input.as_ref(), &args.brokers, args.kafka_timeout);
+    let log = log::read(&source, set, topics)?;
+    tracing::info!(events = log.events.len(), "replaying the log");
+    let mut report =
+        crate::parity::check(&records, log, Arc::clone(set), args.tick_ms, args.workers)?;
+    if unreadable > 0 {
+        report
+            .unverifiable
+            .insert("unreadable record".into(), unreadable);
+        report.records += unreadable;
+    }
+    Ok(report)
 }

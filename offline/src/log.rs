@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use dataflow::compile::Event;
 use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::BorrowedMessage;
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 use schemas::container::ContainerReader;
 use schemas::features::Schema;
@@ -164,13 +165,6 @@ fn read_kafka(
     set: &FeatureSet,
     topics: &Topics,
 ) -> anyhow::Result<EventLog> {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("group.id", "sfs-backfill")
-        .set("enable.auto.commit", "false")
-        .set("enable.partition.eof", "false")
-        .create()
-        .with_context(|| format!("creating a Kafka consumer for {brokers}"))?;
     let mut kinds: Vec<(String, Kind)> = set
         .sources
         .iter()
@@ -179,11 +173,57 @@ fn read_kafka(
         .map(|(i, (def, topic))| (topic.clone(), Kind::Source(i, def.schema)))
         .collect();
     kinds.push((topics.labels.clone(), Kind::Labels));
+    let names: Vec<String> = kinds.iter().map(|(t, _)| t.clone()).collect();
+    let mut log = EventLog::default();
+    let mut decoder = schemas::codec::Decoder::new(schemas::registry::from_env());
+    read_topics(brokers, timeout, &names, |topic, message| {
+        let payload = message.payload().unwrap_or_default();
+        // As the stream job: the record's timestamp bounds future event times.
+        let now_ms = message
+            .timestamp()
+            .to_millis()
+            .filter(|t| *t > 0)
+            .unwrap_or(i64::MAX / 2);
+        let read = match kinds[topic].1 {
+            Kind::Source(i, Schema::Txn) => decoder
+                .decode::<Txn>(payload, now_ms)
+                .map(|t| log.events.push((i, Event::Txn(t)))),
+            Kind::Source(i, Schema::Click) => decoder
+                .decode::<Click>(payload, now_ms)
+                .map(|c| log.events.push((i, Event::Click(c)))),
+            Kind::Labels => decoder
+                .decode::<Label>(payload, now_ms)
+                .map(|l| log.labels.push(l)),
+        };
+        if let Err(e) = read {
+            log.skipped += 1;
+            tracing::debug!(topic = %names[topic], partition = message.partition(), offset = message.offset(), error = %e, "skipped an unreadable record");
+        }
+    })?;
+    Ok(log)
+}
+
+/// Reads every partition of `topics` from the beginning up to its high
+/// watermark at start, handing each record to `each` with the index of its
+/// topic. A missing or empty topic is skipped with a warning.
+pub fn read_topics(
+    brokers: &str,
+    timeout: Duration,
+    topics: &[String],
+    mut each: impl FnMut(usize, &BorrowedMessage<'_>),
+) -> anyhow::Result<()> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", "sfs-offline")
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "false")
+        .create()
+        .with_context(|| format!("creating a Kafka consumer for {brokers}"))?;
     let meta_timeout = Duration::from_secs(10);
     let mut assignment = TopicPartitionList::new();
     // (topic, partition) -> the high watermark at start: read up to it.
     let mut ends = std::collections::HashMap::new();
-    for (topic, _) in &kinds {
+    for topic in topics {
         let metadata = consumer
             .fetch_metadata(Some(topic), meta_timeout)
             .with_context(|| format!("Kafka metadata of {topic} from {brokers}"))?;
@@ -202,17 +242,15 @@ fn read_kafka(
             tracing::warn!(topic = %topic, "topic is missing or empty");
         }
     }
-    let mut log = EventLog::default();
     if ends.is_empty() {
-        return Ok(log);
+        return Ok(());
     }
     consumer.assign(&assignment)?;
-    let mut decoder = schemas::codec::Decoder::new(schemas::registry::from_env());
     let deadline = Instant::now() + timeout;
     while !ends.is_empty() {
         anyhow::ensure!(
             Instant::now() < deadline,
-            "reading the log from Kafka took longer than {} s with {} partitions unfinished: \
+            "reading Kafka took longer than {} s with {} partitions unfinished: \
              is the broker at {brokers} up? (raise --kafka-timeout for a bigger log)",
             timeout.as_secs(),
             ends.len()
@@ -220,7 +258,7 @@ fn read_kafka(
         let Some(message) = consumer.poll(Duration::from_millis(200)) else {
             continue;
         };
-        let message = message.context("consuming the log")?;
+        let message = message.context("consuming from Kafka")?;
         let key = (message.topic().to_owned(), message.partition());
         let Some(&end) = ends.get(&key) else { continue };
         if message.offset() >= end {
@@ -230,33 +268,11 @@ fn read_kafka(
         if message.offset() + 1 >= end {
             ends.remove(&key);
         }
-        let payload = message.payload().unwrap_or_default();
-        // As the stream job: the record's timestamp bounds future event times.
-        let now_ms = message
-            .timestamp()
-            .to_millis()
-            .filter(|t| *t > 0)
-            .unwrap_or(i64::MAX / 2);
-        let kind = kinds
+        let topic = topics
             .iter()
-            .find(|(t, _)| *t == key.0)
-            .map(|(_, k)| *k)
+            .position(|t| *t == key.0)
             .expect("assigned topics only");
-        let read = match kind {
-            Kind::Source(i, Schema::Txn) => decoder
-                .decode::<Txn>(payload, now_ms)
-                .map(|t| log.events.push((i, Event::Txn(t)))),
-            Kind::Source(i, Schema::Click) => decoder
-                .decode::<Click>(payload, now_ms)
-                .map(|c| log.events.push((i, Event::Click(c)))),
-            Kind::Labels => decoder
-                .decode::<Label>(payload, now_ms)
-                .map(|l| log.labels.push(l)),
-        };
-        if let Err(e) = read {
-            log.skipped += 1;
-            tracing::debug!(topic = %key.0, partition = key.1, offset = message.offset(), error = %e, "skipped an unreadable record");
-        }
+        each(topic, &message);
     }
-    Ok(log)
+    Ok(())
 }

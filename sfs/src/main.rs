@@ -42,6 +42,8 @@ enum Command {
     Features(dataflow::cli::FeaturesArgs),
     /// Replay the event log through the feature graph into point-in-time training sets (Parquet).
     Backfill(offline::cli::BackfillArgs),
+    /// Check served feature vectors (scores.log) against the same vectors recomputed from the event log.
+    Parity(offline::cli::ParityArgs),
     /// Feast compatibility: write a Feast repository whose online store is sfs serve.
     #[command(
         subcommand,
@@ -115,6 +117,10 @@ fn main() {
         Command::Backfill(args) => (
             offline::cli::run(args),
             "check --input (the --out-dir of sfs generate --out avro|json) or that Kafka answers at --brokers with --from-kafka, then run again",
+        ),
+        Command::Parity(args) => (
+            offline::cli::run_parity(args),
+            "check that Kafka answers at --brokers and that sfs serve logs scored requests to --scores-topic (score_log_sample_rate), then run again",
         ),
         Command::Feast(FeastCommand::Init(args)) => (
             server::feast_init::run(args),

@@ -1,0 +1,294 @@
+//! Rows as of any time: the log replayed through the feature graph, bounded,
+//! and a set of lookups ((entity, key) as of a time) answered by a
+//! differential-dataflow join against the arranged rows. `sfs backfill` looks
+//! up each transaction's and product view's entities as of its own time;
+//! `sfs parity` looks up each served row as of the time it was served as.
+//!
+//! The dataflow, per worker:
+//! - "Events": the log's events, at their event time quantized to the tick,
+//!   into [`dataflow::build_features`], the graph the stream job runs.
+//! - The rows it outputs, delayed by 1 ms and arranged by (entity, key): the
+//!   row as of F aggregates times `< F`, i.e. the rows accumulated at `F - 1`,
+//!   which the delay moves to `F`.
+//! - "Lookups": per lookup at F, one record per key ((entity, key), (lookup,
+//!   F)), inserted at F and retracted at F + 1. Arranged and joined with the
+//!   rows (`join_core`): the join's output at time F is the row as of F.
+//! - "Collect": keeps the join's updates at each lookup's own time, and once
+//!   the frontier passes F, sends the consolidated rows to the caller's
+//!   thread with the frontier.
+//!
+//! The caller's thread hands each lookup, in order, to a callback once every
+//! worker's frontier has passed its time.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::Duration;
+
+use differential_dataflow::input::Input;
+use timely::dataflow::channels::pact::Pipeline;
+use timely::dataflow::operators::generic::Operator;
+use timely::dataflow::operators::Probe;
+use timely::dataflow::ProbeHandle;
+
+use dataflow::{build_features, GraphConfig};
+use schemas::features::{FeatureRow, Value};
+use schemas::FeatureSet;
+
+use crate::log::EventLog;
+
+/// The rows of some entities as of one time.
+#[derive(Debug, Clone)]
+pub struct Lookup {
+    /// The as-of time F (ms): the rows aggregate events at times `< F`.
+    pub as_of: u64,
+    /// The lookup goes into the dataflow just before `log.events[feed_at]`
+    /// (`events.len()`: after the last): no event before it may be later
+    /// than `as_of` after quantization.
+    pub feed_at: usize,
+    /// (entity index, key) per row to find.
+    pub keys: Vec<(u8, Arc<str>)>,
+}
+
+/// The index of the first event of `log` at or after `as_of` (quantized):
+/// where a lookup at `as_of` is fed.
+pub fn feed_position(log: &EventLog, graph: &GraphConfig, as_of: u64) -> usize {
+    log.events
+        .partition_point(|(_, e)| graph.quantize(e.event_time()) < as_of)
+}
+
+/// A row found for a lookup: (lookup, entity, values).
+type Found = (u64, u8, Vec<Value>);
+
+/// From the workers to the caller's thread.
+enum Note {
+    /// The row of entity `entity` as of lookup `lookup`'s time.
+    Row {
+        lookup: u64,
+        entity: u8,
+        values: Vec<Value>,
+    },
+    /// Worker `worker` will send nothing more before `frontier` (`None`: done).
+    Frontier {
+        worker: usize,
+        frontier: Option<u64>,
+    },
+}
+
+/// Events fed per advance of the inputs' time.
+const FEED_BATCH: usize = 16_384;
+
+/// Answers `lookups` (ordered by `as_of`, then `feed_at`) over `log` with
+/// `workers` threads. `answer(i, rows)` is called for each lookup in order,
+/// `rows` indexed by entity (`None`: no row as of its time, or not asked).
+/// `answered()` is called after each with the number answered so far.
+pub fn rows_as_of(
+    log: Arc<EventLog>,
+    set: Arc<FeatureSet>,
+    graph: GraphConfig,
+    workers: usize,
+    lookups: Arc<Vec<Lookup>>,
+    mut answer: impl FnMut(usize, Vec<Option<FeatureRow>>) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    debug_assert!(lookups.windows(2).all(|w| w[0].as_of <= w[1].as_of));
+    let workers = workers.max(1);
+    let (tx, rx) = mpsc::channel::<Note>();
+    let done = Arc::new(AtomicBool::new(false));
+    let guards = {
+        let (log, lookups, set, done) = (
+            Arc::clone(&log),
+            Arc::clone(&lookups),
+            Arc::clone(&set),
+            Arc::clone(&done),
+        );
+        let tx = std::sync::Mutex::new(tx);
+        let config = if workers > 1 {
+            timely::Config::process(workers)
+        } else {
+            timely::Config::thread()
+        };
+        timely::execute(config, move |worker| {
+            let tx = tx.lock().expect("sender").clone();
+            worker_main(worker, &log, &lookups, &set, &graph, tx, &done);
+        })
+        .map_err(|e| anyhow::anyhow!("timely: {e}"))?
+    };
+
+    // Collect rows and frontiers; answer lookups in order as every worker's
+    // frontier passes their time.
+    let mut rows: HashMap<(u64, u8), Vec<Value>> = HashMap::new();
+    let mut frontiers: Vec<Option<u64>> = vec![Some(0); workers];
+    let mut next = 0usize;
+    let entities = set.entities.clone();
+    let result = (|| {
+        while next < lookups.len() {
+            let note = match rx.recv_timeout(Duration::from_secs(60)) {
+                Ok(note) => note,
+                Err(mpsc::RecvTimeoutError::Timeout) => continue,
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    anyhow::bail!("the dataflow stopped before every lookup was answered")
+                }
+            };
+            match note {
+                Note::Row {
+                    lookup,
+                    entity,
+                    values,
+                } => {
+                    rows.insert((lookup, entity), values);
+                    continue;
+                }
+                Note::Frontier { worker, frontier } => frontiers[worker] = frontier,
+            }
+            let until = frontiers
+                .iter()
+                .map(|f| f.unwrap_or(u64::MAX))
+                .min()
+                .unwrap_or(u64::MAX);
+            while let Some(lookup) = lookups.get(next).filter(|l| l.as_of < until) {
+                let mut found = vec![None; entities.len()];
+                for (entity, key) in &lookup.keys {
+                    if let Some(values) = rows.remove(&(next as u64, *entity)) {
+                        found[*entity as usize] = Some(FeatureRow {
+                            entity: Arc::clone(&entities[*entity as usize]),
+                            id: key.to_string(),
+                            as_of_ms: lookup.as_of as i64,
+                            values,
+                        });
+                    }
+                }
+                answer(next, found)?;
+                next += 1;
+            }
+        }
+        Ok(())
+    })();
+    done.store(true, Ordering::SeqCst);
+    drop(rx);
+    for joined in guards.join() {
+        joined.map_err(|e| anyhow::anyhow!("dataflow worker panicked: {e}"))?;
+    }
+    result
+}
+
+/// One worker: worker 0 feeds the log and the lookups; every worker runs its
+/// part of the graph, the join and the collection, until the caller has
+/// every answer.
+fn worker_main(
+    worker: &mut timely::worker::Worker,
+    log: &EventLog,
+    lookups: &[Lookup],
+    set: &FeatureSet,
+    graph: &GraphConfig,
+    tx: mpsc::Sender<Note>,
+    done: &AtomicBool,
+) {
+    let index = worker.index();
+    let probe = ProbeHandle::new();
+    let (mut events, mut lookups_in) = worker.dataflow::<u64, _, _>(|scope| {
+        let (events_in, events) = scope.new_collection::<dataflow::SourceEvent, isize>();
+        let (lookups_in, lookups) = scope.new_collection::<((u8, Arc<str>), (u64, u64)), isize>();
+        let rows = build_features(events, set, graph)
+            .map(|row| ((row.entity, row.id), row.values))
+            .delay(|t| t + 1)
+            .arrange_by_key_named("Rows");
+        let found = lookups
+            .arrange_by_key_named("Lookups")
+            .join_core(rows, |&(entity, _), &(lookup, as_of), values| {
+                Some((lookup, as_of, entity, values.clone()))
+            });
+        // Rows found at each lookup's time, until the frontier passes it.
+        let mut pending: BTreeMap<u64, Vec<(Found, isize)>> = BTreeMap::new();
+        let mut reported = Some(0u64);
+        found
+            .inner
+            .probe_with(&probe)
+            .sink(Pipeline, "Collect", move |(input, frontier)| {
+                input.for_each(|_, data| {
+                    for ((lookup, as_of, entity, values), time, diff) in data.drain(..) {
+                        // Updates at later times are the lookup's
+                        // retraction or rows changing after it.
+                        if time == as_of {
+                            pending
+                                .entry(time)
+                                .or_default()
+                                .push(((lookup, entity, values), diff));
+                        }
+                    }
+                });
+                let bound = frontier.frontier().first().copied();
+                while let Some(entry) = pending.first_entry() {
+                    if bound.is_some_and(|b| *entry.key() >= b) {
+                        break;
+                    }
+                    let mut updates = entry.remove();
+                    differential_dataflow::consolidation::consolidate(&mut updates);
+                    for ((lookup, entity, values), diff) in updates {
+                        debug_assert_eq!(diff, 1, "one row per key as of a time");
+                        if diff > 0 {
+                            let _ = tx.send(Note::Row {
+                                lookup,
+                                entity,
+                                values,
+                            });
+                        }
+                    }
+                }
+                if bound != reported {
+                    reported = bound;
+                    let _ = tx.send(Note::Frontier {
+                        worker: index,
+                        frontier: bound,
+                    });
+                }
+            });
+        (events_in, lookups_in)
+    });
+
+    if index == 0 {
+        let mut next = 0usize;
+        let mut feed =
+            |upto: usize, lookups_in: &mut differential_dataflow::input::InputSession<_, _, _>| {
+                while let Some(lookup) = lookups.get(next).filter(|l| l.feed_at <= upto) {
+                    for (entity, key) in &lookup.keys {
+                        let record = ((*entity, Arc::clone(key)), (next as u64, lookup.as_of));
+                        lookups_in.update_at(record.clone(), lookup.as_of, 1);
+                        lookups_in.update_at(record, lookup.as_of + 1, -1);
+                    }
+                    next += 1;
+                }
+            };
+        // Each event goes in at its own time, but the inputs advance only
+        // once per batch: one round of progress tracking covers a batch's
+        // thousands of ticks, where the stream job pays one per tick.
+        let mut time = 0u64;
+        let mut previous = 0u64;
+        for (i, (source, event)) in log.events.iter().enumerate() {
+            feed(i, &mut lookups_in);
+            time = graph.quantize(event.event_time()).max(time);
+            events.update_at((*source, event.clone()), time, 1);
+            if i % FEED_BATCH == FEED_BATCH - 1 {
+                events.advance_to(time);
+                lookups_in.advance_to(time);
+                events.flush();
+                lookups_in.flush();
+                // Let the dataflow finish the batch before last: one batch
+                // in flight, memory bounded.
+                while probe.less_than(&previous) && !done.load(Ordering::Relaxed) {
+                    worker.step();
+                }
+                previous = time;
+            }
+        }
+        feed(usize::MAX, &mut lookups_in);
+    }
+    events.close();
+    lookups_in.close();
+    while !done.load(Ordering::Relaxed) && worker.step_or_park(Some(Duration::from_millis(10))) {}
+    // The caller has every answer: what remains are retractions past the
+    // end of the log. Stop instead of draining them.
+    for dataflow in worker.installed_dataflows() {
+        worker.drop_dataflow(dataflow);
+    }
+}
