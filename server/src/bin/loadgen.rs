@@ -8,11 +8,14 @@
 //! usage: serve-loadgen [--addr 127.0.0.1:8080] [--rates 1000,5000,10000]
 //!        [--duration-secs 10] [--connections 64] [--find-max]
 //!        [--seed-redis redis://127.0.0.1:6379 --key-prefix bench: --entities 10000]
-//!        [--features features.toml]
+//!        [--features features.toml] [--bodies FILE [--path /score/fraud]]
 //!
 //! Seeding writes a row for ids `{entity}-0` .. `{entity}-{n-1}` of every
 //! entity of the feature definitions (`--features`, else `$SFS_FEATURES`,
 //! else `features.toml`), which must be the server's.
+//!
+//! `--bodies FILE` sends the JSON request bodies of FILE (one per line, in
+//! order, round and round) to `--path` instead of synthetic `card-{i}` requests.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -33,6 +36,8 @@ struct Args {
     key_prefix: String,
     entities: usize,
     features: Option<PathBuf>,
+    bodies: Option<PathBuf>,
+    path: String,
 }
 
 fn parse_args() -> Args {
@@ -47,6 +52,8 @@ fn parse_args() -> Args {
         key_prefix: "bench:".into(),
         entities: 10_000,
         features: None,
+        bodies: None,
+        path: "/score/fraud".into(),
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -69,6 +76,8 @@ fn parse_args() -> Args {
             "--key-prefix" => a.key_prefix = val(),
             "--entities" => a.entities = val().parse().expect("--entities"),
             "--features" => a.features = Some(val().into()),
+            "--bodies" => a.bodies = Some(val().into()),
+            "--path" => a.path = val(),
             other => panic!("unknown flag {other}"),
         }
     }
@@ -117,17 +126,38 @@ fn seed(url: &str, prefix: &str, n: usize, set: &FeatureSet) -> redis::RedisResu
     Ok(())
 }
 
-fn request_bytes(i: usize, entities: usize) -> Vec<u8> {
+fn synthetic_body(i: usize, entities: usize) -> String {
     let e = (i * 7919) % entities.max(1);
-    let body = format!(
+    format!(
         r#"{{"card_id":"card-{e}","user_id":"user-{e}","amount_minor":{},"country":"DE","channel":"pos"}}"#,
         500 + (i * 37) % 20_000
-    );
+    )
+}
+
+fn request_bytes(path: &str, body: &str) -> Vec<u8> {
     format!(
-        "POST /score/fraud HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        "POST {path} HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
     )
     .into_bytes()
+}
+
+/// The requests the connections cycle through: `--bodies`' lines, else 64
+/// synthetic ones per connection.
+fn requests(args: &Args) -> std::sync::Arc<Vec<Vec<u8>>> {
+    let requests: Vec<Vec<u8>> = match &args.bodies {
+        Some(file) => std::fs::read_to_string(file)
+            .unwrap_or_else(|e| panic!("reading --bodies {}: {e}", file.display()))
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(|body| request_bytes(&args.path, body))
+            .collect(),
+        None => (0..64 * args.connections.max(1))
+            .map(|i| request_bytes(&args.path, &synthetic_body(i, args.entities)))
+            .collect(),
+    };
+    assert!(!requests.is_empty(), "--bodies has no request bodies");
+    std::sync::Arc::new(requests)
 }
 
 /// Reads one response; returns its status.
@@ -163,19 +193,17 @@ fn run_rate(args: &Args, rate: u64) -> serde_json::Value {
     let total = (rate as f64 * args.duration.as_secs_f64()) as usize;
     let conns = args.connections.max(1);
     let interval = Duration::from_secs_f64(1.0 / rate as f64);
+    let all = requests(args);
     let t0 = Instant::now() + Duration::from_millis(200);
     let threads: Vec<_> = (0..conns)
         .map(|c| {
-            let (addr, entities) = (args.addr, args.entities);
+            let (addr, requests) = (args.addr, std::sync::Arc::clone(&all));
             std::thread::spawn(move || {
                 let stream = TcpStream::connect(addr).expect("connecting to the server");
                 stream.set_nodelay(true).expect("nodelay");
                 let mut writer = stream.try_clone().expect("cloning the socket");
                 let mut reader = BufReader::new(stream);
                 let mut line = String::new();
-                let requests: Vec<Vec<u8>> = (0..64)
-                    .map(|k| request_bytes(k * conns + c, entities))
-                    .collect();
                 let mut out = Outcome {
                     latencies_ns: Vec::with_capacity(total / conns + 1),
                     errors: 0,
@@ -191,7 +219,7 @@ fn run_rate(args: &Args, rate: u64) -> serde_json::Value {
                         out.late_sends += 1;
                     }
                     let ok = writer
-                        .write_all(&requests[(i / conns) % requests.len()])
+                        .write_all(&requests[i % requests.len()])
                         .and_then(|()| read_response(&mut reader, &mut line));
                     let latency = Instant::now().saturating_duration_since(due);
                     match ok {
@@ -285,7 +313,8 @@ fn main() {
         "duration_secs": args.duration.as_secs_f64(),
         "connections": args.connections,
         "entities": args.entities,
-        "route": "/score/fraud",
+        "route": args.path,
+        "bodies": args.bodies.as_ref().map(|p| p.display().to_string()),
     });
     let header = serde_json::json!({"bench": "serve", "machine": machine(), "commit": commit(), "config": config});
     let mut results = Vec::new();
