@@ -231,6 +231,9 @@ pub struct ParityArgs {
     /// Print the report as one JSON object instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// Never draw a progress bar.
+    #[arg(long)]
+    pub no_progress: bool,
     /// Exit 1 when fewer than this fraction of the checked vectors are identical.
     #[arg(long, value_name = "FRACTION")]
     pub fail_below: Option<f64>,
@@ -316,8 +319,15 @@ fn parity_pass(
     let source = log_source(args.input.as_ref(), &args.brokers, args.kafka_timeout);
     let log = log::read(&source, set, topics)?;
     tracing::info!(events = log.events.len(), "replaying the log");
-    let mut report =
-        crate::parity::check(&records, log, Arc::clone(set), args.tick_ms, args.workers)?;
+    let progress = !args.no_progress && std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let mut report = crate::parity::check(
+        &records,
+        log,
+        Arc::clone(set),
+        args.tick_ms,
+        args.workers,
+        progress,
+    )?;
     if unreadable > 0 {
         report
             .unverifiable

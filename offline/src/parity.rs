@@ -139,6 +139,7 @@ pub fn check(
     set: Arc<FeatureSet>,
     tick_ms: u64,
     workers: usize,
+    progress: bool,
 ) -> anyhow::Result<Report> {
     let started = Instant::now();
     let graph = GraphConfig { tick_ms };
@@ -284,6 +285,18 @@ pub fn check(
     for p in pending.iter_mut().filter(|p| p.waiting == 0) {
         finish(p, &mut report);
     }
+    let bar = if progress {
+        let bar = indicatif::ProgressBar::new(lookups.len() as u64);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "parity {bar:40} {pos}/{len} rows recomputed {per_sec} eta {eta}",
+            )
+            .expect("template"),
+        );
+        bar
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
     let lookups = Arc::new(lookups);
     let asked = Arc::clone(&lookups);
     rows_as_of(
@@ -293,6 +306,7 @@ pub fn check(
         workers,
         lookups,
         |i, mut rows| {
+            bar.inc(1);
             let p = &mut pending[owners[i]];
             let (entity, _) = asked[i].keys[0];
             p.rows[entity as usize] = rows[entity as usize].take();
@@ -303,6 +317,7 @@ pub fn check(
             Ok(())
         },
     )?;
+    bar.finish_and_clear();
 
     let rate = |n: u64, d: u64| if d == 0 { 0.0 } else { n as f64 / d as f64 };
     report.features = stats
