@@ -8,8 +8,8 @@
 # bench/out/serve-score-log.jsonl): p50/p99/p999 per round and the median of
 # each, the log's sampled/acknowledged/dropped counts, and the load average.
 # usage: bench/serve/score_log.sh
-# env: RATE (5000), DURATION_SECS (20), ROUNDS (3), SAMPLE_RATE (1.0: every
-#      request, the worst case; the default config samples 0.01),
+# env: RATE (5000), DURATION_SECS (20), ROUNDS (3), SAMPLE_RATE (0.01, the
+#      config default; 1.0 logs every request, the worst case),
 #      CONNECTIONS (64), KAFKA_BROKERS (127.0.0.1:9092), SERVE_WORKERS (0),
 #      PORT (18091; the logging server uses PORT+1)
 set -euo pipefail
@@ -20,14 +20,17 @@ BROKERS="${KAFKA_BROKERS:-127.0.0.1:9092}"
 RATE="${RATE:-5000}"
 DURATION="${DURATION_SECS:-20}"
 ROUNDS="${ROUNDS:-3}"
-SAMPLE="${SAMPLE_RATE:-1.0}"
+SAMPLE="${SAMPLE_RATE:-0.01}"
 PORT="${PORT:-18091}"
 PORT_LOG=$((PORT + 1))
 PREFIX="bench-score-log:$$:"
 TOPIC="bench-scores-log-$$-$(date +%s)"
 mkdir -p bench/out
 
-bash infra/redis.sh start >&2
+# Use the running services; start the project's own if they are not up.
+redis-cli -u "$REDIS_URL" ping >/dev/null 2>&1 || bash infra/redis.sh start >&2
+broker=${BROKERS%%,*}
+(exec 3<>"/dev/tcp/${broker%:*}/${broker##*:}") 2>/dev/null || bash infra/kafka.sh start >&2
 export ORT_DYLIB_PATH="${ORT_DYLIB_PATH:-$(bash infra/python.sh ort-path)}"
 cargo build --release -q --bin sfs --bin serve-loadgen >&2
 

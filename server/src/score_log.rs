@@ -172,7 +172,7 @@ impl ScoreLog {
             .set("client.id", "sfs-serve-score-log")
             .set("acks", "1")
             .set("enable.idempotence", "false")
-            .set("linger.ms", "20")
+            .set("linger.ms", "100")
             .set("compression.type", "lz4")
             .set("queue.buffering.max.messages", cfg.queue.to_string())
             .set(
