@@ -22,7 +22,7 @@ use crate::features::{Context, TxnContext, CARD_ENTITY, USER_ENTITY};
 use crate::metrics::{Metrics, Route};
 use crate::model::registry::Registry;
 use crate::model::{now_ms, Model, ModelKind};
-use crate::request::{check_id, FraudRequest, PropensityRequest};
+use crate::request::{check_id, FraudRequest, PropensityRequest, RequestIds, REQUEST_ID_HEADER};
 use crate::store::{FeatureStore, Rows};
 
 /// What the handlers share.
@@ -44,6 +44,9 @@ pub struct AppState {
     pub status: crate::status::StatusState,
     /// Settings of the Feast route (`POST /get-online-features`).
     pub feast: crate::feast::FeastSettings,
+    /// The served-vector log (`scores.log`), when on.
+    pub score_log: Option<crate::score_log::ScoreLog>,
+    request_ids: RequestIds,
 }
 
 impl AppState {
@@ -84,8 +87,17 @@ impl AppState {
             draining: AtomicBool::new(false),
             status: Default::default(),
             feast: Default::default(),
+            score_log: None,
+            request_ids: RequestIds::new(),
         })
     }
+}
+
+/// Who asked for a score: the request id and the `(entity index, id)`
+/// reads, in order (for the served-vector log).
+struct Served<'a> {
+    request_id: &'a str,
+    reads: &'a [(usize, &'a str)],
 }
 
 /// The application: cheap to clone, one per connection.
@@ -137,15 +149,27 @@ impl App {
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
         let start = Instant::now();
-        let (route, result) = self.route(req, start).await;
-        let resp = result.unwrap_or_else(|e| error_response(&e));
+        let request_id = self
+            .state
+            .request_ids
+            .of(req.headers().get(REQUEST_ID_HEADER));
+        let (route, result) = self.route(req, start, &request_id).await;
+        let mut resp = result.unwrap_or_else(|e| error_response(&e));
+        if let Ok(v) = HeaderValue::from_str(&request_id) {
+            resp.headers_mut().insert(REQUEST_ID_HEADER, v);
+        }
         self.state
             .metrics
             .request(route, resp.status().as_u16(), start.elapsed());
         resp
     }
 
-    async fn route<B>(&self, req: Request<B>, start: Instant) -> (Route, Result<Resp, ApiError>)
+    async fn route<B>(
+        &self,
+        req: Request<B>,
+        start: Instant,
+        request_id: &str,
+    ) -> (Route, Result<Resp, ApiError>)
     where
         B: Body,
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
@@ -163,7 +187,7 @@ impl App {
             ["score", "fraud"] => (
                 Route::score_fraud,
                 if post {
-                    self.fraud(req, explain, start).await
+                    self.fraud(req, explain, start, request_id).await
                 } else {
                     Err(ApiError::MethodNotAllowed)
                 },
@@ -171,7 +195,7 @@ impl App {
             ["score", "propensity"] => (
                 Route::score_propensity,
                 if post {
-                    self.propensity(req, explain, start).await
+                    self.propensity(req, explain, start, request_id).await
                 } else {
                     Err(ApiError::MethodNotAllowed)
                 },
@@ -226,6 +250,7 @@ impl App {
         req: Request<B>,
         explain: bool,
         start: Instant,
+        request_id: &str,
     ) -> Result<Resp, ApiError>
     where
         B: Body,
@@ -248,7 +273,19 @@ impl App {
                 time_ms: r.event_time_ms.unwrap_or(now),
             },
         };
-        self.score(ModelKind::Fraud, &ctx, &[card, user], explain, now, start)
+        let served = Served {
+            request_id,
+            reads: &reads,
+        };
+        self.score(
+            ModelKind::Fraud,
+            &ctx,
+            &[card, user],
+            &served,
+            explain,
+            now,
+            start,
+        )
     }
 
     async fn propensity<B>(
@@ -256,6 +293,7 @@ impl App {
         req: Request<B>,
         explain: bool,
         start: Instant,
+        request_id: &str,
     ) -> Result<Resp, ApiError>
     where
         B: Body,
@@ -264,11 +302,8 @@ impl App {
         let body = self.body(req.into_body()).await?;
         let r = PropensityRequest::parse(&body)?;
         let user = self.state.user;
-        let Rows { rows, frontier_ms } = self
-            .state
-            .store
-            .rows(&self.state.metrics, &[(user, r.user_id.as_str())])
-            .await?;
+        let reads = [(user, r.user_id.as_str())];
+        let Rows { rows, frontier_ms } = self.state.store.rows(&self.state.metrics, &reads).await?;
         let now = now_ms();
         let ctx = Context {
             rows,
@@ -278,16 +313,30 @@ impl App {
                 ..Default::default()
             },
         };
-        self.score(ModelKind::Propensity, &ctx, &[user], explain, now, start)
+        let served = Served {
+            request_id,
+            reads: &reads,
+        };
+        self.score(
+            ModelKind::Propensity,
+            &ctx,
+            &[user],
+            &served,
+            explain,
+            now,
+            start,
+        )
     }
 
     /// Scores `ctx` with the active model of `kind`; `entities` are the
     /// entities the route reads, reported as cold starts when absent.
+    #[allow(clippy::too_many_arguments)]
     fn score(
         &self,
         kind: ModelKind,
         ctx: &Context,
         entities: &[usize],
+        served: &Served<'_>,
         explain: bool,
         now: i64,
         start: Instant,
@@ -336,6 +385,7 @@ impl App {
             "feature_age_ms": as_of.map(|t| (now - t).max(0)),
             "cold_start": !cold.is_empty(),
             "cold_start_entities": cold,
+            "request_id": served.request_id,
         });
         if explain {
             body["feature_vector"] = model
@@ -344,6 +394,22 @@ impl App {
                 .zip(&x)
                 .map(|(name, v)| json!({"name": name, "value": v}))
                 .collect();
+        }
+        if let Some(log) = &self.state.score_log {
+            if log.sample() {
+                log.offer(crate::score_log::record(
+                    served.request_id,
+                    kind,
+                    &model,
+                    features,
+                    ctx,
+                    served.reads,
+                    &x,
+                    score,
+                    decision,
+                    now,
+                ));
+            }
         }
         let n = self.state.scored.fetch_add(1, Ordering::Relaxed);
         let every = self.state.log_sample_every;

@@ -51,6 +51,16 @@ pub struct ServeConfig {
     pub feast_max_entities: usize,
     /// The Feast project name (`sfs feast init --project`), in Feast-style errors.
     pub feast_project: String,
+    /// Kafka brokers of the served-vector log (`scores.log`); unset: no log.
+    pub score_log_brokers: Option<String>,
+    /// Fraction of scored requests logged (0..=1; 0: none).
+    pub score_log_sample_rate: f64,
+    /// Topic of the served-vector log.
+    pub score_log_topic: String,
+    /// Records waiting for the log's producer; more are dropped, never waited for.
+    pub score_log_queue: usize,
+    /// How long a record may wait for Kafka before it is dropped.
+    pub score_log_message_timeout_ms: u64,
 }
 
 impl Default for ServeConfig {
@@ -76,6 +86,11 @@ impl Default for ServeConfig {
             stream_metrics: vec!["127.0.0.1:8088".into()],
             feast_max_entities: crate::feast::DEFAULT_MAX_ENTITIES,
             feast_project: crate::feast::DEFAULT_PROJECT.into(),
+            score_log_brokers: None,
+            score_log_sample_rate: 0.01,
+            score_log_topic: schemas::score::SCORES_TOPIC.into(),
+            score_log_queue: 10_000,
+            score_log_message_timeout_ms: 5_000,
         }
     }
 }
@@ -92,7 +107,7 @@ impl ServeConfig {
 /// `sfs serve`: the scoring server.
 #[derive(Debug, Clone, clap::Args)]
 #[command(
-    after_help = "Example:\n  sfs serve --listen 127.0.0.1:8080 --models-dir models --stream-metrics 127.0.0.1:8088\n  then open http://127.0.0.1:8080/ (the status page)"
+    after_help = "Example:\n  sfs serve --listen 127.0.0.1:8080 --models-dir models --stream-metrics 127.0.0.1:8088\n  then open http://127.0.0.1:8080/ (the status page)\n  sfs serve --score-log-brokers 127.0.0.1:9092 --score-log-sample-rate 0.05   (log 5% of served vectors to scores.log)"
 )]
 pub struct ServeArgs {
     /// TOML config file (see server/serve.example.toml).
@@ -123,6 +138,13 @@ pub struct ServeArgs {
     /// overrides the config's stream_metrics).
     #[arg(long = "stream-metrics", value_name = "HOST:PORT")]
     pub stream_metrics: Vec<String>,
+    /// Kafka brokers of the served-vector log (scores.log), overriding the
+    /// config's score_log_brokers: setting them turns the log on.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub score_log_brokers: Option<String>,
+    /// Fraction of scored requests logged to scores.log (0..=1), overriding the config.
+    #[arg(long, value_name = "FRACTION")]
+    pub score_log_sample_rate: Option<f64>,
 }
 
 impl ServeArgs {
@@ -138,6 +160,8 @@ impl ServeArgs {
             ort_dylib_path,
             features,
             stream_metrics,
+            score_log_brokers,
+            score_log_sample_rate,
         } = self.clone();
         let mut cfg = match config {
             Some(path) => ServeConfig::from_file(&path)?,
@@ -166,6 +190,12 @@ impl ServeArgs {
         }
         if !stream_metrics.is_empty() {
             cfg.stream_metrics = stream_metrics;
+        }
+        if score_log_brokers.is_some() {
+            cfg.score_log_brokers = score_log_brokers;
+        }
+        if let Some(v) = score_log_sample_rate {
+            cfg.score_log_sample_rate = v;
         }
         Ok(cfg)
     }

@@ -10,6 +10,7 @@ pub mod features;
 pub mod metrics;
 pub mod model;
 pub mod request;
+pub mod score_log;
 pub mod serve;
 pub mod status;
 pub mod store;

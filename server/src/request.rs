@@ -172,6 +172,53 @@ impl PropensityRequest {
     }
 }
 
+/// The header carrying the request id, in and out.
+pub const REQUEST_ID_HEADER: &str = "x-request-id";
+/// Longest request id honoured from a client, in bytes.
+pub const MAX_REQUEST_ID_BYTES: usize = 64;
+
+/// Request ids: a client's `x-request-id` when it is short and printable
+/// (1..=64 visible ASCII characters), else `{process prefix}-{counter}`,
+/// the prefix random per process.
+#[derive(Debug)]
+pub struct RequestIds {
+    prefix: String,
+    next: std::sync::atomic::AtomicU64,
+}
+
+impl Default for RequestIds {
+    fn default() -> Self {
+        RequestIds::new()
+    }
+}
+
+impl RequestIds {
+    pub fn new() -> RequestIds {
+        use std::hash::{BuildHasher, Hasher};
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u32(std::process::id());
+        RequestIds {
+            prefix: format!("{:012x}", h.finish() >> 16),
+            next: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    /// The id of a request whose `x-request-id` header is `header`.
+    pub fn of(&self, header: Option<&hyper::header::HeaderValue>) -> String {
+        if let Some(id) = header.map(|v| v.as_bytes()).filter(|b| valid_request_id(b)) {
+            // Visible ASCII only, so this is UTF-8.
+            return String::from_utf8_lossy(id).into_owned();
+        }
+        let n = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        format!("{}-{n:x}", self.prefix)
+    }
+}
+
+/// Whether a client's request id is honoured: 1..=64 visible ASCII characters.
+pub fn valid_request_id(id: &[u8]) -> bool {
+    (1..=MAX_REQUEST_ID_BYTES).contains(&id.len()) && id.iter().all(|b| b.is_ascii_graphic())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -251,6 +298,27 @@ mod tests {
         assert_eq!(
             PropensityRequest::parse(b"{}").unwrap_err(),
             ApiError::MissingField("user_id")
+        );
+    }
+
+    #[test]
+    fn request_ids_honour_short_printable_ones_and_make_the_rest() {
+        use hyper::header::HeaderValue;
+        let ids = RequestIds::new();
+        let given = HeaderValue::from_static("abc-123_X");
+        assert_eq!(ids.of(Some(&given)), "abc-123_X");
+        let (a, b) = (ids.of(None), ids.of(None));
+        assert_ne!(a, b);
+        assert!(valid_request_id(a.as_bytes()), "{a}");
+        for bad in ["", "has space", &"x".repeat(65)] {
+            let made = ids.of(Some(&HeaderValue::from_str(bad).unwrap()));
+            assert_ne!(made, bad);
+            assert!(made.starts_with(a.split('-').next().unwrap()), "{made}");
+        }
+        assert_eq!(
+            ids.of(Some(&HeaderValue::from_str(&"y".repeat(64)).unwrap()))
+                .len(),
+            64
         );
     }
 }

@@ -17,6 +17,7 @@ use crate::breaker::Breaker;
 use crate::config::{ServeArgs, ServeConfig};
 use crate::metrics::Metrics;
 use crate::model::registry::Registry;
+use crate::score_log::{ScoreLog, ScoreLogConfig, ScoreLogMetrics};
 use crate::store::FeatureStore;
 
 /// Builds the application from a config and the loaded feature definitions
@@ -43,8 +44,28 @@ pub fn build(cfg: &ServeConfig, features: Arc<FeatureSet>) -> anyhow::Result<App
         stream_metrics,
         feast_max_entities,
         feast_project,
+        score_log_brokers,
+        score_log_sample_rate,
+        score_log_topic,
+        score_log_queue,
+        score_log_message_timeout_ms,
     } = cfg;
-    let metrics = Arc::new(Metrics::new());
+    let mut metrics = Metrics::new();
+    let score_log_metrics = ScoreLogMetrics::register(&mut metrics.registry);
+    let metrics = Arc::new(metrics);
+    let score_log = match score_log_brokers {
+        Some(brokers) => ScoreLog::start(
+            &ScoreLogConfig {
+                brokers: brokers.clone(),
+                topic: score_log_topic.clone(),
+                sample_rate: *score_log_sample_rate,
+                queue: *score_log_queue,
+                message_timeout: Duration::from_millis(*score_log_message_timeout_ms),
+            },
+            score_log_metrics,
+        )?,
+        None => None,
+    };
     let breaker = Breaker::new(
         *breaker_failure_threshold,
         Duration::from_millis(*breaker_cooldown_ms),
@@ -71,6 +92,7 @@ pub fn build(cfg: &ServeConfig, features: Arc<FeatureSet>) -> anyhow::Result<App
         max_entities: *feast_max_entities,
         project: feast_project.clone(),
     };
+    state.score_log = score_log;
     Ok(app(state))
 }
 
@@ -245,8 +267,13 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
             tokio::spawn(serve_metrics(metrics_listener, app.state().metrics.clone()));
         }
         let poller = spawn_model_poller(&app, Duration::from_millis(cfg.model_poll_ms.max(50)));
-        serve(listener, app, termination(), Duration::from_millis(cfg.drain_timeout_ms)).await?;
+        serve(listener, app.clone(), termination(), Duration::from_millis(cfg.drain_timeout_ms)).await?;
         poller.abort();
+        if let Some(log) = &app.state().score_log {
+            // Blocking, bounded by the message timeout: the server has stopped.
+            let timeout = Duration::from_millis(cfg.score_log_message_timeout_ms);
+            tokio::task::block_in_place(|| log.close(timeout));
+        }
         Ok(())
     })
 }

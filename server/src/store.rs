@@ -130,7 +130,11 @@ impl FeatureStore {
 
     /// The rows of many `(entity index, id)` reads, in order, and the job's
     /// durable frontier: one pipelined round trip for the whole batch (the
-    /// Feast route's `POST /get-online-features`).
+    /// Feast route's `POST /get-online-features`). The reads are one
+    /// `MULTI`/`EXEC` transaction, so they are a single snapshot: the stream
+    /// job's atomic commit (rows + frontier, one Lua script) lands wholly
+    /// before or wholly after them, and the rows are exact as of the
+    /// frontier read with them.
     pub async fn rows_many(
         &self,
         metrics: &Metrics,
@@ -140,6 +144,7 @@ impl FeatureStore {
             return Ok((Vec::new(), None));
         }
         let mut pipe = redis::pipe();
+        pipe.atomic();
         for &(entity, id) in reads {
             pipe.hgetall(self.features.entities[entity].redis_key(&self.prefix, id));
         }
