@@ -51,6 +51,13 @@ pub struct ServeConfig {
     pub feast_max_entities: usize,
     /// The Feast project name (`sfs feast init --project`), in Feast-style errors.
     pub feast_project: String,
+    /// Feature drift: the sliding window of served values compared with the
+    /// models' reference histograms (0: drift detection off).
+    pub drift_window_secs: u64,
+    /// Time slices of the drift window; the oldest expires as it slides.
+    pub drift_slices: usize,
+    /// Fewer scored requests in the window: no PSI / JS gauges.
+    pub drift_min_samples: u64,
 }
 
 impl Default for ServeConfig {
@@ -76,6 +83,9 @@ impl Default for ServeConfig {
             stream_metrics: vec!["127.0.0.1:8088".into()],
             feast_max_entities: crate::feast::DEFAULT_MAX_ENTITIES,
             feast_project: crate::feast::DEFAULT_PROJECT.into(),
+            drift_window_secs: 600,
+            drift_slices: 10,
+            drift_min_samples: 200,
         }
     }
 }
@@ -86,6 +96,16 @@ impl ServeConfig {
         let text = std::fs::read_to_string(path)
             .map_err(|e| anyhow::anyhow!("reading config {}: {e}", path.display()))?;
         toml::from_str(&text).map_err(|e| anyhow::anyhow!("parsing config {}: {e}", path.display()))
+    }
+
+    /// The drift window settings, checked (the error names the key).
+    pub fn drift(&self) -> anyhow::Result<crate::drift::DriftConfig> {
+        crate::drift::DriftConfig::new(
+            self.drift_window_secs,
+            self.drift_slices,
+            self.drift_min_samples,
+        )
+        .map_err(anyhow::Error::msg)
     }
 }
 

@@ -43,6 +43,9 @@ pub fn build(cfg: &ServeConfig, features: Arc<FeatureSet>) -> anyhow::Result<App
         stream_metrics,
         feast_max_entities,
         feast_project,
+        drift_window_secs: _,
+        drift_slices: _,
+        drift_min_samples: _,
     } = cfg;
     let metrics = Arc::new(Metrics::new());
     let breaker = Breaker::new(
@@ -57,12 +60,13 @@ pub fn build(cfg: &ServeConfig, features: Arc<FeatureSet>) -> anyhow::Result<App
         Duration::from_millis(*redis_connect_timeout_ms),
         breaker,
     )?;
-    let models = Registry::open(
+    let models = Registry::open_with_drift(
         models_dir,
         features,
         *model_sessions,
         ort_dylib_path.as_deref(),
         &metrics,
+        cfg.drift()?,
     )?;
     let mut state = AppState::new(store, models, metrics, *max_body_bytes, *log_sample_every)
         .map_err(anyhow::Error::msg)?;
@@ -245,8 +249,12 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
             tokio::spawn(serve_metrics(metrics_listener, app.state().metrics.clone()));
         }
         let poller = spawn_model_poller(&app, Duration::from_millis(cfg.model_poll_ms.max(50)));
+        let drift = crate::drift::spawn_ticker(&app);
         serve(listener, app, termination(), Duration::from_millis(cfg.drain_timeout_ms)).await?;
         poller.abort();
+        if let Some(ticker) = drift {
+            ticker.abort();
+        }
         Ok(())
     })
 }
