@@ -574,6 +574,51 @@ mod tests {
     }
 
     #[test]
+    fn gauges_appear_above_the_minimum_and_go_with_their_feature() {
+        let metrics = crate::metrics::Metrics::new();
+        let series = |name: &str| {
+            metrics
+                .encode()
+                .lines()
+                .filter(|l| l.starts_with(&format!("sfs_serve_{name}{{")))
+                .map(String::from)
+                .collect::<Vec<_>>()
+        };
+        let drift = |feature: &str, psi: f64| FeatureDrift {
+            feature: feature.into(),
+            values: 1,
+            psi,
+            js: psi / 10.0,
+        };
+        let snapshot = |samples, features| Snapshot { samples, features };
+        metrics.drift("fraud", Some(&snapshot(199, vec![drift("a", 0.5)])), 200);
+        assert_eq!(
+            series("drift_window_samples"),
+            ["sfs_serve_drift_window_samples{model=\"fraud\"} 199"]
+        );
+        assert!(series("feature_drift_psi").is_empty(), "below the minimum");
+        let two = vec![drift("a", 0.5), drift("b", 0.25)];
+        metrics.drift("fraud", Some(&snapshot(200, two)), 200);
+        assert_eq!(
+            series("feature_drift_psi"),
+            [
+                "sfs_serve_feature_drift_psi{model=\"fraud\",feature=\"a\"} 0.5",
+                "sfs_serve_feature_drift_psi{model=\"fraud\",feature=\"b\"} 0.25"
+            ]
+        );
+        assert_eq!(series("feature_drift_js").len(), 2);
+        // A reloaded version without `b`, then one without any reference.
+        metrics.drift("fraud", Some(&snapshot(300, vec![drift("a", 0.1)])), 200);
+        assert_eq!(
+            series("feature_drift_js"),
+            ["sfs_serve_feature_drift_js{model=\"fraud\",feature=\"a\"} 0.01"]
+        );
+        metrics.drift("fraud", None, 200);
+        assert!(series("feature_drift_psi").is_empty());
+        assert!(series("drift_window_samples").is_empty());
+    }
+
+    #[test]
     fn nan_and_short_vectors_count_as_samples_but_not_values() {
         let h = Histogram::parse(&json!({"edges": [0.0, 1.0], "counts": [1]})).unwrap();
         let w = Window::new(
