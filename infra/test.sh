@@ -22,6 +22,7 @@ bash infra/redis.sh install
 bash infra/registry.sh install
 bash infra/python.sh install
 bash infra/chromium.sh install
+bash infra/prometheus.sh install  # promtool: sfs/tests/prometheus_rules.rs
 bash infra/python.sh install-feast
 
 for svc in kafka redis registry; do

@@ -355,6 +355,9 @@ impl App {
             score,
             model_start.elapsed(),
         );
+        if let Some(drift) = &model.drift {
+            drift.record(&x);
+        }
 
         let features = self.state.store.features();
         let mut cold = Vec::with_capacity(entities.len());

@@ -61,6 +61,13 @@ pub struct ServeConfig {
     pub score_log_queue: usize,
     /// How long a record may wait for Kafka before it is dropped.
     pub score_log_message_timeout_ms: u64,
+    /// Feature drift: the sliding window of served values compared with the
+    /// models' reference histograms (0: drift detection off).
+    pub drift_window_secs: u64,
+    /// Time slices of the drift window; the oldest expires as it slides.
+    pub drift_slices: usize,
+    /// Fewer scored requests in the window: no PSI / JS gauges.
+    pub drift_min_samples: u64,
 }
 
 impl Default for ServeConfig {
@@ -91,6 +98,9 @@ impl Default for ServeConfig {
             score_log_topic: schemas::score::SCORES_TOPIC.into(),
             score_log_queue: 10_000,
             score_log_message_timeout_ms: 5_000,
+            drift_window_secs: 600,
+            drift_slices: 10,
+            drift_min_samples: 200,
         }
     }
 }
@@ -101,6 +111,16 @@ impl ServeConfig {
         let text = std::fs::read_to_string(path)
             .map_err(|e| anyhow::anyhow!("reading config {}: {e}", path.display()))?;
         toml::from_str(&text).map_err(|e| anyhow::anyhow!("parsing config {}: {e}", path.display()))
+    }
+
+    /// The drift window settings, checked (the error names the key).
+    pub fn drift(&self) -> anyhow::Result<crate::drift::DriftConfig> {
+        crate::drift::DriftConfig::new(
+            self.drift_window_secs,
+            self.drift_slices,
+            self.drift_min_samples,
+        )
+        .map_err(anyhow::Error::msg)
     }
 }
 

@@ -3,6 +3,7 @@
 pub mod app;
 pub mod breaker;
 pub mod config;
+pub mod drift;
 pub mod error;
 pub mod feast;
 pub mod feast_init;

@@ -1,5 +1,8 @@
 //! The server's Prometheus metrics, registered once; every label set is bounded.
 
+use std::collections::HashMap;
+use std::sync::atomic::AtomicU64;
+use std::sync::Mutex;
 use std::time::Duration;
 
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
@@ -69,6 +72,20 @@ pub struct ReloadLabels {
     pub outcome: &'static str,
 }
 
+/// A model input watched for drift (the model's inputs: a bounded set).
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DriftLabels {
+    pub model: &'static str,
+    pub feature: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DriftModelLabels {
+    pub model: &'static str,
+}
+
+type FloatGauge = Gauge<f64, AtomicU64>;
+
 type Hist<L> = Family<L, Histogram, fn() -> Histogram>;
 
 fn latency_histogram() -> Histogram {
@@ -92,6 +109,11 @@ pub struct Metrics {
     breaker_transitions: Counter,
     reloads: Family<ReloadLabels, Counter>,
     model_version: Family<ModelLabels, Gauge>,
+    drift_psi: Family<DriftLabels, FloatGauge>,
+    drift_js: Family<DriftLabels, FloatGauge>,
+    drift_samples: Family<DriftModelLabels, Gauge>,
+    /// The features each model's PSI / JS gauges were last set for.
+    drift_reported: Mutex<HashMap<&'static str, Vec<String>>>,
 }
 
 impl Default for Metrics {
@@ -112,6 +134,9 @@ impl Metrics {
         let breaker_transitions = Counter::default();
         let reloads = Family::<ReloadLabels, Counter>::default();
         let model_version = Family::<ModelLabels, Gauge>::default();
+        let drift_psi = Family::<DriftLabels, FloatGauge>::default();
+        let drift_js = Family::<DriftLabels, FloatGauge>::default();
+        let drift_samples = Family::<DriftModelLabels, Gauge>::default();
         registry.register(
             "request_duration_seconds",
             "HTTP request latency by route and status",
@@ -157,6 +182,23 @@ impl Metrics {
             "Version of the active model (0: rule-based fallback)",
             model_version.clone(),
         );
+        registry.register(
+            "feature_drift_psi",
+            "Population stability index of a model input's served values over the drift window \
+             against the model's reference histogram (natural log, empty buckets at 1e-4)",
+            drift_psi.clone(),
+        );
+        registry.register(
+            "feature_drift_js",
+            "Jensen-Shannon divergence (log2, 0..1) of a model input's served values over the \
+             drift window against the model's reference histogram",
+            drift_js.clone(),
+        );
+        registry.register(
+            "drift_window_samples",
+            "Requests scored by the active model within the drift window",
+            drift_samples.clone(),
+        );
         Metrics {
             registry,
             requests,
@@ -168,6 +210,10 @@ impl Metrics {
             breaker_transitions,
             reloads,
             model_version,
+            drift_psi,
+            drift_js,
+            drift_samples,
+            drift_reported: Mutex::new(HashMap::new()),
         }
     }
 
@@ -218,6 +264,51 @@ impl Metrics {
                 .model_version
                 .get_or_create(&ModelLabels { model, kind: k });
             gauge.set(if k == kind { i64::from(version) } else { -1 });
+        }
+    }
+
+    /// Publishes the drift of `model`'s active version: without a window
+    /// (no reference histograms) no drift series at all; with fewer than
+    /// `min_samples` requests in the window only the sample count (PSI and
+    /// JS of a few values would mislead). Series of features no longer
+    /// reported are removed.
+    pub fn drift(
+        &self,
+        model: &'static str,
+        snapshot: Option<&crate::drift::Snapshot>,
+        min_samples: u64,
+    ) {
+        let labels = |feature: &str| DriftLabels {
+            model,
+            feature: feature.to_owned(),
+        };
+        let mut now = Vec::new();
+        match snapshot {
+            Some(s) => {
+                self.drift_samples
+                    .get_or_create(&DriftModelLabels { model })
+                    .set(s.samples as i64);
+                if s.samples >= min_samples.max(1) {
+                    for f in &s.features {
+                        let l = labels(&f.feature);
+                        self.drift_psi.get_or_create(&l).set(f.psi);
+                        self.drift_js.get_or_create(&l).set(f.js);
+                        now.push(f.feature.clone());
+                    }
+                }
+            }
+            None => {
+                self.drift_samples.remove(&DriftModelLabels { model });
+            }
+        }
+        let mut reported = self
+            .drift_reported
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let before = reported.insert(model, now.clone()).unwrap_or_default();
+        for gone in before.iter().filter(|f| !now.contains(f)) {
+            self.drift_psi.remove(&labels(gone));
+            self.drift_js.remove(&labels(gone));
         }
     }
 

@@ -49,6 +49,9 @@ pub fn build(cfg: &ServeConfig, features: Arc<FeatureSet>) -> anyhow::Result<App
         score_log_topic,
         score_log_queue,
         score_log_message_timeout_ms,
+        drift_window_secs: _,
+        drift_slices: _,
+        drift_min_samples: _,
     } = cfg;
     let mut metrics = Metrics::new();
     let score_log_metrics = ScoreLogMetrics::register(&mut metrics.registry);
@@ -78,12 +81,13 @@ pub fn build(cfg: &ServeConfig, features: Arc<FeatureSet>) -> anyhow::Result<App
         Duration::from_millis(*redis_connect_timeout_ms),
         breaker,
     )?;
-    let models = Registry::open(
+    let models = Registry::open_with_drift(
         models_dir,
         features,
         *model_sessions,
         ort_dylib_path.as_deref(),
         &metrics,
+        cfg.drift()?,
     )?;
     let mut state = AppState::new(store, models, metrics, *max_body_bytes, *log_sample_every)
         .map_err(anyhow::Error::msg)?;
@@ -267,8 +271,12 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
             tokio::spawn(serve_metrics(metrics_listener, app.state().metrics.clone()));
         }
         let poller = spawn_model_poller(&app, Duration::from_millis(cfg.model_poll_ms.max(50)));
+        let drift = crate::drift::spawn_ticker(&app);
         serve(listener, app.clone(), termination(), Duration::from_millis(cfg.drain_timeout_ms)).await?;
         poller.abort();
+        if let Some(ticker) = drift {
+            ticker.abort();
+        }
         if let Some(log) = &app.state().score_log {
             // Blocking, bounded by the message timeout: the server has stopped.
             let timeout = Duration::from_millis(cfg.score_log_message_timeout_ms);

@@ -169,6 +169,9 @@ pub struct Model {
     pub training: serde_json::Value,
     pub loaded_at_ms: i64,
     pub engine: Engine,
+    /// Served-value histograms against `reference_histograms` (none for
+    /// the rules, a model without references, or drift detection off).
+    pub drift: Option<crate::drift::Window>,
 }
 
 impl Model {
@@ -236,6 +239,7 @@ impl Model {
             training: serde_json::Value::Null,
             loaded_at_ms: now_ms(),
             engine: Engine::Rules(f),
+            drift: None,
         })
     }
 }

@@ -13,6 +13,7 @@ use schemas::features::FeatureSet;
 
 use super::onnx::{init_runtime, OnnxEngine};
 use super::{now_ms, Engine, Metadata, Model, ModelError, ModelKind};
+use crate::drift::{DriftConfig, Window};
 use crate::metrics::Metrics;
 
 /// The active model of one kind.
@@ -46,6 +47,7 @@ pub struct Registry {
     sessions: usize,
     ort_path: Option<PathBuf>,
     slots: Vec<Slot>,
+    drift: DriftConfig,
 }
 
 /// The newest complete version folder of `name`: (version, folder, newest mtime).
@@ -70,12 +72,33 @@ fn newest(dir: &Path, name: &str) -> Option<(u32, PathBuf, SystemTime)> {
 
 /// Loads one registry version; its inputs must resolve against `features`,
 /// the feature set the server reads, and it must have been trained on it.
+/// Drift detection with the default window.
 pub fn load_version(
     kind: ModelKind,
     dir: &Path,
     features: &FeatureSet,
     sessions: usize,
     ort_path: Option<&Path>,
+) -> Result<Model, ModelError> {
+    load_version_with(
+        kind,
+        dir,
+        features,
+        sessions,
+        ort_path,
+        &DriftConfig::default(),
+    )
+}
+
+/// [`load_version`] with drift detection configured by `drift`. Reference
+/// histograms that cannot be used are logged and skipped, never an error.
+pub fn load_version_with(
+    kind: ModelKind,
+    dir: &Path,
+    features: &FeatureSet,
+    sessions: usize,
+    ort_path: Option<&Path>,
+    drift: &DriftConfig,
 ) -> Result<Model, ModelError> {
     let invalid = |problem: String| ModelError::Invalid {
         path: dir.display().to_string(),
@@ -127,6 +150,21 @@ pub fn load_version(
     }
     init_runtime(ort_path)?;
     let engine = OnnxEngine::load(&dir.join("model.onnx"), &meta, sessions)?;
+    let (window, problems) =
+        Window::from_metadata(&meta.features, &meta.reference_histograms, drift);
+    for problem in &problems {
+        tracing::warn!(model = kind.name(), version = meta.version, problem = %problem,
+            "reference histogram unusable, no drift gauges for it");
+    }
+    if let Some(w) = &window {
+        tracing::info!(
+            model = kind.name(),
+            version = meta.version,
+            features = w.features().count(),
+            inputs = meta.features.len(),
+            "drift detection on"
+        );
+    }
     Ok(Model {
         kind,
         version: meta.version,
@@ -139,6 +177,7 @@ pub fn load_version(
         training: meta.training,
         loaded_at_ms: now_ms(),
         engine: Engine::Onnx(engine),
+        drift: window,
     })
 }
 
@@ -153,10 +192,31 @@ impl Registry {
         ort_path: Option<&Path>,
         metrics: &Metrics,
     ) -> Result<Registry, ModelError> {
+        Registry::open_with_drift(
+            dir,
+            features,
+            sessions,
+            ort_path,
+            metrics,
+            DriftConfig::default(),
+        )
+    }
+
+    /// [`Registry::open`] with drift detection configured by `drift`.
+    pub fn open_with_drift(
+        dir: &Path,
+        features: Arc<FeatureSet>,
+        sessions: usize,
+        ort_path: Option<&Path>,
+        metrics: &Metrics,
+        drift: DriftConfig,
+    ) -> Result<Registry, ModelError> {
         let mut slots = Vec::new();
         for kind in ModelKind::ALL {
             let model = match newest(dir, kind.name()) {
-                Some((_, path, _)) => load_version(kind, &path, &features, sessions, ort_path)?,
+                Some((_, path, _)) => {
+                    load_version_with(kind, &path, &features, sessions, ort_path, &drift)?
+                }
                 None => {
                     tracing::warn!(model = kind.name(), dir = %dir.display(), "no model in the registry, using rules");
                     Model::rules(kind, &features)?
@@ -176,7 +236,13 @@ impl Registry {
             sessions,
             ort_path: ort_path.map(Path::to_path_buf),
             slots,
+            drift,
         })
+    }
+
+    /// The drift window settings of the models it loads.
+    pub fn drift_config(&self) -> DriftConfig {
+        self.drift
     }
 
     pub fn dir(&self) -> &Path {
@@ -213,12 +279,13 @@ impl Registry {
             {
                 continue;
             }
-            match load_version(
+            match load_version_with(
                 slot.kind,
                 &path,
                 &self.features,
                 self.sessions,
                 self.ort_path.as_deref(),
+                &self.drift,
             ) {
                 Ok(model) => {
                     tracing::info!(model = slot.kind.name(), version = %model.label, "hot-reloaded model");
