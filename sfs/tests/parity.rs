@@ -31,11 +31,12 @@ impl Drop for Server {
 }
 
 fn post(agent: &ureq::Agent, url: &str, body: &Json) -> Json {
-    let mut resp = agent
+    let resp = agent
         .post(url)
-        .send_json(body)
+        .set("content-type", "application/json")
+        .send_string(&body.to_string())
         .unwrap_or_else(|e| panic!("POST {url} {body}: {e}"));
-    resp.body_mut().read_json().unwrap()
+    serde_json::from_str(&resp.into_string().unwrap()).unwrap()
 }
 
 #[test]
@@ -84,13 +85,11 @@ fn parity_finds_exactly_the_rows_tampered_with() {
             .unwrap(),
     );
     let base = format!("http://127.0.0.1:{port}");
-    let agent: ureq::Agent = ureq::Agent::config_builder()
-        .timeout_global(Some(Duration::from_secs(10)))
-        .http_status_as_error(true)
-        .build()
-        .into();
+    let agent = ureq::AgentBuilder::new()
+        .timeout(Duration::from_secs(10))
+        .build();
     let start = Instant::now();
-    while agent.get(format!("{base}/ready")).call().is_err() {
+    while agent.get(&format!("{base}/ready")).call().is_err() {
         assert!(
             start.elapsed() < Duration::from_secs(60),
             "sfs serve did not get ready"
@@ -98,15 +97,17 @@ fn parity_finds_exactly_the_rows_tampered_with() {
         std::thread::sleep(Duration::from_millis(100));
     }
 
-    // The input to tamper with: a model input that is a card count feature
-    // read as is.
-    let models = agent
-        .get(format!("{base}/models"))
-        .call()
-        .unwrap()
-        .body_mut()
-        .read_json::<Json>()
-        .unwrap();
+    // The input to tamper with: a card count the fraud model reads as is
+    // (model inputs name row features `{entity}.{feature}`).
+    let models: Json = serde_json::from_str(
+        &agent
+            .get(&format!("{base}/models"))
+            .call()
+            .unwrap()
+            .into_string()
+            .unwrap(),
+    )
+    .unwrap();
     let fraud_inputs: Vec<String> = models["models"]
         .as_array()
         .unwrap()
@@ -118,12 +119,13 @@ fn parity_finds_exactly_the_rows_tampered_with() {
         .iter()
         .map(|f| f.as_str().unwrap().to_owned())
         .collect();
-    let (field, tampered_feature) = card
+    let (field, tampered_feature, tampered_input) = card
         .features
         .iter()
         .enumerate()
-        .find(|(_, f)| f.aggregation == Aggregation::Count && fraud_inputs.contains(&f.name))
-        .map(|(i, f)| (i, f.name.clone()))
+        .map(|(i, f)| (i, f, format!("{}.{}", card.name, f.name)))
+        .find(|(_, f, input)| f.aggregation == Aggregation::Count && fraud_inputs.contains(input))
+        .map(|(i, f, input)| (i, f.name.clone(), input))
         .expect("the fraud model reads a card count as is");
 
     // Distinct cards of the log, newest first, with a transaction of each.
@@ -242,7 +244,7 @@ fn parity_finds_exactly_the_rows_tampered_with() {
     assert_eq!(report["identical"], clean, "{report}");
     for f in report["features"].as_array().unwrap() {
         let (model, feature) = (f["model"].as_str().unwrap(), f["feature"].as_str().unwrap());
-        let expected = if model == "fraud" && feature == tampered_feature {
+        let expected = if model == "fraud" && feature == tampered_input {
             tampered.len()
         } else {
             0
