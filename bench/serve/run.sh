@@ -4,7 +4,8 @@
 # commit, config) to stdout and bench/out/serve.jsonl.
 # usage: bench/serve/run.sh [extra serve-loadgen flags, e.g. --rates 1000,5000 --duration-secs 5]
 # env: RATES (default 1000,5000,10000), DURATION_SECS (10), CONNECTIONS (64),
-#      FIND_MAX (1), SERVE_WORKERS (0 = one per core), PORT (18090)
+#      FIND_MAX (1), SERVE_WORKERS (0 = one per core), PORT (18090),
+#      DRIFT_WINDOW_SECS (600; 0 turns drift detection off, to measure its cost)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/sfs/target}"
@@ -25,6 +26,7 @@ key_prefix = "$PREFIX"
 models_dir = "models"
 log_sample_every = 0
 worker_threads = ${SERVE_WORKERS:-0}
+drift_window_secs = ${DRIFT_WINDOW_SECS:-600}
 TOML
 SFS_LOG=warn "$CARGO_TARGET_DIR/release/sfs" serve --config "$cfg" >&2 &
 server=$!

@@ -520,6 +520,8 @@ fn shifted_traffic_drives_psi_over_the_threshold_and_unshifted_stays_below() {
     for (name, v) in &psi {
         assert!(*v < THRESHOLD, "A: {name}: PSI {v} on unshifted traffic");
     }
+    let max = psi.values().fold(0.0f64, |a, b| a.max(*b));
+    eprintln!("A: {} inputs, largest PSI {max:.4}", psi.len());
 
     // 4. The window slides past A: no samples, no PSI / JS series.
     let (psi, js) = client.wait_samples(0);
@@ -543,6 +545,16 @@ fn shifted_traffic_drives_psi_over_the_threshold_and_unshifted_stays_below() {
             flat += 1;
         }
     }
+    let (lo, hi) = psi.iter().fold((f64::MAX, 0.0f64), |(lo, hi), (n, v)| {
+        if shifted(n) {
+            (lo.min(*v), hi)
+        } else {
+            (lo, hi.max(*v))
+        }
+    });
+    eprintln!(
+        "B: {up} shifted inputs, smallest PSI {lo:.4}; {flat} unshifted, largest PSI {hi:.4}"
+    );
     assert!(
         up >= 5 && flat >= 5,
         "{up} shifted and {flat} unshifted inputs checked"
