@@ -1318,38 +1318,74 @@ impl FeatureRow {
         id: &str,
         fields: &HashMap<String, String>,
     ) -> Result<Option<FeatureRow>, RowError> {
-        if fields.is_empty() {
+        let values: Vec<Option<&str>> = FeatureRow::read_fields(entity)
+            .iter()
+            .map(|f| fields.get(f).map(String::as_str))
+            .collect();
+        FeatureRow::decode_fields(entity, version, id, &values)
+    }
+
+    /// The hash fields a row is read from, in the order [`decode_fields`]
+    /// takes their values (`HMGET key ...fields`): `_fv`, `_as_of`, then
+    /// each feature of the entity.
+    ///
+    /// [`decode_fields`]: FeatureRow::decode_fields
+    pub fn read_fields(entity: &Entity) -> Vec<String> {
+        [VERSION_FIELD, AS_OF_FIELD]
+            .into_iter()
+            .map(str::to_owned)
+            .chain(entity.features.iter().map(|f| f.name.clone()))
+            .collect()
+    }
+
+    /// Decodes a row from the values of [`read_fields`] (`None`: the field
+    /// is absent), written under feature-set `version`. Returns `Ok(None)`
+    /// when every field is absent, which is how Redis reports a missing key.
+    ///
+    /// [`read_fields`]: FeatureRow::read_fields
+    pub fn decode_fields(
+        entity: &Entity,
+        version: &str,
+        id: &str,
+        values: &[Option<&str>],
+    ) -> Result<Option<FeatureRow>, RowError> {
+        debug_assert_eq!(values.len(), entity.features.len() + 2);
+        if values.iter().all(Option::is_none) {
             return Ok(None);
         }
         let key = || entity.redis_key(DEFAULT_KEY_PREFIX, id);
-        let get = |field: &str| {
-            fields.get(field).ok_or_else(|| RowError::MissingField {
-                key: key(),
-                field: field.to_owned(),
-            })
+        let get = |i: usize, field: &str| {
+            values
+                .get(i)
+                .copied()
+                .flatten()
+                .ok_or_else(|| RowError::MissingField {
+                    key: key(),
+                    field: field.to_owned(),
+                })
         };
-        let found = get(VERSION_FIELD)?;
+        let found = get(0, VERSION_FIELD)?;
         if found != version {
             return Err(RowError::Version {
                 key: key(),
-                found: found.clone(),
+                found: found.to_owned(),
                 expected: version.to_owned(),
             });
         }
-        let bad = |field: &str, kind, value: &String| RowError::BadValue {
+        let bad = |field: &str, kind, value: &str| RowError::BadValue {
             key: key(),
             field: field.to_owned(),
             kind,
-            value: value.clone(),
+            value: value.to_owned(),
         };
-        let as_of = get(AS_OF_FIELD)?;
+        let as_of = get(1, AS_OF_FIELD)?;
         let as_of_ms = as_of
             .parse::<i64>()
             .map_err(|_| bad(AS_OF_FIELD, ValueKind::Int, as_of))?;
-        let mut values = Vec::with_capacity(entity.features.len());
-        for spec in &entity.features {
-            let raw = get(&spec.name)?;
-            values.push(
+        let mut values_out = Vec::with_capacity(entity.features.len());
+        for (i, spec) in entity.features.iter().enumerate() {
+            let raw = get(i + 2, &spec.name)?;
+            values_out.push(
                 Value::decode(spec.kind(), raw).ok_or_else(|| bad(&spec.name, spec.kind(), raw))?,
             );
         }
@@ -1357,7 +1393,7 @@ impl FeatureRow {
             entity: entity.clone(),
             id: id.to_owned(),
             as_of_ms,
-            values,
+            values: values_out,
         }))
     }
 }

@@ -582,6 +582,9 @@ mod tests {
                 .lines()
                 .filter(|l| l.starts_with(&format!("sfs_serve_{name}{{")))
                 .map(String::from)
+                // A family's series come in hash order.
+                .collect::<std::collections::BTreeSet<_>>()
+                .into_iter()
                 .collect::<Vec<_>>()
         };
         let drift = |feature: &str, psi: f64| FeatureDrift {

@@ -2,7 +2,6 @@
 //! set in one pipelined round trip, under a deadline and behind the circuit
 //! breaker.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -33,9 +32,10 @@ pub struct FeatureStore {
     progress_key: String,
     deadline: Duration,
     breaker: Breaker,
+    /// Per entity, the hash fields a row is read from (`HMGET`), in
+    /// `FeatureRow::decode_fields` order.
+    read_fields: Vec<Vec<String>>,
 }
-
-type Hash = HashMap<String, String>;
 
 impl FeatureStore {
     /// Creates the client without connecting: the first request connects, so
@@ -57,7 +57,13 @@ impl FeatureStore {
             .set_min_delay(Duration::from_millis(5))
             .set_max_delay(Duration::from_millis(50));
         let conn = ConnectionManager::new_lazy_with_config(client, config)?;
+        let read_fields = features
+            .entities
+            .iter()
+            .map(FeatureRow::read_fields)
+            .collect();
         Ok(FeatureStore {
+            read_fields,
             conn,
             features,
             prefix: prefix.to_owned(),
@@ -146,26 +152,31 @@ impl FeatureStore {
         let mut pipe = redis::pipe();
         pipe.atomic();
         for &(entity, id) in reads {
-            pipe.hgetall(self.features.entities[entity].redis_key(&self.prefix, id));
+            pipe.cmd("HMGET")
+                .arg(self.features.entities[entity].redis_key(&self.prefix, id))
+                .arg(&self.read_fields[entity]);
         }
         pipe.hget(&self.progress_key, "frontier_ms");
         let mut conn = self.conn.clone();
-        let (hashes, frontier): (Vec<Hash>, Option<i64>) = self
+        let (replies, frontier): (Vec<redis::Value>, Option<i64>) = self
             .call(metrics, async move {
                 let mut replies: Vec<redis::Value> = pipe.query_async(&mut conn).await?;
                 let frontier: Option<Option<i64>> =
                     replies.pop().map(redis::from_redis_value).transpose()?;
-                let hashes = replies
-                    .into_iter()
-                    .map(redis::from_redis_value)
-                    .collect::<Result<_, _>>()?;
-                Ok((hashes, frontier.flatten()))
+                Ok((replies, frontier.flatten()))
             })
             .await?;
+        if replies.len() != reads.len() {
+            return Err(ApiError::BadRow(format!(
+                "{} replies to {} row reads",
+                replies.len(),
+                reads.len()
+            )));
+        }
         let rows = reads
             .iter()
-            .zip(&hashes)
-            .map(|(&(entity, id), hash)| self.decode(&self.features.entities[entity], id, hash))
+            .zip(&replies)
+            .map(|(&(entity, id), reply)| self.decode(&self.features.entities[entity], id, reply))
             .collect::<Result<_, _>>()?;
         Ok((rows, frontier))
     }
@@ -177,14 +188,12 @@ impl FeatureStore {
         entity: &Entity,
         id: &str,
     ) -> Result<Option<FeatureRow>, ApiError> {
-        let mut conn = self.conn.clone();
-        let key = entity.redis_key(&self.prefix, id);
-        let hash: Hash = self
-            .call(metrics, async move {
-                redis::cmd("HGETALL").arg(key).query_async(&mut conn).await
-            })
-            .await?;
-        self.decode(entity, id, &hash)
+        let index = self
+            .features
+            .entity_index(&entity.name)
+            .expect("an entity of the store's feature set");
+        let (mut rows, _) = self.rows_many(metrics, &[(index, id)]).await?;
+        Ok(rows.pop().flatten())
     }
 
     /// Decodes a stored row. A row of another feature-set version is one the
@@ -195,9 +204,23 @@ impl FeatureStore {
         &self,
         entity: &Entity,
         id: &str,
-        hash: &Hash,
+        reply: &redis::Value,
     ) -> Result<Option<FeatureRow>, ApiError> {
-        match FeatureRow::decode(entity, &self.features.version, id, hash) {
+        // HMGET's reply: one bulk string or nil per field, read in place.
+        let redis::Value::Array(items) = reply else {
+            return Err(ApiError::BadRow(format!(
+                "HMGET of {} {id} answered {reply:?}",
+                entity.name
+            )));
+        };
+        let values: Vec<Option<&str>> = items
+            .iter()
+            .map(|v| match v {
+                redis::Value::BulkString(bytes) => std::str::from_utf8(bytes).ok(),
+                _ => None,
+            })
+            .collect();
+        match FeatureRow::decode_fields(entity, &self.features.version, id, &values) {
             Ok(row) => Ok(row),
             Err(e @ RowError::Version { .. }) => {
                 tracing::debug!(error = %e, "row of another feature-set version treated as missing");
