@@ -1,4 +1,4 @@
-//! `sfs backfill`: flags.
+//! `sfs backfill` and `sfs parity`: flags.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use dataflow::cli::{load_features_or_exit, parse_topic, EXIT_INVALID};
 use generator::cli::{parse_duration_ms, parse_start};
+use schemas::FeatureSet;
 
 use crate::backfill::{self, BackfillConfig};
 use crate::log::{self, LogSource, Topics};
@@ -31,22 +32,11 @@ pub struct BackfillArgs {
     /// Read the topics from Kafka, from the beginning to their ends at start.
     #[arg(long)]
     pub from_kafka: bool,
-    /// Kafka bootstrap servers (with --from-kafka).
-    #[arg(long, env = "KAFKA_BROKERS", default_value = "127.0.0.1:9092")]
-    pub brokers: String,
-    /// Give up reading Kafka after this long (e.g. 10m).
-    #[arg(long, default_value = "10m", value_parser = parse_duration_ms)]
-    pub kafka_timeout: i64,
+    #[command(flatten)]
+    pub replay: ReplayArgs,
     /// Directory to write fraud.parquet and propensity.parquet into.
     #[arg(long, value_name = "DIR", default_value = ".data/backfill")]
     pub out: PathBuf,
-    /// Feature definitions (default: features.toml).
-    #[arg(long, env = "SFS_FEATURES")]
-    pub features: Option<PathBuf>,
-    /// Read source SOURCE from TOPIC (or file TOPIC.avro) instead of its topic
-    /// in the feature definitions (repeatable).
-    #[arg(long = "topic", value_name = "SOURCE=TOPIC", value_parser = parse_topic)]
-    pub topics: Vec<(String, String)>,
     /// Topic (or file stem) of the fraud labels.
     #[arg(long, default_value = schemas::event::LABEL_TOPIC)]
     pub label_topic: String,
@@ -61,34 +51,17 @@ pub struct BackfillArgs {
     /// A product view is labelled by a purchase of its user within this long.
     #[arg(long, default_value = "30m", value_parser = parse_duration_ms)]
     pub purchase_window: i64,
-    /// Dataflow tick (ms): the stream job's, so rows equal the online ones.
-    #[arg(long, env = "SFS_TICK_MS", default_value_t = 1000)]
-    pub tick_ms: u64,
-    /// Worker threads.
-    #[arg(
-        short = 'w',
-        long = "workers",
-        env = "SFS_WORKERS",
-        default_value_t = 2
-    )]
-    pub workers: usize,
-    /// Never draw a progress bar.
-    #[arg(long)]
-    pub no_progress: bool,
-    /// Print the summary as one JSON object instead of a text line.
+
     #[arg(long)]
     pub summary_json: bool,
 }
 
 /// Runs `sfs backfill`.
 pub fn run(args: BackfillArgs) -> anyhow::Result<()> {
-    let set = Arc::new(load_features_or_exit(args.features.as_deref()));
-    if let Err(e) = set.check_tick(args.tick_ms) {
-        eprintln!("error: --tick-ms {}: {e}", args.tick_ms);
-        std::process::exit(EXIT_INVALID);
-    }
-    let topics = topics_or_exit(&set, &args.topics, &args.label_topic);
-    let source = log_source(args.input.as_ref(), &args.brokers, args.kafka_timeout);
+    let replay = &args.replay;
+    let set = replay.feature_set();
+    let topics = replay.topics(&set, &args.label_topic);
+    let source = replay.source(args.input.as_ref());
     tracing::info!(?source, "reading the log");
     let log = log::read(&source, &set, &topics)?;
     anyhow::ensure!(
@@ -96,17 +69,17 @@ pub fn run(args: BackfillArgs) -> anyhow::Result<()> {
         "the log has no events: generate some first (sfs generate --out avro --out-dir DIR)"
     );
     let config = BackfillConfig {
-        tick_ms: args.tick_ms,
-        workers: args.workers,
+        tick_ms: replay.tick_ms,
+        workers: replay.workers,
         label_cutoff_ms: args.label_cutoff,
         label_maturity_ms: args.label_maturity,
         purchase_window_ms: args.purchase_window,
-        progress: !args.no_progress && std::io::IsTerminal::is_terminal(&std::io::stderr()),
+        progress: replay.progress(),
     };
     let end = log.end_ms().unwrap_or(0);
     let metadata = vec![
         ("sfs.feature_set_version".to_owned(), set.version.clone()),
-        ("sfs.tick_ms".to_owned(), args.tick_ms.to_string()),
+        ("sfs.tick_ms".to_owned(), replay.tick_ms.to_string()),
         (
             "sfs.label_cutoff_ms".to_owned(),
             args.label_cutoff.unwrap_or(end).to_string(),
@@ -156,34 +129,87 @@ pub fn run(args: BackfillArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The topics to read: each source's from the definitions unless overridden
-/// by `--topic SOURCE=TOPIC` (exit 2 naming an unknown source).
-fn topics_or_exit(
-    set: &schemas::FeatureSet,
-    overrides: &[(String, String)],
-    labels: &str,
-) -> Topics {
-    let mut sources: Vec<String> = set.sources.iter().map(|s| s.topic.clone()).collect();
-    for (name, topic) in overrides {
-        let Some(i) = set.sources.iter().position(|s| &s.name == name) else {
-            eprintln!("error: --topic {name}={topic}: no source {name} in the feature definitions");
-            std::process::exit(EXIT_INVALID);
-        };
-        sources[i] = topic.clone();
-    }
-    Topics {
-        sources,
-        labels: labels.to_owned(),
-    }
+/// What `sfs backfill` and `sfs parity` share: where the event log comes
+/// from and how it is replayed.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ReplayArgs {
+    /// Kafka bootstrap servers.
+    #[arg(long, env = "KAFKA_BROKERS", default_value = "127.0.0.1:9092")]
+    pub brokers: String,
+    /// Give up reading Kafka after this long (e.g. 10m).
+    #[arg(long, default_value = "10m", value_parser = parse_duration_ms)]
+    pub kafka_timeout: i64,
+    /// Read source SOURCE from TOPIC (or file TOPIC.avro) instead of its topic
+    /// in the feature definitions (repeatable).
+    #[arg(long = "topic", value_name = "SOURCE=TOPIC", value_parser = parse_topic)]
+    pub topics: Vec<(String, String)>,
+    /// Feature definitions (default: features.toml).
+    #[arg(long, env = "SFS_FEATURES")]
+    pub features: Option<PathBuf>,
+    /// Dataflow tick (ms): the stream job's, so rows equal the online ones.
+    #[arg(long, env = "SFS_TICK_MS", default_value_t = 1000)]
+    pub tick_ms: u64,
+    /// Worker threads.
+    #[arg(
+        short = 'w',
+        long = "workers",
+        env = "SFS_WORKERS",
+        default_value_t = 2
+    )]
+    pub workers: usize,
+    /// Never draw a progress bar.
+    #[arg(long)]
+    pub no_progress: bool,
 }
 
-fn log_source(input: Option<&PathBuf>, brokers: &str, timeout_ms: i64) -> LogSource {
-    match input {
-        Some(dir) => LogSource::Files(dir.clone()),
-        None => LogSource::Kafka {
-            brokers: brokers.to_owned(),
-            timeout: Duration::from_millis(timeout_ms.max(1) as u64),
-        },
+impl ReplayArgs {
+    /// The feature definitions, valid at `--tick-ms` (else exit 2).
+    fn feature_set(&self) -> Arc<FeatureSet> {
+        let set = load_features_or_exit(self.features.as_deref());
+        if let Err(e) = set.check_tick(self.tick_ms) {
+            eprintln!("error: --tick-ms {}: {e}", self.tick_ms);
+            std::process::exit(EXIT_INVALID);
+        }
+        Arc::new(set)
+    }
+
+    /// The topics to read: each source's from the definitions unless
+    /// overridden by `--topic SOURCE=TOPIC` (exit 2 naming an unknown source).
+    fn topics(&self, set: &FeatureSet, labels: &str) -> Topics {
+        let mut sources: Vec<String> = set.sources.iter().map(|s| s.topic.clone()).collect();
+        for (name, topic) in &self.topics {
+            let Some(i) = set.sources.iter().position(|s| &s.name == name) else {
+                eprintln!(
+                    "error: --topic {name}={topic}: no source {name} in the feature definitions"
+                );
+                std::process::exit(EXIT_INVALID);
+            };
+            sources[i] = topic.clone();
+        }
+        Topics {
+            sources,
+            labels: labels.to_owned(),
+        }
+    }
+
+    fn kafka_timeout(&self) -> Duration {
+        Duration::from_millis(self.kafka_timeout.max(1) as u64)
+    }
+
+    /// The generator's files in `input`, else Kafka.
+    fn source(&self, input: Option<&PathBuf>) -> LogSource {
+        match input {
+            Some(dir) => LogSource::Files(dir.clone()),
+            None => LogSource::Kafka {
+                brokers: self.brokers.clone(),
+                timeout: self.kafka_timeout(),
+            },
+        }
+    }
+
+    /// Whether to draw a progress bar: not asked not to, and on a terminal.
+    fn progress(&self) -> bool {
+        !self.no_progress && std::io::IsTerminal::is_terminal(&std::io::stderr())
     }
 }
 
@@ -198,42 +224,16 @@ fn log_source(input: Option<&PathBuf>, brokers: &str, timeout_ms: i64) -> LogSou
   sfs parity --json --fail-below 0.999        # for CI: exit 1 below 99.9% identical
   sfs parity --watch 1m --metrics-listen 127.0.0.1:9465   # continuously, as gauges")]
 pub struct ParityArgs {
-    /// Kafka bootstrap servers.
-    #[arg(long, env = "KAFKA_BROKERS", default_value = "127.0.0.1:9092")]
-    pub brokers: String,
-    /// The served-vector log topic.
     #[arg(long, default_value = schemas::score::SCORES_TOPIC)]
     pub scores_topic: String,
     /// Read the events from the generator's files in DIR instead of Kafka.
     #[arg(long, value_name = "DIR")]
     pub input: Option<PathBuf>,
-    /// Read source SOURCE from TOPIC instead of its topic in the feature
-    /// definitions (repeatable).
-    #[arg(long = "topic", value_name = "SOURCE=TOPIC", value_parser = parse_topic)]
-    pub topics: Vec<(String, String)>,
-    /// Give up reading Kafka after this long (e.g. 10m).
-    #[arg(long, default_value = "10m", value_parser = parse_duration_ms)]
-    pub kafka_timeout: i64,
-    /// Feature definitions (default: features.toml).
-    #[arg(long, env = "SFS_FEATURES")]
-    pub features: Option<PathBuf>,
-    /// Dataflow tick (ms): the stream job's.
-    #[arg(long, env = "SFS_TICK_MS", default_value_t = 1000)]
-    pub tick_ms: u64,
-    /// Worker threads.
-    #[arg(
-        short = 'w',
-        long = "workers",
-        env = "SFS_WORKERS",
-        default_value_t = 2
-    )]
-    pub workers: usize,
+    #[command(flatten)]
+    pub replay: ReplayArgs,
     /// Print the report as one JSON object instead of a table.
     #[arg(long)]
     pub json: bool,
-    /// Never draw a progress bar.
-    #[arg(long)]
-    pub no_progress: bool,
     /// Exit 1 when fewer than this fraction of the checked vectors are identical.
     #[arg(long, value_name = "FRACTION")]
     pub fail_below: Option<f64>,
@@ -247,12 +247,8 @@ pub struct ParityArgs {
 
 /// Runs `sfs parity`.
 pub fn run_parity(args: ParityArgs) -> anyhow::Result<()> {
-    let set = Arc::new(load_features_or_exit(args.features.as_deref()));
-    if let Err(e) = set.check_tick(args.tick_ms) {
-        eprintln!("error: --tick-ms {}: {e}", args.tick_ms);
-        std::process::exit(EXIT_INVALID);
-    }
-    let topics = topics_or_exit(&set, &args.topics, schemas::event::LABEL_TOPIC);
+    let set = args.replay.feature_set();
+    let topics = args.replay.topics(&set, schemas::event::LABEL_TOPIC);
     let gauges = crate::parity::Gauges::default();
     if let Some(addr) = &args.metrics_listen {
         gauges.serve(addr)?;
@@ -293,17 +289,17 @@ pub fn run_parity(args: ParityArgs) -> anyhow::Result<()> {
 /// One parity check of the whole served-vector log.
 fn parity_pass(
     args: &ParityArgs,
-    set: &Arc<schemas::FeatureSet>,
+    set: &Arc<FeatureSet>,
     topics: &Topics,
 ) -> anyhow::Result<crate::parity::Report> {
-    let timeout = Duration::from_millis(args.kafka_timeout.max(1) as u64);
+    let replay = &args.replay;
     // The scores first: every event a served row aggregated is in the
     // event log by the time the events are read after them.
     let mut records = Vec::new();
     let mut unreadable = 0u64;
     log::read_topics(
-        &args.brokers,
-        timeout,
+        &replay.brokers,
+        replay.kafka_timeout(),
         std::slice::from_ref(&args.scores_topic),
         |_, m| match schemas::score::ScoreRecord::decode(
             rdkafka::Message::payload(m).unwrap_or_default(),
@@ -316,17 +312,15 @@ fn parity_pass(
         },
     )?;
     tracing::info!(records = records.len(), unreadable, topic = %args.scores_topic, "read the served-vector log");
-    let source = log_source(args.input.as_ref(), &args.brokers, args.kafka_timeout);
-    let log = log::read(&source, set, topics)?;
+    let log = log::read(&replay.source(args.input.as_ref()), set, topics)?;
     tracing::info!(events = log.events.len(), "replaying the log");
-    let progress = !args.no_progress && std::io::IsTerminal::is_terminal(&std::io::stderr());
     let mut report = crate::parity::check(
         &records,
         log,
         Arc::clone(set),
-        args.tick_ms,
-        args.workers,
-        progress,
+        replay.tick_ms,
+        replay.workers,
+        replay.progress(),
     )?;
     if unreadable > 0 {
         report
