@@ -13,22 +13,12 @@
 mod stream_support;
 
 use std::collections::{BTreeSet, HashMap};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use schemas::features::{Aggregation, Value};
 use serde_json::{json, Value as Json};
 use stream_support::*;
-
-/// Kills the server when the test ends, pass or fail.
-struct Server(Child);
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 fn post(agent: &ureq::Agent, url: &str, body: &Json) -> Json {
     let resp = agent
@@ -70,7 +60,7 @@ fn parity_finds_exactly_the_rows_tampered_with() {
         ),
     )
     .unwrap();
-    let _server = Server(
+    let _server = KillOnDrop(
         Command::new(env!("CARGO_BIN_EXE_sfs"))
             .arg("serve")
             .arg("--config")

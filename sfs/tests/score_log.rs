@@ -8,7 +8,7 @@ mod stream_support;
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use rdkafka::message::Message;
@@ -20,19 +20,9 @@ use stream_support::*;
 
 const ROOT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
 
-/// Kills the server when the test ends, pass or fail.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// `sfs serve` with `extra` TOML appended to a config over the shipped
 /// models and definitions, the test's key prefix, on a free port.
-fn serve(prefix: &str, extra: &str, dir: &Path) -> (Proc, String) {
+fn serve(prefix: &str, extra: &str, dir: &Path) -> (KillOnDrop, String) {
     let addr = format!("127.0.0.1:{}", free_port());
     let config = dir.join("serve.toml");
     std::fs::write(
@@ -43,7 +33,7 @@ fn serve(prefix: &str, extra: &str, dir: &Path) -> (Proc, String) {
         ),
     )
     .unwrap();
-    let proc = Proc(
+    let proc = KillOnDrop(
         Command::new(env!("CARGO_BIN_EXE_sfs"))
             .args(["serve", "--config"])
             .arg(&config)
@@ -123,7 +113,7 @@ fn wait_metrics(addr: &str, what: &str, cond: impl Fn(&str) -> bool) -> String {
 }
 
 /// SIGTERM, and the server exits cleanly (flushing the log) in time.
-fn terminate(mut proc: Proc) {
+fn terminate(mut proc: KillOnDrop) {
     let pid = proc.0.id().to_string();
     assert!(Command::new("kill")
         .args(["-TERM", &pid])

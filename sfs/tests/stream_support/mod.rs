@@ -429,3 +429,13 @@ pub fn watch_as_of(
         polls
     })
 }
+
+/// A child process killed (and reaped) when the test ends, pass or fail.
+pub struct KillOnDrop(pub Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
