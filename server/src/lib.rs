@@ -11,6 +11,7 @@ pub mod features;
 pub mod metrics;
 pub mod model;
 pub mod request;
+pub mod resp;
 pub mod score_log;
 pub mod serve;
 pub mod status;

@@ -5,12 +5,12 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use schemas::features::{Entity, FeatureRow, FeatureSet, RowError};
 
 use crate::breaker::{Admit, Breaker, BreakerState};
 use crate::error::ApiError;
 use crate::metrics::{Metrics, RedisOutcome};
+use crate::resp::{Commands, Replies, Reply, RespError, RespPool};
 
 /// The decoded rows of one request.
 #[derive(Debug, Clone, Default)]
@@ -26,7 +26,7 @@ pub struct Rows {
 
 /// Reads feature rows from Redis.
 pub struct FeatureStore {
-    conn: ConnectionManager,
+    pool: RespPool,
     features: Arc<FeatureSet>,
     prefix: String,
     progress_key: String,
@@ -35,6 +35,8 @@ pub struct FeatureStore {
     /// Per entity, the hash fields a row is read from (`HMGET`), in
     /// `FeatureRow::decode_fields` order.
     read_fields: Vec<Vec<String>>,
+    /// `PING`, encoded once.
+    ping: Commands,
 }
 
 impl FeatureStore {
@@ -47,16 +49,12 @@ impl FeatureStore {
         prefix: &str,
         deadline: Duration,
         connect_timeout: Duration,
+        max_connections: usize,
         breaker: Breaker,
-    ) -> Result<FeatureStore, redis::RedisError> {
-        let client = redis::Client::open(url)?;
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(connect_timeout))
-            .set_response_timeout(Some(deadline))
-            .set_number_of_retries(1)
-            .set_min_delay(Duration::from_millis(5))
-            .set_max_delay(Duration::from_millis(50));
-        let conn = ConnectionManager::new_lazy_with_config(client, config)?;
+    ) -> Result<FeatureStore, RespError> {
+        let pool = RespPool::new(url, connect_timeout, max_connections)?;
+        let mut ping = Commands::new();
+        ping.push("PING", &[]);
         let read_fields = features
             .entities
             .iter()
@@ -64,7 +62,8 @@ impl FeatureStore {
             .collect();
         Ok(FeatureStore {
             read_fields,
-            conn,
+            pool,
+            ping,
             features,
             prefix: prefix.to_owned(),
             progress_key: format!("{prefix}_progress"),
@@ -89,7 +88,7 @@ impl FeatureStore {
     /// Runs one Redis call under the breaker and the deadline.
     async fn call<T, F>(&self, metrics: &Metrics, f: F) -> Result<T, ApiError>
     where
-        F: std::future::Future<Output = redis::RedisResult<T>>,
+        F: std::future::Future<Output = Result<T, RespError>>,
     {
         if self.breaker.admit() == Admit::No {
             metrics.redis(RedisOutcome::rejected, Duration::ZERO);
@@ -149,35 +148,42 @@ impl FeatureStore {
         if reads.is_empty() {
             return Ok((Vec::new(), None));
         }
-        let mut pipe = redis::pipe();
-        pipe.atomic();
+        let mut commands = Commands::new();
+        commands.push("MULTI", &[]);
         for &(entity, id) in reads {
-            pipe.cmd("HMGET")
-                .arg(self.features.entities[entity].redis_key(&self.prefix, id))
-                .arg(&self.read_fields[entity]);
+            let key = self.features.entities[entity].redis_key(&self.prefix, id);
+            let fields = &self.read_fields[entity];
+            commands.start("HMGET", 1 + fields.len());
+            commands.arg(key.as_bytes());
+            fields.iter().for_each(|f| commands.arg(f.as_bytes()));
         }
-        pipe.hget(&self.progress_key, "frontier_ms");
-        let mut conn = self.conn.clone();
-        let (replies, frontier): (Vec<redis::Value>, Option<i64>) = self
-            .call(metrics, async move {
-                let mut replies: Vec<redis::Value> = pipe.query_async(&mut conn).await?;
-                let frontier: Option<Option<i64>> =
-                    replies.pop().map(redis::from_redis_value).transpose()?;
-                Ok((replies, frontier.flatten()))
-            })
-            .await?;
-        if replies.len() != reads.len() {
+        commands.push("HGET", &[&self.progress_key, "frontier_ms"]);
+        commands.push("EXEC", &[]);
+        let replies: Replies = self.call(metrics, self.pool.query(&commands)).await?;
+        // MULTI's OK and one QUEUED per command come first; EXEC's array last.
+        let exec = replies.get(replies.len() - 1);
+        let Some(Reply::Array(mut items)) = exec else {
+            return Err(ApiError::BadRow(format!("EXEC answered {exec:?}")));
+        };
+        if items.len() != reads.len() + 1 {
             return Err(ApiError::BadRow(format!(
                 "{} replies to {} row reads",
-                replies.len(),
+                items.len(),
                 reads.len()
             )));
         }
-        let rows = reads
-            .iter()
-            .zip(&replies)
-            .map(|(&(entity, id), reply)| self.decode(&self.features.entities[entity], id, reply))
-            .collect::<Result<_, _>>()?;
+        let mut values: Vec<Option<&str>> = Vec::new();
+        let mut rows = Vec::with_capacity(reads.len());
+        for &(entity, id) in reads {
+            let reply = items.next().expect("counted");
+            rows.push(self.decode(&self.features.entities[entity], id, reply, &mut values)?);
+        }
+        let frontier = match items.next().expect("counted") {
+            Reply::Nil => None,
+            reply => Some(reply.as_str().and_then(|s| s.parse().ok()).ok_or_else(|| {
+                ApiError::BadRow(format!("{} frontier_ms is {reply:?}", self.progress_key))
+            })?),
+        };
         Ok((rows, frontier))
     }
 
@@ -200,27 +206,23 @@ impl FeatureStore {
     /// stream job has not rewritten yet after a feature-set change: it is
     /// treated as missing (the response says cold start) rather than failing
     /// the request.
-    fn decode(
+    fn decode<'a>(
         &self,
         entity: &Entity,
         id: &str,
-        reply: &redis::Value,
+        reply: Reply<'a>,
+        values: &mut Vec<Option<&'a str>>,
     ) -> Result<Option<FeatureRow>, ApiError> {
         // HMGET's reply: one bulk string or nil per field, read in place.
-        let redis::Value::Array(items) = reply else {
+        let Reply::Array(items) = reply else {
             return Err(ApiError::BadRow(format!(
                 "HMGET of {} {id} answered {reply:?}",
                 entity.name
             )));
         };
-        let values: Vec<Option<&str>> = items
-            .iter()
-            .map(|v| match v {
-                redis::Value::BulkString(bytes) => std::str::from_utf8(bytes).ok(),
-                _ => None,
-            })
-            .collect();
-        match FeatureRow::decode_fields(entity, &self.features.version, id, &values) {
+        values.clear();
+        values.extend(items.map(|v| v.as_str()));
+        match FeatureRow::decode_fields(entity, &self.features.version, id, values) {
             Ok(row) => Ok(row),
             Err(e @ RowError::Version { .. }) => {
                 tracing::debug!(error = %e, "row of another feature-set version treated as missing");
@@ -232,12 +234,10 @@ impl FeatureStore {
 
     /// Whether Redis answers a PING within the deadline (and the breaker lets it).
     pub async fn ping(&self, metrics: &Metrics) -> bool {
-        let mut conn = self.conn.clone();
-        let pong: Result<String, _> = self
-            .call(metrics, async move {
-                redis::cmd("PING").query_async(&mut conn).await
-            })
-            .await;
-        pong.is_ok()
+        let pong = self.call(metrics, self.pool.query(&self.ping)).await;
+        matches!(
+            pong.as_ref().map(|r| r.get(0)),
+            Ok(Some(Reply::Simple(b"PONG")))
+        )
     }
 }

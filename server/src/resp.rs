@@ -1,0 +1,575 @@
+//! The read path's Redis client: a pool of plain RESP2 connections, each used
+//! by one request at a time; a request's commands are written as one buffer
+//! and its replies parsed in place, bulk strings as slices of the read buffer
+//! (no allocation per value).
+//!
+//! Why not redis-rs's multiplexed `ConnectionManager`: on 100-row Feast
+//! batches its combinator parser and one `Vec` per bulk string took about 30%
+//! of the server's CPU (perf under `bench/feast`), and the batch tail is CPU
+//! on 2 shared cores.
+//!
+//! Failure contract: a connection whose request failed or was cancelled (the
+//! caller's deadline dropped the future mid-reply) is closed, never reused.
+//! An I/O error on a pooled connection also closes every idle one (they most
+//! likely died with it, e.g. Redis restarted) and the request is retried once
+//! on a fresh connection: reads are idempotent.
+
+use std::ops::Range;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::Semaphore;
+
+/// Errors of a round trip.
+#[derive(Debug, thiserror::Error)]
+pub enum RespError {
+    #[error("redis i/o: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("redis connect timed out after {0:?}")]
+    ConnectTimeout(Duration),
+    #[error("redis protocol: {0}")]
+    Protocol(String),
+    /// An error reply where the caller needed success (connection setup).
+    #[error("redis replied: {0}")]
+    Reply(String),
+    #[error("redis url: {0}")]
+    Url(String),
+}
+
+/// Commands to send in one write, encoded as RESP arrays of bulk strings.
+#[derive(Debug, Default, Clone)]
+pub struct Commands {
+    buf: Vec<u8>,
+    count: usize,
+}
+
+impl Commands {
+    pub fn new() -> Commands {
+        Commands::default()
+    }
+
+    /// Appends a command of `name` and `args`.
+    pub fn push(&mut self, name: &str, args: &[&str]) {
+        self.start(name, args.len());
+        args.iter().for_each(|arg| self.arg(arg.as_bytes()));
+    }
+
+    /// Starts a command of `name` with `args` arguments, to be appended next
+    /// with [`Commands::arg`].
+    pub fn start(&mut self, name: &str, args: usize) {
+        self.header(b'*', 1 + args);
+        self.bulk(name.as_bytes());
+        self.count += 1;
+    }
+
+    /// Appends an argument of the command started last.
+    pub fn arg(&mut self, arg: &[u8]) {
+        self.bulk(arg);
+    }
+
+    /// Number of commands (= replies expected).
+    pub fn len(&self) -> usize {
+        self.count
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    fn header(&mut self, kind: u8, n: usize) {
+        self.buf.push(kind);
+        self.buf
+            .extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
+        self.buf.extend_from_slice(b"\r\n");
+    }
+
+    fn bulk(&mut self, arg: &[u8]) {
+        self.header(b'$', arg.len());
+        self.buf.extend_from_slice(arg);
+        self.buf.extend_from_slice(b"\r\n");
+    }
+}
+
+/// One parsed value; strings are ranges of the reply buffer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Frame {
+    Simple(Range<usize>),
+    Error(Range<usize>),
+    Int(i64),
+    Bulk(Range<usize>),
+    Nil,
+    /// Number of elements and the index just past the array's subtree (the
+    /// elements follow it in pre-order).
+    Array {
+        len: usize,
+        end: usize,
+    },
+}
+
+/// A reply, borrowing the buffer it was parsed from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reply<'a> {
+    Simple(&'a [u8]),
+    Error(&'a [u8]),
+    Int(i64),
+    Bulk(&'a [u8]),
+    Nil,
+    Array(Items<'a>),
+}
+
+impl<'a> Reply<'a> {
+    /// The text of a bulk or simple string (`None` for other replies and
+    /// invalid UTF-8).
+    pub fn as_str(&self) -> Option<&'a str> {
+        match self {
+            Reply::Bulk(b) | Reply::Simple(b) => std::str::from_utf8(b).ok(),
+            _ => None,
+        }
+    }
+}
+
+/// The elements of an array reply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Items<'a> {
+    replies: &'a Replies,
+    next: usize,
+    left: usize,
+}
+
+impl<'a> Iterator for Items<'a> {
+    type Item = Reply<'a>;
+    fn next(&mut self) -> Option<Reply<'a>> {
+        if self.left == 0 {
+            return None;
+        }
+        self.left -= 1;
+        let at = self.next;
+        self.next = match self.replies.frames[at] {
+            Frame::Array { end, .. } => end,
+            _ => at + 1,
+        };
+        Some(self.replies.reply(at))
+    }
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        (self.left, Some(self.left))
+    }
+}
+
+impl ExactSizeIterator for Items<'_> {}
+
+/// The replies of one round trip, one per command.
+#[derive(Debug, Default)]
+pub struct Replies {
+    buf: Vec<u8>,
+    frames: Vec<Frame>,
+    tops: Vec<usize>,
+}
+
+impl PartialEq for Replies {
+    fn eq(&self, other: &Self) -> bool {
+        std::ptr::eq(self, other)
+    }
+}
+
+impl Eq for Replies {}
+
+impl Replies {
+    /// Number of replies.
+    pub fn len(&self) -> usize {
+        self.tops.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.tops.is_empty()
+    }
+
+    /// Reply `i` (in command order).
+    pub fn get(&self, i: usize) -> Option<Reply<'_>> {
+        self.tops.get(i).map(|&at| self.reply(at))
+    }
+
+    fn reply(&self, at: usize) -> Reply<'_> {
+        match &self.frames[at] {
+            Frame::Simple(r) => Reply::Simple(&self.buf[r.clone()]),
+            Frame::Error(r) => Reply::Error(&self.buf[r.clone()]),
+            Frame::Int(n) => Reply::Int(*n),
+            Frame::Bulk(r) => Reply::Bulk(&self.buf[r.clone()]),
+            Frame::Nil => Reply::Nil,
+            Frame::Array { len, .. } => Reply::Array(Items {
+                replies: self,
+                next: at + 1,
+                left: *len,
+            }),
+        }
+    }
+
+    /// Parses as many complete replies as `buf` holds past `pos`, up to
+    /// `want` in all; returns the new position.
+    fn parse(&mut self, mut pos: usize, want: usize) -> Result<usize, RespError> {
+        while self.tops.len() < want {
+            let mark = self.frames.len();
+            match parse_value(&self.buf, pos, &mut self.frames)? {
+                Some(end) => {
+                    self.tops.push(mark);
+                    pos = end;
+                }
+                None => {
+                    self.frames.truncate(mark);
+                    break;
+                }
+            }
+        }
+        Ok(pos)
+    }
+}
+
+/// The line starting at `pos` (without its CRLF) and the position after it;
+/// `None` when incomplete.
+fn line(buf: &[u8], pos: usize) -> Option<(Range<usize>, usize)> {
+    let rest = buf.get(pos..)?;
+    let cr = rest.iter().position(|&b| b == b'\r')?;
+    (rest.get(cr + 1)? == &b'\n').then_some((pos..pos + cr, pos + cr + 2))
+}
+
+fn number(buf: &[u8], range: Range<usize>) -> Result<i64, RespError> {
+    std::str::from_utf8(&buf[range.clone()])
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| {
+            RespError::Protocol(format!(
+                "bad number {:?}",
+                String::from_utf8_lossy(&buf[range])
+            ))
+        })
+}
+
+/// Parses one value at `pos` into `frames`; the position after it, or `None`
+/// when `buf` does not hold all of it yet (frames pushed are then garbage).
+fn parse_value(
+    buf: &[u8],
+    pos: usize,
+    frames: &mut Vec<Frame>,
+) -> Result<Option<usize>, RespError> {
+    let Some(&kind) = buf.get(pos) else {
+        return Ok(None);
+    };
+    let Some((head, after)) = line(buf, pos + 1) else {
+        return Ok(None);
+    };
+    match kind {
+        b'+' => frames.push(Frame::Simple(head)),
+        b'-' => frames.push(Frame::Error(head)),
+        b':' => frames.push(Frame::Int(number(buf, head)?)),
+        b'$' => {
+            let n = number(buf, head)?;
+            if n < 0 {
+                frames.push(Frame::Nil);
+                return Ok(Some(after));
+            }
+            let end = after + n as usize;
+            if buf.len() < end + 2 {
+                return Ok(None);
+            }
+            if &buf[end..end + 2] != b"\r\n" {
+                return Err(RespError::Protocol("bulk string without CRLF".into()));
+            }
+            frames.push(Frame::Bulk(after..end));
+            return Ok(Some(end + 2));
+        }
+        b'*' => {
+            let n = number(buf, head)?;
+            if n < 0 {
+                frames.push(Frame::Nil);
+                return Ok(Some(after));
+            }
+            let at = frames.len();
+            frames.push(Frame::Array {
+                len: n as usize,
+                end: 0,
+            });
+            let mut pos = after;
+            for _ in 0..n {
+                match parse_value(buf, pos, frames)? {
+                    Some(next) => pos = next,
+                    None => return Ok(None),
+                }
+            }
+            let end = frames.len();
+            if let Frame::Array { end: e, .. } = &mut frames[at] {
+                *e = end;
+            }
+            return Ok(Some(pos));
+        }
+        other => {
+            return Err(RespError::Protocol(format!(
+                "unexpected reply type {:?}",
+                other as char
+            )))
+        }
+    }
+    Ok(Some(after))
+}
+
+trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
+struct Conn {
+    io: Box<dyn Io>,
+    /// Size of the last reply: the next buffer starts with it.
+    last_reply: usize,
+}
+
+impl Conn {
+    async fn round_trip(&mut self, commands: &Commands) -> Result<Replies, RespError> {
+        self.io.write_all(&commands.buf).await?;
+        let mut replies = Replies {
+            buf: Vec::with_capacity(self.last_reply.max(4096)),
+            frames: Vec::new(),
+            tops: Vec::with_capacity(commands.len()),
+        };
+        let mut pos = 0;
+        loop {
+            pos = replies.parse(pos, commands.len())?;
+            if replies.tops.len() == commands.len() {
+                break;
+            }
+            if replies.buf.capacity() - replies.buf.len() < 4096 {
+                replies.buf.reserve(replies.buf.capacity().max(4096));
+            }
+            if self.io.read_buf(&mut replies.buf).await? == 0 {
+                return Err(RespError::Io(std::io::ErrorKind::UnexpectedEof.into()));
+            }
+        }
+        if pos != replies.buf.len() {
+            return Err(RespError::Protocol(format!(
+                "{} unexpected bytes after {} replies",
+                replies.buf.len() - pos,
+                commands.len()
+            )));
+        }
+        self.last_reply = replies.buf.len();
+        Ok(replies)
+    }
+}
+
+enum Target {
+    Tcp(String, u16),
+    #[cfg(unix)]
+    Unix(std::path::PathBuf),
+}
+
+/// A pool of RESP2 connections to one Redis server.
+pub struct RespPool {
+    target: Target,
+    /// Sent on every new connection (AUTH, SELECT), each must answer OK.
+    setup: Commands,
+    connect_timeout: Duration,
+    idle: Mutex<Vec<Conn>>,
+    /// Connections open at most (idle or in use).
+    permits: Semaphore,
+    max_idle: usize,
+}
+
+impl RespPool {
+    /// A pool for `url` (`redis://[user:password@]host[:port][/db]` or
+    /// `redis+unix://` / `unix://` paths, as redis-rs parses them), with at
+    /// most `max_connections` open. Connects lazily.
+    pub fn new(
+        url: &str,
+        connect_timeout: Duration,
+        max_connections: usize,
+    ) -> Result<RespPool, RespError> {
+        let client = redis::Client::open(url).map_err(|e| RespError::Url(e.to_string()))?;
+        let info = client.get_connection_info();
+        let target = match info.addr() {
+            redis::ConnectionAddr::Tcp(host, port) => Target::Tcp(host.clone(), *port),
+            #[cfg(unix)]
+            redis::ConnectionAddr::Unix(path) => Target::Unix(path.clone()),
+            other => {
+                return Err(RespError::Url(format!(
+                    "{other:?}: only plain TCP and unix sockets are supported"
+                )))
+            }
+        };
+        let settings = info.redis_settings();
+        let mut setup = Commands::new();
+        if let Some(password) = settings.password() {
+            match settings.username() {
+                Some(user) => setup.push("AUTH", &[user, password]),
+                None => setup.push("AUTH", &[password]),
+            }
+        }
+        if settings.db() != 0 {
+            setup.push("SELECT", &[&settings.db().to_string()]);
+        }
+        let max_connections = max_connections.max(1);
+        Ok(RespPool {
+            target,
+            setup,
+            connect_timeout,
+            idle: Mutex::new(Vec::new()),
+            permits: Semaphore::new(max_connections),
+            max_idle: max_connections,
+        })
+    }
+
+    async fn connect(&self) -> Result<Conn, RespError> {
+        let io: Box<dyn Io> = match &self.target {
+            Target::Tcp(host, port) => {
+                let stream = tokio::time::timeout(
+                    self.connect_timeout,
+                    tokio::net::TcpStream::connect((host.as_str(), *port)),
+                )
+                .await
+                .map_err(|_| RespError::ConnectTimeout(self.connect_timeout))??;
+                stream.set_nodelay(true)?;
+                Box::new(stream)
+            }
+            #[cfg(unix)]
+            Target::Unix(path) => Box::new(
+                tokio::time::timeout(self.connect_timeout, tokio::net::UnixStream::connect(path))
+                    .await
+                    .map_err(|_| RespError::ConnectTimeout(self.connect_timeout))??,
+            ),
+        };
+        let mut conn = Conn { io, last_reply: 0 };
+        if !self.setup.is_empty() {
+            let replies = conn.round_trip(&self.setup).await?;
+            for i in 0..replies.len() {
+                if let Some(Reply::Error(e)) = replies.get(i) {
+                    return Err(RespError::Reply(String::from_utf8_lossy(e).into_owned()));
+                }
+            }
+        }
+        Ok(conn)
+    }
+
+    fn take_idle(&self) -> Option<Conn> {
+        self.idle.lock().expect("pool lock").pop()
+    }
+
+    /// Sends `commands` on one connection and returns their replies.
+    /// Cancel-safe: dropping the future closes the connection it used.
+    pub async fn query(&self, commands: &Commands) -> Result<Replies, RespError> {
+        let _permit = self.permits.acquire().await.expect("never closed");
+        let (mut conn, reused) = match self.take_idle() {
+            Some(conn) => (conn, true),
+            None => (self.connect().await?, false),
+        };
+        let replies = match conn.round_trip(commands).await {
+            Ok(replies) => replies,
+            Err(RespError::Io(e)) if reused => {
+                // The pooled connections likely died together: drop them all
+                // and retry once on a fresh one.
+                tracing::debug!(error = %e, "pooled redis connection failed; reconnecting");
+                self.idle.lock().expect("pool lock").clear();
+                conn = self.connect().await?;
+                conn.round_trip(commands).await?
+            }
+            Err(e) => return Err(e),
+        };
+        let mut idle = self.idle.lock().expect("pool lock");
+        if idle.len() < self.max_idle {
+            idle.push(conn);
+        }
+        Ok(replies)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse_all(bytes: &[u8], want: usize) -> Result<(Replies, usize), RespError> {
+        let mut replies = Replies {
+            buf: bytes.to_vec(),
+            ..Replies::default()
+        };
+        let pos = replies.parse(0, want)?;
+        Ok((replies, pos))
+    }
+
+    #[test]
+    fn commands_are_arrays_of_bulk_strings() {
+        let mut c = Commands::new();
+        c.push("HMGET", &["k", "a", ""]);
+        c.push("EXEC", &[]);
+        assert_eq!(
+            c.buf,
+            b"*4\r\n$5\r\nHMGET\r\n$1\r\nk\r\n$1\r\na\r\n$0\r\n\r\n*1\r\n$4\r\nEXEC\r\n"
+        );
+        assert_eq!(c.len(), 2);
+    }
+
+    #[test]
+    fn parses_every_reply_type_and_nested_arrays() {
+        let bytes = b"+OK\r\n-ERR bad\r\n:-42\r\n$3\r\nabc\r\n$-1\r\n*3\r\n$1\r\nx\r\n*2\r\n:1\r\n$-1\r\n$0\r\n\r\n*-1\r\n";
+        let (r, pos) = parse_all(bytes, 7).unwrap();
+        assert_eq!(pos, bytes.len());
+        assert_eq!(r.get(0), Some(Reply::Simple(b"OK")));
+        assert_eq!(r.get(1), Some(Reply::Error(b"ERR bad")));
+        assert_eq!(r.get(2), Some(Reply::Int(-42)));
+        assert_eq!(r.get(3), Some(Reply::Bulk(b"abc")));
+        assert_eq!(r.get(4), Some(Reply::Nil));
+        let Some(Reply::Array(items)) = r.get(5) else {
+            panic!("array")
+        };
+        let items: Vec<Reply> = items.collect();
+        assert_eq!(items.len(), 3);
+        assert_eq!(items[0], Reply::Bulk(b"x"));
+        let Reply::Array(inner) = items[1] else {
+            panic!("nested array")
+        };
+        assert_eq!(inner.collect::<Vec<_>>(), vec![Reply::Int(1), Reply::Nil]);
+        assert_eq!(items[2], Reply::Bulk(b""));
+        assert_eq!(r.get(6), Some(Reply::Nil));
+        assert_eq!(r.get(7), None);
+    }
+
+    /// Any prefix of a valid reply stream parses to the complete replies it
+    /// holds and resumes where it stopped.
+    #[test]
+    fn incomplete_input_resumes_at_every_split() {
+        let bytes: &[u8] = b"+QUEUED\r\n*2\r\n*2\r\n$2\r\nab\r\n$-1\r\n:7\r\n$4\r\nr\r\nn\r\n";
+        for split in 0..bytes.len() {
+            let mut r = Replies {
+                buf: bytes[..split].to_vec(),
+                ..Replies::default()
+            };
+            let pos = r.parse(0, 3).unwrap();
+            assert!(r.len() < 3, "split {split}");
+            r.buf.extend_from_slice(&bytes[split..]);
+            let pos = r.parse(pos, 3).unwrap();
+            assert_eq!((r.len(), pos), (3, bytes.len()), "split {split}");
+            assert_eq!(r.get(2), Some(Reply::Bulk(b"r\r\nn")));
+            let Some(Reply::Array(mut items)) = r.get(1) else {
+                panic!("array")
+            };
+            let Some(Reply::Array(inner)) = items.next() else {
+                panic!("nested")
+            };
+            assert_eq!(
+                inner.collect::<Vec<_>>(),
+                vec![Reply::Bulk(b"ab"), Reply::Nil]
+            );
+            assert_eq!(items.next(), Some(Reply::Int(7)));
+        }
+    }
+
+    #[test]
+    fn malformed_input_is_a_protocol_error() {
+        assert!(matches!(
+            parse_all(b"?x\r\n", 1),
+            Err(RespError::Protocol(_))
+        ));
+        assert!(matches!(
+            parse_all(b":1x\r\n", 1),
+            Err(RespError::Protocol(_))
+        ));
+        assert!(matches!(
+            parse_all(b"$1\r\nabc\r\n", 1),
+            Err(RespError::Protocol(_))
+        ));
+    }
+}
