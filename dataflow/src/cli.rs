@@ -199,6 +199,34 @@ pub fn features(args: FeaturesArgs) -> anyhow::Result<()> {
                 })
             })
             .collect();
+        // A view's or service's features by name, as Feast names them.
+        let row_name = |view: &schemas::features::FeatureView, position: usize| {
+            set.entities[view.entity].features[position].name.clone()
+        };
+        let views: Vec<_> = set
+            .views
+            .iter()
+            .map(|v| {
+                serde_json::json!({
+                    "name": v.name,
+                    "entity": set.entities[v.entity].name,
+                    "features": v.features.iter().map(|&p| row_name(v, p)).collect::<Vec<_>>(),
+                    "ttl_ms": v.ttl_ms,
+                })
+            })
+            .collect();
+        let services: Vec<_> = set
+            .services
+            .iter()
+            .map(|s| {
+                serde_json::json!({
+                    "name": s.name,
+                    "features": s.features.iter().map(|&(v, p)| {
+                        format!("{}:{}", set.views[v].name, row_name(&set.views[v], p))
+                    }).collect::<Vec<_>>(),
+                })
+            })
+            .collect();
         println!(
             "{}",
             serde_json::json!({
@@ -206,6 +234,8 @@ pub fn features(args: FeaturesArgs) -> anyhow::Result<()> {
                 "widest_window_ms": set.widest_window_ms(),
                 "sources": set.sources,
                 "entities": entities,
+                "feature_views": views,
+                "feature_services": services,
             })
         );
     } else {
