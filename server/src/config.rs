@@ -21,9 +21,6 @@ pub struct ServeConfig {
     pub redis_deadline_ms: u64,
     /// Timeout of one attempt to (re)connect to Redis.
     pub redis_connect_timeout_ms: u64,
-    /// Most Redis connections open at once; each request uses one for its
-    /// round trip, so this bounds the round trips in flight.
-    pub redis_max_connections: usize,
     /// Consecutive Redis failures that open the circuit breaker.
     pub breaker_failure_threshold: u32,
     /// How long the breaker stays open before it lets one probe request through.
@@ -82,7 +79,6 @@ impl Default for ServeConfig {
             key_prefix: schemas::features::DEFAULT_KEY_PREFIX.into(),
             redis_deadline_ms: 25,
             redis_connect_timeout_ms: 100,
-            redis_max_connections: 64,
             breaker_failure_threshold: 5,
             breaker_cooldown_ms: 500,
             models_dir: PathBuf::from("models"),

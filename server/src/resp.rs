@@ -1,25 +1,29 @@
-//! The read path's Redis client: a pool of plain RESP2 connections, each used
-//! by one request at a time; a request's commands are written as one buffer
-//! and its replies parsed in place, bulk strings as slices of the read buffer
-//! (no allocation per value).
+//! The read path's Redis client: many concurrent requests over one
+//! connection. Each request's commands are encoded into one buffer; a writer
+//! task writes all the requests waiting at that moment in one write
+//! (pipelining across requests, as redis-rs's multiplexed connection does),
+//! and a reader task parses the replies in place, bulk strings as ranges of
+//! the read buffer (no allocation per value), handing each request its own
+//! in order.
 //!
-//! Why not redis-rs's multiplexed `ConnectionManager`: on 100-row Feast
-//! batches its combinator parser and one `Vec` per bulk string took about 30%
-//! of the server's CPU (perf under `bench/feast`), and the batch tail is CPU
-//! on 2 shared cores.
+//! Why not redis-rs: on 100-row Feast batches its combinator parser and one
+//! `Vec` per bulk string took about 30% of the server's CPU (perf under
+//! `bench/feast`), and the batch tail is CPU on 2 shared cores.
 //!
-//! Failure contract: a connection whose request failed or was cancelled (the
-//! caller's deadline dropped the future mid-reply) is closed, never reused.
-//! An I/O error on a pooled connection also closes every idle one (they most
-//! likely died with it, e.g. Redis restarted) and the request is retried once
-//! on a fresh connection: reads are idempotent.
+//! Failure contract: a request dropped before its replies arrive (the
+//! caller's deadline) leaves the connection in order: its replies are read
+//! and discarded. An I/O error closes the connection and fails every request
+//! waiting on it; the next request reconnects, and a request that failed on a
+//! connection opened before it (Redis restarted) is retried once on a new
+//! one: reads are idempotent.
 
 use std::ops::Range;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::Semaphore;
+use tokio::sync::{mpsc, oneshot};
 
 /// Errors of a round trip.
 #[derive(Debug, thiserror::Error)]
@@ -204,6 +208,18 @@ impl Replies {
         }
     }
 
+    /// Moves every string range `by` bytes down (the buffer lost its first
+    /// `by` bytes).
+    fn shift(&mut self, by: usize) {
+        let down = |r: &mut Range<usize>| *r = r.start - by..r.end - by;
+        for frame in &mut self.frames {
+            match frame {
+                Frame::Simple(r) | Frame::Error(r) | Frame::Bulk(r) => down(r),
+                Frame::Int(_) | Frame::Nil | Frame::Array { .. } => {}
+            }
+        }
+    }
+
     /// Parses as many complete replies as `buf` holds past `pos`, up to
     /// `want` in all; returns the new position.
     fn parse(&mut self, mut pos: usize, want: usize) -> Result<usize, RespError> {
@@ -314,42 +330,175 @@ fn parse_value(
 trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 
-struct Conn {
-    io: Box<dyn Io>,
-    /// Size of the last reply: the next buffer starts with it.
-    last_reply: usize,
+/// A request on its way: its encoded commands and where its replies go.
+struct Job {
+    bytes: Vec<u8>,
+    count: usize,
+    reply: oneshot::Sender<Result<Replies, RespError>>,
 }
 
-impl Conn {
-    async fn round_trip(&mut self, commands: &Commands) -> Result<Replies, RespError> {
-        self.io.write_all(&commands.buf).await?;
-        let mut replies = Replies {
-            buf: Vec::with_capacity(self.last_reply.max(4096)),
-            frames: Vec::new(),
-            tops: Vec::with_capacity(commands.len()),
-        };
-        let mut pos = 0;
+/// A request written and waiting for its replies, in write order.
+struct Waiting {
+    count: usize,
+    reply: oneshot::Sender<Result<Replies, RespError>>,
+}
+
+/// One connection and the two tasks that drive it. Dropping it stops them
+/// (and so closes the socket); requests still waiting then fail.
+struct Link {
+    jobs: mpsc::UnboundedSender<Job>,
+    dead: Arc<AtomicBool>,
+    tasks: [tokio::task::JoinHandle<()>; 2],
+}
+
+impl Drop for Link {
+    fn drop(&mut self) {
+        self.tasks.iter().for_each(|t| t.abort());
+    }
+}
+
+fn closed() -> RespError {
+    RespError::Io(std::io::ErrorKind::ConnectionAborted.into())
+}
+
+impl Link {
+    fn start(io: Box<dyn Io>) -> Link {
+        let (read, write) = tokio::io::split(io);
+        let (jobs, queued) = mpsc::unbounded_channel();
+        let (sent, waiting) = mpsc::unbounded_channel();
+        let dead = Arc::new(AtomicBool::new(false));
+        let writer = tokio::spawn(write_loop(write, queued, sent, dead.clone()));
+        let reader = tokio::spawn(read_loop(read, waiting, dead.clone()));
+        Link {
+            jobs,
+            dead,
+            tasks: [writer, reader],
+        }
+    }
+
+    fn alive(&self) -> bool {
+        !self.dead.load(Ordering::Acquire)
+    }
+}
+
+/// Writes the queued requests, all that are waiting at once in one write
+/// (pipelining across requests), after announcing them to the reader.
+async fn write_loop(
+    mut io: tokio::io::WriteHalf<Box<dyn Io>>,
+    mut queued: mpsc::UnboundedReceiver<Job>,
+    sent: mpsc::UnboundedSender<Waiting>,
+    dead: Arc<AtomicBool>,
+) {
+    const MAX_WRITE: usize = 1 << 20;
+    let mut buf = Vec::new();
+    while let Some(job) = queued.recv().await {
+        buf.clear();
+        let mut next = Some(job);
+        while let Some(job) = next.take() {
+            buf.extend_from_slice(&job.bytes);
+            let waiting = Waiting {
+                count: job.count,
+                reply: job.reply,
+            };
+            if let Err(e) = sent.send(waiting) {
+                let _ = e.0.reply.send(Err(closed()));
+            }
+            if buf.len() < MAX_WRITE {
+                next = queued.try_recv().ok();
+            }
+        }
+        if let Err(e) = io.write_all(&buf).await {
+            tracing::debug!(error = %e, "redis write failed");
+            break;
+        }
+    }
+    dead.store(true, Ordering::Release);
+    queued.close();
+    while let Ok(job) = queued.try_recv() {
+        let _ = job.reply.send(Err(closed()));
+    }
+}
+
+/// Parses replies in order and hands each request its own. A request whose
+/// caller went away (deadline) still has its replies read, then dropped.
+async fn read_loop(
+    mut io: tokio::io::ReadHalf<Box<dyn Io>>,
+    mut waiting: mpsc::UnboundedReceiver<Waiting>,
+    dead: Arc<AtomicBool>,
+) {
+    let mut buf: Vec<u8> = Vec::with_capacity(64 * 1024);
+    // The request being read: its replies so far (frames at positions of
+    // `buf`), where they start, and how far `buf` is parsed.
+    let mut current: Option<(Waiting, Replies, usize)> = None;
+    let mut pos = 0;
+    let error = 'connection: loop {
+        // Hand out every request whose replies are complete.
         loop {
-            pos = replies.parse(pos, commands.len())?;
-            if replies.tops.len() == commands.len() {
+            if current.is_none() {
+                match waiting.try_recv() {
+                    Ok(w) => {
+                        let replies = Replies {
+                            tops: Vec::with_capacity(w.count),
+                            ..Replies::default()
+                        };
+                        current = Some((w, replies, pos));
+                    }
+                    Err(_) => break,
+                }
+            }
+            let (w, replies, _) = current.as_mut().expect("set above");
+            replies.buf = std::mem::take(&mut buf);
+            let parsed = replies.parse(pos, w.count);
+            buf = std::mem::take(&mut replies.buf);
+            match parsed {
+                Ok(end) => pos = end,
+                Err(e) => break 'connection e,
+            }
+            if replies.tops.len() < w.count {
                 break;
             }
-            if replies.buf.capacity() - replies.buf.len() < 4096 {
-                replies.buf.reserve(replies.buf.capacity().max(4096));
-            }
-            if self.io.read_buf(&mut replies.buf).await? == 0 {
-                return Err(RespError::Io(std::io::ErrorKind::UnexpectedEof.into()));
+            let (w, mut replies, start) = current.take().expect("set above");
+            replies.buf = buf[start..pos].to_vec();
+            replies.shift(start);
+            let _ = w.reply.send(Ok(replies));
+        }
+        // Drop what every finished request has consumed.
+        let keep = current.as_ref().map_or(pos, |(_, _, start)| *start);
+        if keep > 0 {
+            buf.drain(..keep);
+            pos -= keep;
+            if let Some((_, replies, start)) = current.as_mut() {
+                replies.shift(*start);
+                *start = 0;
             }
         }
-        if pos != replies.buf.len() {
-            return Err(RespError::Protocol(format!(
-                "{} unexpected bytes after {} replies",
-                replies.buf.len() - pos,
-                commands.len()
-            )));
+        if buf.capacity() - buf.len() < 16 * 1024 {
+            buf.reserve(64 * 1024);
         }
-        self.last_reply = replies.buf.len();
-        Ok(replies)
+        match io.read_buf(&mut buf).await {
+            Ok(0) => break RespError::Io(std::io::ErrorKind::UnexpectedEof.into()),
+            Ok(_) => {
+                if current.is_none() && waiting.is_empty() {
+                    break RespError::Protocol("reply with no request waiting".into());
+                }
+            }
+            Err(e) => break RespError::Io(e),
+        }
+    };
+    tracing::debug!(error = %error, "redis connection closed");
+    dead.store(true, Ordering::Release);
+    waiting.close();
+    let error = error.to_string();
+    let fail = |w: Waiting| {
+        let _ = w
+            .reply
+            .send(Err(RespError::Io(std::io::Error::other(error.clone()))));
+    };
+    if let Some((w, _, _)) = current.take() {
+        fail(w);
+    }
+    while let Ok(w) = waiting.try_recv() {
+        fail(w);
     }
 }
 
@@ -359,27 +508,24 @@ enum Target {
     Unix(std::path::PathBuf),
 }
 
-/// A pool of RESP2 connections to one Redis server.
-pub struct RespPool {
+/// A Redis client for many concurrent requests over one connection: each
+/// request's commands are written as one buffer, the requests waiting at a
+/// moment in one write, and the replies parsed in place and handed back in
+/// order. Connects lazily and reconnects after a failure.
+pub struct RespClient {
     target: Target,
     /// Sent on every new connection (AUTH, SELECT), each must answer OK.
     setup: Commands,
     connect_timeout: Duration,
-    idle: Mutex<Vec<Conn>>,
-    /// Connections open at most (idle or in use).
-    permits: Semaphore,
-    max_idle: usize,
+    link: Mutex<Option<Arc<Link>>>,
+    /// One connection attempt at a time.
+    connecting: tokio::sync::Mutex<()>,
 }
 
-impl RespPool {
-    /// A pool for `url` (`redis://[user:password@]host[:port][/db]` or
-    /// `redis+unix://` / `unix://` paths, as redis-rs parses them), with at
-    /// most `max_connections` open. Connects lazily.
-    pub fn new(
-        url: &str,
-        connect_timeout: Duration,
-        max_connections: usize,
-    ) -> Result<RespPool, RespError> {
+impl RespClient {
+    /// A client for `url` (`redis://[user:password@]host[:port][/db]` or a
+    /// `redis+unix://` / `unix://` path, as redis-rs parses them).
+    pub fn new(url: &str, connect_timeout: Duration) -> Result<RespClient, RespError> {
         let client = redis::Client::open(url).map_err(|e| RespError::Url(e.to_string()))?;
         let info = client.get_connection_info();
         let target = match info.addr() {
@@ -403,19 +549,22 @@ impl RespPool {
         if settings.db() != 0 {
             setup.push("SELECT", &[&settings.db().to_string()]);
         }
-        let max_connections = max_connections.max(1);
-        Ok(RespPool {
+        Ok(RespClient {
             target,
             setup,
             connect_timeout,
-            idle: Mutex::new(Vec::new()),
-            permits: Semaphore::new(max_connections),
-            max_idle: max_connections,
+            link: Mutex::new(None),
+            connecting: tokio::sync::Mutex::new(()),
         })
     }
 
-    async fn connect(&self) -> Result<Conn, RespError> {
-        let io: Box<dyn Io> = match &self.target {
+    fn current(&self) -> Option<Arc<Link>> {
+        let link = self.link.lock().expect("link lock");
+        link.as_ref().filter(|l| l.alive()).cloned()
+    }
+
+    async fn open(&self) -> Result<Box<dyn Io>, RespError> {
+        Ok(match &self.target {
             Target::Tcp(host, port) => {
                 let stream = tokio::time::timeout(
                     self.connect_timeout,
@@ -432,49 +581,58 @@ impl RespPool {
                     .await
                     .map_err(|_| RespError::ConnectTimeout(self.connect_timeout))??,
             ),
-        };
-        let mut conn = Conn { io, last_reply: 0 };
+        })
+    }
+
+    /// The live connection, connecting if there is none (or it died).
+    async fn connect(&self) -> Result<Arc<Link>, RespError> {
+        let _one = self.connecting.lock().await;
+        if let Some(link) = self.current() {
+            return Ok(link); // Another request connected meanwhile.
+        }
+        let link = Arc::new(Link::start(self.open().await?));
         if !self.setup.is_empty() {
-            let replies = conn.round_trip(&self.setup).await?;
+            let replies = send(&link, &self.setup).await?;
             for i in 0..replies.len() {
                 if let Some(Reply::Error(e)) = replies.get(i) {
                     return Err(RespError::Reply(String::from_utf8_lossy(e).into_owned()));
                 }
             }
         }
-        Ok(conn)
+        *self.link.lock().expect("link lock") = Some(link.clone());
+        Ok(link)
     }
 
-    fn take_idle(&self) -> Option<Conn> {
-        self.idle.lock().expect("pool lock").pop()
-    }
-
-    /// Sends `commands` on one connection and returns their replies.
-    /// Cancel-safe: dropping the future closes the connection it used.
+    /// Sends `commands` and returns their replies. Cancel-safe: a request
+    /// dropped before its replies arrive leaves the connection in order.
+    /// A failure of a connection opened before this call (Redis restarted)
+    /// is retried once on a new one: reads are idempotent.
     pub async fn query(&self, commands: &Commands) -> Result<Replies, RespError> {
-        let _permit = self.permits.acquire().await.expect("never closed");
-        let (mut conn, reused) = match self.take_idle() {
-            Some(conn) => (conn, true),
+        let (link, reused) = match self.current() {
+            Some(link) => (link, true),
             None => (self.connect().await?, false),
         };
-        let replies = match conn.round_trip(commands).await {
-            Ok(replies) => replies,
+        match send(&link, commands).await {
             Err(RespError::Io(e)) if reused => {
-                // The pooled connections likely died together: drop them all
-                // and retry once on a fresh one.
-                tracing::debug!(error = %e, "pooled redis connection failed; reconnecting");
-                self.idle.lock().expect("pool lock").clear();
-                conn = self.connect().await?;
-                conn.round_trip(commands).await?
+                tracing::debug!(error = %e, "redis connection failed; reconnecting");
+                drop(link);
+                let link = self.connect().await?;
+                send(&link, commands).await
             }
-            Err(e) => return Err(e),
-        };
-        let mut idle = self.idle.lock().expect("pool lock");
-        if idle.len() < self.max_idle {
-            idle.push(conn);
+            result => result,
         }
-        Ok(replies)
     }
+}
+
+async fn send(link: &Link, commands: &Commands) -> Result<Replies, RespError> {
+    let (reply, replies) = oneshot::channel();
+    let job = Job {
+        bytes: commands.buf.clone(),
+        count: commands.len(),
+        reply,
+    };
+    link.jobs.send(job).map_err(|_| closed())?;
+    replies.await.map_err(|_| closed())?
 }
 
 #[cfg(test)]

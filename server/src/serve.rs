@@ -30,7 +30,6 @@ pub fn build(cfg: &ServeConfig, features: Arc<FeatureSet>) -> anyhow::Result<App
         key_prefix,
         redis_deadline_ms,
         redis_connect_timeout_ms,
-        redis_max_connections,
         breaker_failure_threshold,
         breaker_cooldown_ms,
         models_dir,
@@ -80,7 +79,6 @@ pub fn build(cfg: &ServeConfig, features: Arc<FeatureSet>) -> anyhow::Result<App
         key_prefix,
         Duration::from_millis(*redis_deadline_ms),
         Duration::from_millis(*redis_connect_timeout_ms),
-        *redis_max_connections,
         breaker,
     )?;
     let models = Registry::open_with_drift(

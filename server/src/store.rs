@@ -10,7 +10,7 @@ use schemas::features::{Entity, FeatureRow, FeatureSet, RowError};
 use crate::breaker::{Admit, Breaker, BreakerState};
 use crate::error::ApiError;
 use crate::metrics::{Metrics, RedisOutcome};
-use crate::resp::{Commands, Replies, Reply, RespError, RespPool};
+use crate::resp::{Commands, Replies, Reply, RespClient, RespError};
 
 /// The decoded rows of one request.
 #[derive(Debug, Clone, Default)]
@@ -26,7 +26,7 @@ pub struct Rows {
 
 /// Reads feature rows from Redis.
 pub struct FeatureStore {
-    pool: RespPool,
+    redis: RespClient,
     features: Arc<FeatureSet>,
     prefix: String,
     progress_key: String,
@@ -49,10 +49,9 @@ impl FeatureStore {
         prefix: &str,
         deadline: Duration,
         connect_timeout: Duration,
-        max_connections: usize,
         breaker: Breaker,
     ) -> Result<FeatureStore, RespError> {
-        let pool = RespPool::new(url, connect_timeout, max_connections)?;
+        let redis = RespClient::new(url, connect_timeout)?;
         let mut ping = Commands::new();
         ping.push("PING", &[]);
         let read_fields = features
@@ -62,7 +61,7 @@ impl FeatureStore {
             .collect();
         Ok(FeatureStore {
             read_fields,
-            pool,
+            redis,
             ping,
             features,
             prefix: prefix.to_owned(),
@@ -159,7 +158,7 @@ impl FeatureStore {
         }
         commands.push("HGET", &[&self.progress_key, "frontier_ms"]);
         commands.push("EXEC", &[]);
-        let replies: Replies = self.call(metrics, self.pool.query(&commands)).await?;
+        let replies: Replies = self.call(metrics, self.redis.query(&commands)).await?;
         // MULTI's OK and one QUEUED per command come first; EXEC's array last.
         let exec = replies.get(replies.len() - 1);
         let Some(Reply::Array(mut items)) = exec else {
@@ -234,7 +233,7 @@ impl FeatureStore {
 
     /// Whether Redis answers a PING within the deadline (and the breaker lets it).
     pub async fn ping(&self, metrics: &Metrics) -> bool {
-        let pong = self.call(metrics, self.pool.query(&self.ping)).await;
+        let pong = self.call(metrics, self.redis.query(&self.ping)).await;
         matches!(
             pong.as_ref().map(|r| r.get(0)),
             Ok(Some(Reply::Simple(b"PONG")))
