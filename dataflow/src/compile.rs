@@ -120,6 +120,15 @@ struct Cell {
     column: Option<usize>,
 }
 
+/// A feature of an entity's row: the aggregation of a cell.
+#[derive(Debug, Clone, Copy)]
+struct Output {
+    cell: usize,
+    /// The cell's window index.
+    window: usize,
+    aggregation: Aggregation,
+}
+
 /// A cell of a source: its index, its filter (schema field, value), and the
 /// field that must be present.
 type SourceCell = (usize, Vec<(usize, Datum)>, Option<usize>);
@@ -147,8 +156,8 @@ pub struct EntityPlan {
     cells: Vec<Cell>,
     /// Cells per window index.
     by_window: Vec<Vec<usize>>,
-    /// Per feature, in row order: its cell and aggregation.
-    outputs: Vec<(usize, Aggregation)>,
+    /// Per feature, in row order.
+    outputs: Vec<Output>,
     /// Per source index of the feature set: the projection, if the source feeds the entity.
     projections: Vec<Option<Projection>>,
 }
@@ -216,7 +225,11 @@ impl EntityPlan {
                     cells.len() - 1
                 }
             };
-            outputs.push((cell, feature.aggregation));
+            outputs.push(Output {
+                cell,
+                window,
+                aggregation: feature.aggregation,
+            });
         }
         let by_window = (0..windows.len())
             .map(|w| (0..cells.len()).filter(|c| cells[*c].window == w).collect())
@@ -379,32 +392,50 @@ fn saturate(sum: i128) -> i64 {
     sum.clamp(i64::MIN as i128, i64::MAX as i128) as i64
 }
 
+impl EntityFold {
+    /// The value of output `(cell, aggregation)`.
+    #[inline]
+    fn value(&self, cell: usize, aggregation: Aggregation) -> Value {
+        match (&self.states[cell], aggregation) {
+            (State::Count(n), _) => Value::Int(*n),
+            (State::Moments(m), Aggregation::Sum) => Value::Int(saturate(m.sum)),
+            (State::Moments(m), Aggregation::Mean) => Value::Float(m.mean().unwrap_or(0.0)),
+            (State::Moments(m), _) => Value::Float(m.population_std().unwrap_or(0.0)),
+            (State::Min(m), _) => Value::Int(m.value().unwrap_or(0)),
+            (State::Max(m), _) | (State::LastTime(m), _) => Value::Int(m.value().unwrap_or(0)),
+            (State::Multiset(m), Aggregation::Mode) => {
+                Value::Int(m.mode().and_then(Datum::as_int).unwrap_or(0))
+            }
+            (State::Multiset(m), _) => Value::Int(m.distinct()),
+            (State::Last(m), _) => Value::Int(m.value().map_or(0, |(_, v)| v)),
+        }
+    }
+}
+
 impl RowAggregate<Record> for EntityFold {
     type Row = Vec<Value>;
     fn row(&self) -> Vec<Value> {
-        let mut row = Vec::with_capacity(self.plan.outputs.len());
-        self.row_into(&mut row);
-        row
+        self.plan
+            .outputs
+            .iter()
+            .map(|o| self.value(o.cell, o.aggregation))
+            .collect()
     }
 
-    fn row_into(&self, row: &mut Vec<Value>) {
-        row.clear();
-        row.extend(self.plan.outputs.iter().map(|&(cell, aggregation)| {
-            let state = &self.states[cell];
-            match (state, aggregation) {
-                (State::Count(n), _) => Value::Int(*n),
-                (State::Moments(m), Aggregation::Sum) => Value::Int(saturate(m.sum)),
-                (State::Moments(m), Aggregation::Mean) => Value::Float(m.mean().unwrap_or(0.0)),
-                (State::Moments(m), _) => Value::Float(m.population_std().unwrap_or(0.0)),
-                (State::Min(m), _) => Value::Int(m.value().unwrap_or(0)),
-                (State::Max(m), _) | (State::LastTime(m), _) => Value::Int(m.value().unwrap_or(0)),
-                (State::Multiset(m), Aggregation::Mode) => {
-                    Value::Int(m.mode().and_then(Datum::as_int).unwrap_or(0))
+    /// Recomputes only the outputs over the changed windows: a departure
+    /// from the 1 min window recomputes its count, not the 24 h moments.
+    fn refresh(&self, windows: u32, row: &mut Vec<Value>) -> bool {
+        let mut changed = false;
+        for (slot, o) in row.iter_mut().zip(&self.plan.outputs) {
+            if windows & (1 << o.window) != 0 {
+                let value = self.value(o.cell, o.aggregation);
+                if *slot != value {
+                    *slot = value;
+                    changed = true;
                 }
-                (State::Multiset(m), _) => Value::Int(m.distinct()),
-                (State::Last(m), _) => Value::Int(m.value().map_or(0, |(_, v)| v)),
             }
-        }));
+        }
+        changed
     }
 }
 
