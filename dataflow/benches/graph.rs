@@ -166,7 +166,14 @@ fn run(
         mine.sort_by_key(|(t, _)| *t);
         let full = config.quantize(T0 + DAY_MS);
         let warmup_events = mine.iter().filter(|(t, _)| *t < full).count();
-        let last = mine.last().map_or(0, |(t, _)| *t);
+        // The end is the log's last tick, the same for every worker: a worker
+        // that stopped at its own last tick would drop its half of the
+        // dataflow while others still need it (a hang with sparse logs).
+        let last = log
+            .iter()
+            .map(|(t, _)| config.quantize(*t))
+            .max()
+            .unwrap_or(0);
         start.wait();
         let began = Instant::now();
         let mut warmed: Option<Duration> = None;

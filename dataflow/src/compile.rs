@@ -13,11 +13,12 @@ use std::sync::Arc;
 use operators::aggregate::{Aggregate, Max, Min, Mode, Moments, RowAggregate};
 use operators::window::WindowFold;
 use schemas::features::{
-    click_field, click_field_is, click_has_field, txn_field, txn_field_is, txn_has_field, Datum,
-    Schema,
+    click_field, click_field_is, click_field_ref, click_has_field, txn_field, txn_field_is,
+    txn_field_ref, txn_has_field, Datum, DatumRef, Schema,
 };
 use schemas::{Aggregation, Click, FeatureSet, Txn, Value};
 use serde::{Deserialize, Serialize};
+use smallvec::SmallVec;
 
 /// A decoded event of one of the sources.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
@@ -40,6 +41,14 @@ impl Event {
         match self {
             Event::Txn(t) => txn_field(t, index),
             Event::Click(c) => click_field(c, index),
+        }
+    }
+
+    /// Field `index` of the event's schema, borrowed; `None` when absent.
+    pub fn field_ref(&self, index: usize) -> Option<DatumRef<'_>> {
+        match self {
+            Event::Txn(t) => txn_field_ref(t, index),
+            Event::Click(c) => click_field_ref(c, index),
         }
     }
 
@@ -68,6 +77,47 @@ impl Event {
     }
 }
 
+/// A field of a record: an integer, or a string held exactly, inline (no
+/// heap allocation) when it has at most 15 bytes.
+///
+/// Only equality and some total order matter (strings feed distinct counts;
+/// modes, mins and maxes read integers), but the order is still that of the
+/// strings among short strings: bytes packed big-endian, then the length.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum Column {
+    Int(i64),
+    /// A string of at most 15 bytes: bytes 0-7, then bytes 8-14 and the length.
+    Short([u64; 2]),
+    /// A longer string.
+    Long(Arc<str>),
+}
+
+impl Column {
+    fn of(datum: DatumRef<'_>) -> Column {
+        match datum {
+            DatumRef::Int(i) => Column::Int(i),
+            DatumRef::Str(s) if s.len() <= 15 => {
+                let mut bytes = [0u8; 16];
+                bytes[..s.len()].copy_from_slice(s.as_bytes());
+                bytes[15] = s.len() as u8;
+                let (high, low) = bytes.split_at(8);
+                Column::Short([
+                    u64::from_be_bytes(high.try_into().expect("8 bytes")),
+                    u64::from_be_bytes(low.try_into().expect("8 bytes")),
+                ])
+            }
+            DatumRef::Str(s) => Column::Long(Arc::from(s)),
+        }
+    }
+
+    fn as_int(&self) -> Option<i64> {
+        match self {
+            Column::Int(i) => Some(*i),
+            _ => None,
+        }
+    }
+}
+
 /// What one entity's windows keep of an event.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Record {
@@ -77,8 +127,9 @@ pub struct Record {
     pub windows: u32,
     /// The cells the record contributes to (bit per cell).
     pub cells: u64,
-    /// The fields the entity's features read, by column.
-    pub columns: Vec<Datum>,
+    /// The fields the entity's features read, by column: inline for up to
+    /// three columns (no heap allocation per record).
+    pub columns: SmallVec<[Column; 3]>,
 }
 
 /// The state kept per cell.
@@ -120,6 +171,15 @@ struct Cell {
     column: Option<usize>,
 }
 
+/// A feature of an entity's row: the aggregation of a cell.
+#[derive(Debug, Clone, Copy)]
+struct Output {
+    cell: usize,
+    /// The cell's window index.
+    window: usize,
+    aggregation: Aggregation,
+}
+
 /// A cell of a source: its index, its filter (schema field, value), and the
 /// field that must be present.
 type SourceCell = (usize, Vec<(usize, Datum)>, Option<usize>);
@@ -147,8 +207,8 @@ pub struct EntityPlan {
     cells: Vec<Cell>,
     /// Cells per window index.
     by_window: Vec<Vec<usize>>,
-    /// Per feature, in row order: its cell and aggregation.
-    outputs: Vec<(usize, Aggregation)>,
+    /// Per feature, in row order.
+    outputs: Vec<Output>,
     /// Per source index of the feature set: the projection, if the source feeds the entity.
     projections: Vec<Option<Projection>>,
 }
@@ -216,7 +276,11 @@ impl EntityPlan {
                     cells.len() - 1
                 }
             };
-            outputs.push((cell, feature.aggregation));
+            outputs.push(Output {
+                cell,
+                window,
+                aggregation: feature.aggregation,
+            });
         }
         let by_window = (0..windows.len())
             .map(|w| (0..cells.len()).filter(|c| cells[*c].window == w).collect())
@@ -256,13 +320,13 @@ impl EntityPlan {
         if cells == 0 {
             return None;
         }
-        let Some(Datum::Str(key)) = event.field(projection.key) else {
+        let Some(DatumRef::Str(key)) = event.field_ref(projection.key) else {
             unreachable!("validated: keys are required string fields");
         };
         let columns = projection
             .columns
             .iter()
-            .map(|f| event.field(*f).unwrap_or(Datum::Int(0)))
+            .map(|f| Column::of(event.field_ref(*f).unwrap_or(DatumRef::Int(0))))
             .collect();
         Some((
             Arc::from(key),
@@ -302,7 +366,7 @@ enum State {
     Moments(Moments),
     Min(Min<i64>),
     Max(Max<i64>),
-    Multiset(Mode<Datum>),
+    Multiset(Mode<Column>),
     Last(Max<(i64, i64)>),
     LastTime(Max<i64>),
 }
@@ -379,32 +443,50 @@ fn saturate(sum: i128) -> i64 {
     sum.clamp(i64::MIN as i128, i64::MAX as i128) as i64
 }
 
+impl EntityFold {
+    /// The value of output `(cell, aggregation)`.
+    #[inline]
+    fn value(&self, cell: usize, aggregation: Aggregation) -> Value {
+        match (&self.states[cell], aggregation) {
+            (State::Count(n), _) => Value::Int(*n),
+            (State::Moments(m), Aggregation::Sum) => Value::Int(saturate(m.sum)),
+            (State::Moments(m), Aggregation::Mean) => Value::Float(m.mean().unwrap_or(0.0)),
+            (State::Moments(m), _) => Value::Float(m.population_std().unwrap_or(0.0)),
+            (State::Min(m), _) => Value::Int(m.value().unwrap_or(0)),
+            (State::Max(m), _) | (State::LastTime(m), _) => Value::Int(m.value().unwrap_or(0)),
+            (State::Multiset(m), Aggregation::Mode) => {
+                Value::Int(m.mode().and_then(Column::as_int).unwrap_or(0))
+            }
+            (State::Multiset(m), _) => Value::Int(m.distinct()),
+            (State::Last(m), _) => Value::Int(m.value().map_or(0, |(_, v)| v)),
+        }
+    }
+}
+
 impl RowAggregate<Record> for EntityFold {
     type Row = Vec<Value>;
     fn row(&self) -> Vec<Value> {
-        let mut row = Vec::with_capacity(self.plan.outputs.len());
-        self.row_into(&mut row);
-        row
+        self.plan
+            .outputs
+            .iter()
+            .map(|o| self.value(o.cell, o.aggregation))
+            .collect()
     }
 
-    fn row_into(&self, row: &mut Vec<Value>) {
-        row.clear();
-        row.extend(self.plan.outputs.iter().map(|&(cell, aggregation)| {
-            let state = &self.states[cell];
-            match (state, aggregation) {
-                (State::Count(n), _) => Value::Int(*n),
-                (State::Moments(m), Aggregation::Sum) => Value::Int(saturate(m.sum)),
-                (State::Moments(m), Aggregation::Mean) => Value::Float(m.mean().unwrap_or(0.0)),
-                (State::Moments(m), _) => Value::Float(m.population_std().unwrap_or(0.0)),
-                (State::Min(m), _) => Value::Int(m.value().unwrap_or(0)),
-                (State::Max(m), _) | (State::LastTime(m), _) => Value::Int(m.value().unwrap_or(0)),
-                (State::Multiset(m), Aggregation::Mode) => {
-                    Value::Int(m.mode().and_then(Datum::as_int).unwrap_or(0))
+    /// Recomputes only the outputs over the changed windows: a departure
+    /// from the 1 min window recomputes its count, not the 24 h moments.
+    fn refresh(&self, windows: u32, row: &mut Vec<Value>) -> bool {
+        let mut changed = false;
+        for (slot, o) in row.iter_mut().zip(&self.plan.outputs) {
+            if windows & (1 << o.window) != 0 {
+                let value = self.value(o.cell, o.aggregation);
+                if *slot != value {
+                    *slot = value;
+                    changed = true;
                 }
-                (State::Multiset(m), _) => Value::Int(m.distinct()),
-                (State::Last(m), _) => Value::Int(m.value().map_or(0, |(_, v)| v)),
             }
-        }));
+        }
+        changed
     }
 }
 
@@ -413,4 +495,47 @@ pub fn compile(set: &FeatureSet) -> Vec<Rc<EntityPlan>> {
     (0..set.entities.len())
         .map(|i| Rc::new(EntityPlan::compile(set, i)))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Columns of strings are equal iff the strings are, on both sides of
+    /// the inline limit, and short strings keep the strings' order.
+    #[test]
+    fn string_columns_are_exact() {
+        let strings = [
+            "",
+            "a",
+            "a\0",
+            "a\u{1}",
+            "ab",
+            "b",
+            "m-19999",
+            "m-2",
+            "fifteen_bytes_x",
+            "sixteen_bytes_xy",
+            "sixteen_bytes_xz",
+            "fifteen_bytes_y",
+            "été",
+        ];
+        for a in strings {
+            for b in strings {
+                let (x, y) = (Column::of(DatumRef::Str(a)), Column::of(DatumRef::Str(b)));
+                assert_eq!(x == y, a == b, "{a:?} vs {b:?}");
+                if a.len() <= 15 && b.len() <= 15 {
+                    assert_eq!(x.cmp(&y), a.cmp(b), "{a:?} vs {b:?}");
+                }
+            }
+        }
+        assert!(matches!(
+            Column::of(DatumRef::Str("fifteen_bytes_x")),
+            Column::Short(_)
+        ));
+        assert!(matches!(
+            Column::of(DatumRef::Str("sixteen_bytes_xy")),
+            Column::Long(_)
+        ));
+    }
 }

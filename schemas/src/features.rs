@@ -190,8 +190,25 @@ impl Datum {
     }
 }
 
-fn country(code: &str) -> Datum {
-    Datum::Int(pack_country(code).unwrap_or(0))
+/// A field of an event as [`Datum`], borrowed: strings are not copied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DatumRef<'a> {
+    Int(i64),
+    Str(&'a str),
+}
+
+impl DatumRef<'_> {
+    /// The owned datum.
+    pub fn to_datum(self) -> Datum {
+        match self {
+            DatumRef::Int(i) => Datum::Int(i),
+            DatumRef::Str(s) => Datum::Str(s.to_owned()),
+        }
+    }
+}
+
+fn country(code: &str) -> DatumRef<'static> {
+    DatumRef::Int(pack_country(code).unwrap_or(0))
 }
 
 fn channel_str(c: Channel) -> &'static str {
@@ -212,18 +229,23 @@ fn action_str(a: ClickAction) -> &'static str {
 
 /// Field `index` of [`TXN_FIELDS`] of `t`; `None` when absent.
 pub fn txn_field(t: &Txn, index: usize) -> Option<Datum> {
+    txn_field_ref(t, index).map(DatumRef::to_datum)
+}
+
+/// Field `index` of [`TXN_FIELDS`] of `t`, borrowed; `None` when absent.
+pub fn txn_field_ref(t: &Txn, index: usize) -> Option<DatumRef<'_>> {
     Some(match index {
-        0 => Datum::Str(t.event_id.clone()),
-        1 => Datum::Str(t.card_id.clone()),
-        2 => Datum::Str(t.user_id.clone()),
-        3 => Datum::Str(t.merchant_id.clone()),
-        4 => Datum::Int(t.mcc as i64),
-        5 => Datum::Int(t.amount_minor),
-        6 => Datum::Str(t.currency.clone()),
+        0 => DatumRef::Str(&t.event_id),
+        1 => DatumRef::Str(&t.card_id),
+        2 => DatumRef::Str(&t.user_id),
+        3 => DatumRef::Str(&t.merchant_id),
+        4 => DatumRef::Int(t.mcc as i64),
+        5 => DatumRef::Int(t.amount_minor),
+        6 => DatumRef::Str(&t.currency),
         7 => country(&t.country),
-        8 => Datum::Str(channel_str(t.channel).to_owned()),
-        9 => Datum::Int(t.event_time),
-        10 => Datum::Str(t.device_id.clone()?),
+        8 => DatumRef::Str(channel_str(t.channel)),
+        9 => DatumRef::Int(t.event_time),
+        10 => DatumRef::Str(t.device_id.as_deref()?),
         11 => country(t.ip_country.as_deref()?),
         _ => return None,
     })
@@ -231,15 +253,20 @@ pub fn txn_field(t: &Txn, index: usize) -> Option<Datum> {
 
 /// Field `index` of [`CLICK_FIELDS`] of `c`; `None` when absent.
 pub fn click_field(c: &Click, index: usize) -> Option<Datum> {
+    click_field_ref(c, index).map(DatumRef::to_datum)
+}
+
+/// Field `index` of [`CLICK_FIELDS`] of `c`, borrowed; `None` when absent.
+pub fn click_field_ref(c: &Click, index: usize) -> Option<DatumRef<'_>> {
     Some(match index {
-        0 => Datum::Str(c.event_id.clone()),
-        1 => Datum::Str(c.user_id.clone()),
-        2 => Datum::Str(c.session_id.clone()),
-        3 => Datum::Str(c.item_id.clone()),
-        4 => Datum::Str(c.category.clone()),
-        5 => Datum::Str(action_str(c.action).to_owned()),
-        6 => Datum::Int(c.event_time),
-        7 => Datum::Int(c.dwell_ms? as i64),
+        0 => DatumRef::Str(&c.event_id),
+        1 => DatumRef::Str(&c.user_id),
+        2 => DatumRef::Str(&c.session_id),
+        3 => DatumRef::Str(&c.item_id),
+        4 => DatumRef::Str(&c.category),
+        5 => DatumRef::Str(action_str(c.action)),
+        6 => DatumRef::Int(c.event_time),
+        7 => DatumRef::Int(c.dwell_ms? as i64),
         _ => return None,
     })
 }

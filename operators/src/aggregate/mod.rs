@@ -39,9 +39,18 @@ pub trait RowAggregate<V>: WindowFold<V> + Clone + 'static {
     type Row: Clone + PartialEq + 'static;
     /// The current row.
     fn row(&self) -> Self::Row;
-    /// Writes the current row into `row`, reusing its allocation if it can.
-    fn row_into(&self, row: &mut Self::Row) {
-        *row = self.row();
+    /// Brings `row`, the row before some values entered or left the windows
+    /// in `windows` (a bit set over window indices; no other window changed),
+    /// up to date, and returns whether it changed. Implementations may
+    /// recompute only the outputs over those windows. Default: the whole row.
+    fn refresh(&self, windows: u32, row: &mut Self::Row) -> bool {
+        let _ = windows;
+        let new = self.row();
+        if *row == new {
+            return false;
+        }
+        *row = new;
+        true
     }
 }
 
@@ -79,10 +88,13 @@ where
     }
 }
 
-/// A row fold plus the row last emitted for its key.
+/// A row fold plus the row last emitted for its key and the windows changed
+/// since (so that [`RowAggregate::refresh`] recomputes only their outputs).
 struct Memo<F: RowAggregate<V>, V> {
     fold: F,
     last: Option<F::Row>,
+    /// Bit set of the windows values entered or left since `last`.
+    changed: u32,
     _value: std::marker::PhantomData<fn(&V)>,
 }
 
@@ -91,6 +103,7 @@ impl<F: RowAggregate<V>, V> Clone for Memo<F, V> {
         Memo {
             fold: self.fold.clone(),
             last: self.last.clone(),
+            changed: self.changed,
             _value: std::marker::PhantomData,
         }
     }
@@ -103,10 +116,12 @@ impl<F: RowAggregate<V>, V> WindowFold<V> for Memo<F, V> {
     }
     #[inline]
     fn enter(&mut self, window: usize, value: &V) {
+        self.changed |= 1 << window;
         self.fold.enter(window, value);
     }
     #[inline]
     fn leave(&mut self, window: usize, value: &V) {
+        self.changed |= 1 << window;
         self.fold.leave(window, value);
     }
 }
@@ -241,6 +256,7 @@ where
         let memo = Memo {
             fold,
             last: None,
+            changed: 0,
             _value: std::marker::PhantomData,
         };
         let mut store = WindowStore::<K, V, Memo<F, V>>::new(windows, memo);
@@ -254,7 +270,8 @@ where
                 let mut pending: BTreeMap<u64, Vec<Vec<(K, V)>>> = BTreeMap::new();
                 // Invariant: held iff work is pending, at a time <= all of it.
                 let mut held: Option<Capability<u64>> = None;
-                // A spare row: comparing with the last row allocates nothing.
+                // A spare row: refreshing a copy of the last row allocates
+                // nothing, and only a changed row is cloned.
                 let mut scratch: Option<F::Row> = None;
                 move |(input, frontier), output| {
                     let port = output.output_index();
@@ -327,27 +344,31 @@ where
                         cap.downgrade(&time);
                         let mut session = output.session(cap);
                         store.drain_touched(|key, memo, empty| {
+                            let changed = std::mem::take(&mut memo.changed);
                             if empty {
                                 if let Some(old) = memo.last.take() {
                                     session.give((emit(key, old), time, -1));
                                 }
                                 return;
                             }
-                            let row = match scratch.take() {
-                                Some(mut row) => {
-                                    memo.fold.row_into(&mut row);
+                            let Some(last) = memo.last.as_mut() else {
+                                let row = memo.fold.row();
+                                memo.last = Some(row.clone());
+                                session.give((emit(key, row), time, 1));
+                                return;
+                            };
+                            let row = match scratch.as_mut() {
+                                Some(row) => {
+                                    row.clone_from(last);
                                     row
                                 }
-                                None => memo.fold.row(),
+                                None => scratch.insert(last.clone()),
                             };
-                            if memo.last.as_ref() == Some(&row) {
-                                scratch = Some(row);
-                                return;
-                            }
-                            if let Some(old) = memo.last.replace(row.clone()) {
+                            if memo.fold.refresh(changed, row) {
+                                let old = std::mem::replace(last, row.clone());
                                 session.give((emit(key, old), time, -1));
+                                session.give((emit(key, row.clone()), time, 1));
                             }
-                            session.give((emit(key, row), time, 1));
                         });
                     }
                     // Touched keys exist only mid-time, and then `next_time` is
