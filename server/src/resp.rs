@@ -134,7 +134,7 @@ impl<'a> Reply<'a> {
 }
 
 /// The elements of an array reply.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy)]
 pub struct Items<'a> {
     replies: &'a Replies,
     next: usize,
@@ -162,6 +162,15 @@ impl<'a> Iterator for Items<'a> {
 
 impl ExactSizeIterator for Items<'_> {}
 
+/// Arrays are equal when their elements are.
+impl PartialEq for Items<'_> {
+    fn eq(&self, other: &Self) -> bool {
+        self.len() == other.len() && self.zip(*other).all(|(a, b)| a == b)
+    }
+}
+
+impl Eq for Items<'_> {}
+
 /// The replies of one round trip, one per command.
 #[derive(Debug, Default)]
 pub struct Replies {
@@ -169,14 +178,6 @@ pub struct Replies {
     frames: Vec<Frame>,
     tops: Vec<usize>,
 }
-
-impl PartialEq for Replies {
-    fn eq(&self, other: &Self) -> bool {
-        std::ptr::eq(self, other)
-    }
-}
-
-impl Eq for Replies {}
 
 impl Replies {
     /// Number of replies.
