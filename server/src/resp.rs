@@ -72,6 +72,13 @@ impl Commands {
         self.bulk(arg);
     }
 
+    /// Appends an argument made of `parts` concatenated.
+    pub fn arg_parts(&mut self, parts: &[&[u8]]) {
+        self.header(b'$', parts.iter().map(|p| p.len()).sum());
+        parts.iter().for_each(|p| self.buf.extend_from_slice(p));
+        self.buf.extend_from_slice(b"\r\n");
+    }
+
     /// Number of commands (= replies expected).
     pub fn len(&self) -> usize {
         self.count
@@ -654,11 +661,13 @@ mod tests {
         let mut c = Commands::new();
         c.push("HMGET", &["k", "a", ""]);
         c.push("EXEC", &[]);
+        c.start("GET", 1);
+        c.arg_parts(&[b"p:", b"card", b":", b"c1"]);
         assert_eq!(
             c.buf,
-            b"*4\r\n$5\r\nHMGET\r\n$1\r\nk\r\n$1\r\na\r\n$0\r\n\r\n*1\r\n$4\r\nEXEC\r\n"
+            b"*4\r\n$5\r\nHMGET\r\n$1\r\nk\r\n$1\r\na\r\n$0\r\n\r\n*1\r\n$4\r\nEXEC\r\n*2\r\n$3\r\nGET\r\n$9\r\np:card:c1\r\n"
         );
-        assert_eq!(c.len(), 2);
+        assert_eq!(c.len(), 3);
     }
 
     #[test]

@@ -123,18 +123,18 @@ fn features_json_lists_views_and_services() {
             (entity.to_owned(), names, ttl_ms),
         );
     }
+    let strings = |list: &serde_json::Value| -> Vec<String> {
+        let list = list.as_array().unwrap();
+        list.iter()
+            .map(|n| n.as_str().unwrap().to_owned())
+            .collect()
+    };
     let views = listed["feature_views"].as_array().unwrap();
     assert_eq!(views.len(), expected_views.len());
     for v in views {
         let (entity, names, ttl_ms) = &expected_views[v["name"].as_str().unwrap()];
         assert_eq!(v["entity"].as_str(), Some(entity.as_str()));
-        let got: Vec<&str> = v["features"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|n| n.as_str().unwrap())
-            .collect();
-        assert_eq!(&got, names);
+        assert_eq!(&strings(&v["features"]), names);
         assert_eq!(v["ttl_ms"].as_u64(), *ttl_ms);
     }
     let services = listed["feature_services"].as_array().unwrap();
@@ -158,12 +158,6 @@ fn features_json_lists_views_and_services() {
                 }
             })
             .collect();
-        let got: Vec<&str> = got["features"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|n| n.as_str().unwrap())
-            .collect();
-        assert_eq!(got, expected);
+        assert_eq!(strings(&got["features"]), expected);
     }
 }
