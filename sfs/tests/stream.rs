@@ -256,17 +256,20 @@ fn sigkill_at_random_moments_changes_nothing_and_no_row_regresses() {
     let topics = Topics::new("exactly-once");
     generate(&topics, 8000, 11);
 
-    // The uninterrupted run.
+    // The uninterrupted run, timed: the random kills fall within its duration.
+    let mut conn = redis();
     let reference = format!("{}:", unique("reference"));
+    let started = std::time::Instant::now();
     let status = spawn_job(&topics, &reference).wait().unwrap();
+    let duration = started.elapsed().as_millis() as u64;
     assert!(status.success(), "uninterrupted run failed: {status}");
+    let frontier = progress_frontier(&mut conn, &reference).unwrap();
 
     // The run killed again and again.
     let prefix = format!("{}:", unique("killed"));
     let stop = Arc::new(AtomicBool::new(false));
     let regressions = Arc::new(Mutex::new(Vec::new()));
     let watcher = watch(prefix.clone(), Arc::clone(&stop), Arc::clone(&regressions));
-    let mut conn = redis();
     // SFS_KILL_SEED=<seed> replays a failed run's kill schedule.
     let mut seed = std::env::var("SFS_KILL_SEED")
         .ok()
@@ -277,28 +280,32 @@ fn sigkill_at_random_moments_changes_nothing_and_no_row_regresses() {
                 .unwrap()
                 .subsec_nanos() as u64
         });
-    eprintln!("kill schedule seed {seed} (replay: SFS_KILL_SEED={seed})");
+    eprintln!(
+        "uninterrupted run {duration} ms; kill schedule seed {seed} (replay: SFS_KILL_SEED={seed})"
+    );
     let mut kills = Vec::new();
     for i in 0..6 {
         seed = seed
             .wrapping_mul(6364136223846793005)
             .wrapping_add(1442695040888963407);
-        let delay = 200 + (seed >> 33) % 1500;
         let mut child = spawn_job(&topics, &prefix);
-        if i >= 4 {
-            // The last kills land after this run has recorded progress of its own.
-            let before = progress_frontier(&mut conn, &prefix);
+        let delay = if i == 0 {
+            // The first kill lands the moment this run has recorded progress,
+            // before its end: the next run starts over a half-written one.
             let waited = std::time::Instant::now();
-            while progress_frontier(&mut conn, &prefix) == before
+            while progress_frontier(&mut conn, &prefix).is_none()
                 && waited.elapsed() < Duration::from_secs(20)
                 && child.try_wait().unwrap().is_none()
             {
-                std::thread::sleep(Duration::from_millis(5));
+                std::thread::sleep(Duration::from_millis(1));
             }
-            std::thread::sleep(Duration::from_millis(delay / 8));
+            waited.elapsed().as_millis() as u64
         } else {
+            // The others land anywhere within an uninterrupted run's duration.
+            let delay = duration / 10 + (seed >> 33) % duration.max(1);
             std::thread::sleep(Duration::from_millis(delay));
-        }
+            delay
+        };
         // A kill lands mid-run when the process has not exited by itself.
         let running = child.try_wait().unwrap().is_none();
         let recorded = progress_frontier(&mut conn, &prefix);
@@ -317,12 +324,12 @@ fn sigkill_at_random_moments_changes_nothing_and_no_row_regresses() {
         "rows went backwards: {:?}",
         regressions.lock().unwrap()
     );
-    let frontier = progress_frontier(&mut conn, &reference).unwrap();
     assert!(
-        kills
-            .iter()
-            .any(|(_, running, recorded)| *running && recorded.is_some()),
-        "no kill landed mid-run after progress was recorded (final frontier {frontier}): {kills:?}"
+        kills.iter().any(|(_, running, recorded)| {
+            *running && recorded.is_some_and(|recorded| recorded < frontier)
+        }),
+        "no kill landed on a running job between its first progress and its end \
+         (final frontier {frontier}): {kills:?}"
     );
     assert_eq!(progress_frontier(&mut conn, &prefix), Some(frontier));
     let expected = redis_rows(&mut conn, &reference, SHIPPED);
