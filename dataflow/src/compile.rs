@@ -475,18 +475,17 @@ impl RowAggregate<Record> for EntityFold {
 
     /// Recomputes only the outputs over the changed windows: a departure
     /// from the 1 min window recomputes its count, not the 24 h moments.
-    fn refresh(&self, windows: u32, row: &mut Vec<Value>) -> bool {
-        let mut changed = false;
-        for (slot, o) in row.iter_mut().zip(&self.plan.outputs) {
+    fn refresh(&self, windows: u32, row: &Vec<Value>) -> Option<Vec<Value>> {
+        let mut new: Option<Vec<Value>> = None;
+        for (i, o) in self.plan.outputs.iter().enumerate() {
             if windows & (1 << o.window) != 0 {
                 let value = self.value(o.cell, o.aggregation);
-                if *slot != value {
-                    *slot = value;
-                    changed = true;
+                if row[i] != value {
+                    new.get_or_insert_with(|| row.clone())[i] = value;
                 }
             }
         }
-        changed
+        new
     }
 }
 

@@ -39,18 +39,15 @@ pub trait RowAggregate<V>: WindowFold<V> + Clone + 'static {
     type Row: Clone + PartialEq + 'static;
     /// The current row.
     fn row(&self) -> Self::Row;
-    /// Brings `row`, the row before some values entered or left the windows
-    /// in `windows` (a bit set over window indices; no other window changed),
-    /// up to date, and returns whether it changed. Implementations may
-    /// recompute only the outputs over those windows. Default: the whole row.
-    fn refresh(&self, windows: u32, row: &mut Self::Row) -> bool {
+    /// The row after some values entered or left the windows in `windows`
+    /// (a bit set over window indices; no other window changed), given `row`,
+    /// the row before; `None` when it is unchanged. Implementations may
+    /// recompute only the outputs over those windows, and should copy `row`
+    /// only once an output differs. Default: the whole row.
+    fn refresh(&self, windows: u32, row: &Self::Row) -> Option<Self::Row> {
         let _ = windows;
         let new = self.row();
-        if *row == new {
-            return false;
-        }
-        *row = new;
-        true
+        (new != *row).then_some(new)
     }
 }
 
@@ -270,9 +267,6 @@ where
                 let mut pending: BTreeMap<u64, Vec<Vec<(K, V)>>> = BTreeMap::new();
                 // Invariant: held iff work is pending, at a time <= all of it.
                 let mut held: Option<Capability<u64>> = None;
-                // A spare row: refreshing a copy of the last row allocates
-                // nothing, and only a changed row is cloned.
-                let mut scratch: Option<F::Row> = None;
                 move |(input, frontier), output| {
                     let port = output.output_index();
                     input.for_each(|cap, data| {
@@ -357,17 +351,10 @@ where
                                 session.give((emit(key, row), time, 1));
                                 return;
                             };
-                            let row = match scratch.as_mut() {
-                                Some(row) => {
-                                    row.clone_from(last);
-                                    row
-                                }
-                                None => scratch.insert(last.clone()),
-                            };
-                            if memo.fold.refresh(changed, row) {
-                                let old = std::mem::replace(last, row.clone());
+                            if let Some(row) = memo.fold.refresh(changed, last) {
+                                let old = std::mem::replace(last, row);
                                 session.give((emit(key, old), time, -1));
-                                session.give((emit(key, row.clone()), time, 1));
+                                session.give((emit(key, last.clone()), time, 1));
                             }
                         });
                     }
