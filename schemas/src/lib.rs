@@ -10,6 +10,7 @@ pub mod container;
 pub mod event;
 pub mod features;
 pub mod registry;
+pub mod resp;
 pub mod score;
 pub mod validate;
 

@@ -22,6 +22,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use schemas::resp;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot};
 
@@ -62,19 +63,19 @@ impl Commands {
     /// Starts a command of `name` with `args` arguments, to be appended next
     /// with [`Commands::arg`].
     pub fn start(&mut self, name: &str, args: usize) {
-        self.header(b'*', 1 + args);
-        self.bulk(name.as_bytes());
+        resp::header(&mut self.buf, b'*', 1 + args);
+        resp::bulk(&mut self.buf, name.as_bytes());
         self.count += 1;
     }
 
     /// Appends an argument of the command started last.
     pub fn arg(&mut self, arg: &[u8]) {
-        self.bulk(arg);
+        resp::bulk(&mut self.buf, arg);
     }
 
     /// Appends an argument made of `parts` concatenated.
     pub fn arg_parts(&mut self, parts: &[&[u8]]) {
-        self.header(b'$', parts.iter().map(|p| p.len()).sum());
+        resp::header(&mut self.buf, b'$', parts.iter().map(|p| p.len()).sum());
         parts.iter().for_each(|p| self.buf.extend_from_slice(p));
         self.buf.extend_from_slice(b"\r\n");
     }
@@ -86,19 +87,6 @@ impl Commands {
 
     pub fn is_empty(&self) -> bool {
         self.count == 0
-    }
-
-    fn header(&mut self, kind: u8, n: usize) {
-        self.buf.push(kind);
-        self.buf
-            .extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
-        self.buf.extend_from_slice(b"\r\n");
-    }
-
-    fn bulk(&mut self, arg: &[u8]) {
-        self.header(b'$', arg.len());
-        self.buf.extend_from_slice(arg);
-        self.buf.extend_from_slice(b"\r\n");
     }
 }
 

@@ -6,6 +6,7 @@ use std::sync::mpsc::{channel, Receiver, Sender, TryRecvError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use schemas::resp;
 use timely::scheduling::SyncActivator;
 
 use super::{
@@ -256,32 +257,32 @@ impl Calls {
             }
             let names: usize = self.schemas.iter().map(|(_, m)| 1 + m).sum();
             let args = 3 + (2 + chunk.len()) + 4 + 1 + names + chunk.len() + values;
-            self.header(b'*', args);
-            self.bulk(b"FCALL");
-            self.bulk(super::FUNCTION.as_bytes());
+            resp::header(&mut self.buf, b'*', args);
+            resp::bulk(&mut self.buf, b"FCALL");
+            resp::bulk(&mut self.buf, super::FUNCTION.as_bytes());
             self.bulk_int((chunk.len() + 2) as u64);
-            self.bulk(progress_key.as_bytes());
-            self.bulk(tombstone_key.as_bytes());
+            resp::bulk(&mut self.buf, progress_key.as_bytes());
+            resp::bulk(&mut self.buf, tombstone_key.as_bytes());
             for row in chunk {
                 let entity = config.features.entities[row.entity as usize].name.as_str();
                 let len = config.key_prefix.len() + entity.len() + 1 + row.id.len();
-                self.header(b'$', len);
+                resp::header(&mut self.buf, b'$', len);
                 self.buf.extend_from_slice(config.key_prefix.as_bytes());
                 self.buf.extend_from_slice(entity.as_bytes());
                 self.buf.push(b':');
                 self.buf.extend_from_slice(row.id.as_bytes());
                 self.buf.extend_from_slice(b"\r\n");
             }
-            self.bulk(&as_of);
-            self.bulk(fv.as_bytes());
+            resp::bulk(&mut self.buf, &as_of);
+            resp::bulk(&mut self.buf, fv.as_bytes());
             match progress.filter(|_| i == last) {
                 Some(json) => {
-                    self.bulk(&as_of);
-                    self.bulk(json.as_bytes());
+                    resp::bulk(&mut self.buf, &as_of);
+                    resp::bulk(&mut self.buf, json.as_bytes());
                 }
                 None => {
-                    self.bulk(b"");
-                    self.bulk(b"");
+                    resp::bulk(&mut self.buf, b"");
+                    resp::bulk(&mut self.buf, b"");
                 }
             }
             self.bulk_int(self.schemas.len() as u64);
@@ -293,7 +294,7 @@ impl Calls {
                     .iter()
                     .take(width)
                 {
-                    self.bulk(spec.name.as_bytes());
+                    resp::bulk(&mut self.buf, spec.name.as_bytes());
                 }
             }
             for (row, index) in chunk.iter().zip(0..) {
@@ -301,7 +302,7 @@ impl Calls {
                 for value in row.values.iter().flatten() {
                     self.scratch.clear();
                     encode_value(*value, &mut self.scratch);
-                    self.header(b'$', self.scratch.len());
+                    resp::header(&mut self.buf, b'$', self.scratch.len());
                     self.buf.extend_from_slice(&self.scratch);
                     self.buf.extend_from_slice(b"\r\n");
                 }
@@ -310,25 +311,8 @@ impl Calls {
         }
     }
 
-    fn header(&mut self, kind: u8, n: usize) {
-        self.buf.push(kind);
-        self.buf
-            .extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
-        self.buf.extend_from_slice(b"\r\n");
-    }
-
-    fn bulk(&mut self, bytes: &[u8]) {
-        self.header(b'$', bytes.len());
-        self.buf.extend_from_slice(bytes);
-        self.buf.extend_from_slice(b"\r\n");
-    }
-
     fn bulk_int(&mut self, n: u64) {
-        let mut b = itoa::Buffer::new();
-        let s = b.format(n);
-        self.header(b'$', s.len());
-        self.buf.extend_from_slice(s.as_bytes());
-        self.buf.extend_from_slice(b"\r\n");
+        resp::bulk(&mut self.buf, itoa::Buffer::new().format(n).as_bytes());
     }
 
     /// Sends calls `range` in one round trip; their replies
