@@ -5,7 +5,9 @@
 #  3. resets the demo topics and keys, then generates one simulated hour of card
 #     transactions, clicks and fraud labels into Kafka (with a few poison messages);
 #  4. runs `sfs stream` over the log to its end: sliding-window features into Redis;
-#  5. starts `sfs serve`, scores fraud and propensity requests, shows a 400, stops it.
+#  5. starts `sfs serve` with the served-vector log on, scores fraud requests, shows
+#     a 400 and the trained models against the rules, then stops it;
+#  6. `sfs parity`: every logged vector against the one recomputed from the event log.
 # Env: DEMO_EVENTS_PER_SEC (simulated events/s, default 100), DEMO_WORKERS (2).
 SERVICE=demo
 source "$(dirname "$0")/lib.sh"
@@ -15,7 +17,7 @@ SFS="$CARGO_TARGET_DIR/release/sfs"
 PREFIX="sfs:"
 PORT="${DEMO_PORT:-8080}"
 REDIS_URL="${REDIS_URL:-redis://127.0.0.1:6379}"
-TOPICS=(txn.events click.events txn.labels)
+TOPICS=(txn.events click.events txn.labels scores.log)
 
 step() { echo; echo "==> $*"; }
 server=""
@@ -85,8 +87,9 @@ print(f"  {seen} dead letters")
 c.close()
 PY
 
-step "serving on 127.0.0.1:$PORT"
-SFS_LOG=warn "$SFS" serve --listen "127.0.0.1:$PORT" --key-prefix "$PREFIX" --models-dir models 2>>"$LOGS/serve.log" &
+step "serving on 127.0.0.1:$PORT, every scored vector logged to scores.log"
+SFS_LOG=warn "$SFS" serve --listen "127.0.0.1:$PORT" --key-prefix "$PREFIX" --models-dir models \
+  --score-log-brokers 127.0.0.1:9092 --score-log-sample-rate 1.0 2>>"$LOGS/serve.log" &
 server=$!
 wait_for 30 "server ready" curl -fs "http://127.0.0.1:$PORT/ready" || die "sfs serve did not become ready"
 
@@ -123,5 +126,20 @@ for m in json.loads(sys.argv[1])["models"]:
         print(f"    {what:<17} model {test['model'][k]:.4f}   rules {test['rules'][k]:.4f}")
 PY
 
+echo "-- 200 more fraud requests, for cards and users seen in the log"
+mapfile -t cards < <(redis-cli -u "$REDIS_URL" --scan --pattern "${PREFIX}card:*" | head -200)
+mapfile -t users < <(redis-cli -u "$REDIS_URL" --scan --pattern "${PREFIX}user:*" | head -200)
+scored=0
+for i in "${!cards[@]}"; do
+  body="{\"card_id\":\"${cards[$i]#"${PREFIX}card:"}\",\"user_id\":\"${users[$((i % ${#users[@]}))]#"${PREFIX}user:"}\",\"amount_minor\":$((500 + i * 731 % 90000)),\"mcc\":5411,\"country\":\"DE\",\"channel\":\"ecom\"}"
+  curl -fs -o /dev/null -X POST -H 'content-type: application/json' "http://127.0.0.1:$PORT/score/fraud" -d "$body" && scored=$((scored + 1))
+done
+echo "   $scored answered 200"
+# Stopping the server flushes the served-vector log.
+kill "$server"; wait "$server" 2>/dev/null || true; server=""
+
+step "online/offline parity: the served vectors against the event log replayed (sfs parity)"
+"$SFS" parity --no-progress 2> >(tee -a "$LOGS/parity.log" >&2)
+
 echo
-echo "demo: generated 1 simulated hour, $rows_card card and $rows_user user rows in Redis, scored 3 requests; Prometheus on http://127.0.0.1:9090"
+echo "demo: generated 1 simulated hour, $rows_card card and $rows_user user rows in Redis, scored $((scored + 3)) requests and checked their vectors' parity; Prometheus on http://127.0.0.1:9090"

@@ -100,7 +100,8 @@ struct Run {
     steady: (usize, Duration),
     row_changes: usize,
     live_keys: i64,
-    rss_growth_bytes: i64,
+    /// Heap the dataflow holds at the end of the log (its state), bytes.
+    state_bytes: i64,
 }
 
 /// Runs the log through the graph on `workers` threads, up to the frontier
@@ -117,9 +118,10 @@ fn run(
     let changes = Arc::new(AtomicUsize::new(0));
     let live = Arc::new(AtomicI64::new(0));
     let marks = Arc::new(Mutex::new((0usize, Duration::ZERO, Duration::ZERO)));
-    let rss_before = rss_bytes();
+    // Heap after every worker's copy of its input, and at the end of the log.
+    let heap = Arc::new(Mutex::new((0i64, 0i64)));
     let total_events = log.len();
-    let (c2, l2, m2) = (changes.clone(), live.clone(), marks.clone());
+    let (c2, l2, m2, h2) = (changes.clone(), live.clone(), marks.clone(), heap.clone());
     let txn = set
         .sources
         .iter()
@@ -175,6 +177,9 @@ fn run(
             .max()
             .unwrap_or(0);
         start.wait();
+        if index == 0 {
+            h2.lock().unwrap().0 = live_heap_bytes();
+        }
         let began = Instant::now();
         let mut warmed: Option<Duration> = None;
         let mut i = 0;
@@ -210,6 +215,12 @@ fn run(
             let warm = warmed.unwrap_or(total);
             *m2.lock().unwrap() = (warmup_events * peers, warm, total - warm);
         }
+        // Every worker is at the end of the log: the heap holds their state.
+        start.wait();
+        if index == 0 {
+            h2.lock().unwrap().1 = live_heap_bytes();
+        }
+        start.wait();
         for dataflow in worker.installed_dataflows() {
             worker.drop_dataflow(dataflow);
         }
@@ -221,7 +232,10 @@ fn run(
         steady: (total_events.saturating_sub(warm_events), steady),
         row_changes: changes.load(Ordering::Relaxed),
         live_keys: live.load(Ordering::Relaxed),
-        rss_growth_bytes: rss_peak_bytes() - rss_before,
+        state_bytes: {
+            let (before, after) = *heap.lock().unwrap();
+            after - before
+        },
     }
 }
 
@@ -335,32 +349,6 @@ fn empty_click() -> Click {
     }
 }
 
-/// Resident set size of this process now (`/proc/self/status` VmRSS), bytes.
-fn rss_bytes() -> i64 {
-    status_kib("VmRSS:") * 1024
-}
-
-/// Peak resident set size of this process (`VmHWM`), bytes.
-fn rss_peak_bytes() -> i64 {
-    status_kib("VmHWM:") * 1024
-}
-
-fn status_kib(field: &str) -> i64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with(field))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        })
-        .unwrap_or(0)
-}
-
-/// Resets the peak RSS to the current RSS (`/proc/self/clear_refs`, Linux).
-fn reset_peak_rss() {
-    let _ = std::fs::write("/proc/self/clear_refs", "5");
-}
-
 /// User + system CPU time of this process so far (Linux `/proc/self/stat`).
 fn process_cpu_secs() -> f64 {
     let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
@@ -413,13 +401,12 @@ fn main() {
     for tick_ms in list(&ticks) {
         let config = GraphConfig { tick_ms };
         for w in list(&workers) {
-            reset_peak_rss();
             let cpu_before = process_cpu_secs();
             let r = run(log.clone(), set.clone(), config.clone(), w as usize);
             let cpu = process_cpu_secs() - cpu_before;
             let rate = |(n, d): (usize, Duration)| n as f64 / d.as_secs_f64().max(1e-9);
             let (warm, steady) = (rate(r.warmup), rate(r.steady));
-            let per_key = r.rss_growth_bytes as f64 / r.live_keys.max(1) as f64;
+            let per_key = r.state_bytes as f64 / r.live_keys.max(1) as f64;
             let load = load_average();
             let builtin = if env("BENCH_BUILTIN", 1) == 1 {
                 let card = set.entity("card").expect("a card entity");
@@ -442,8 +429,8 @@ fn main() {
                 r.row_changes, r.live_keys
             );
             results.push(format!(
-                "{{\"tick_ms\":{tick_ms},\"workers\":{w},\"warmup_events_per_sec\":{warm:.0},\"steady_events_per_sec\":{steady:.0},\"dd_builtin_card_counts_steady_events_per_sec\":{builtin},\"warmup_events\":{},\"steady_events\":{},\"cpu_secs\":{cpu:.2},\"row_changes\":{},\"live_keys\":{},\"rss_growth_bytes\":{},\"bytes_per_live_key\":{per_key:.0},\"load_avg_1m\":{load}}}",
-                r.warmup.0, r.steady.0, r.row_changes, r.live_keys, r.rss_growth_bytes
+                "{{\"tick_ms\":{tick_ms},\"workers\":{w},\"warmup_events_per_sec\":{warm:.0},\"steady_events_per_sec\":{steady:.0},\"dd_builtin_card_counts_steady_events_per_sec\":{builtin},\"warmup_events\":{},\"steady_events\":{},\"cpu_secs\":{cpu:.2},\"row_changes\":{},\"live_keys\":{},\"state_bytes\":{},\"bytes_per_live_key\":{per_key:.0},\"load_avg_1m\":{load}}}",
+                r.warmup.0, r.steady.0, r.row_changes, r.live_keys, r.state_bytes
             ));
         }
     }
@@ -473,7 +460,62 @@ fn main() {
     );
 }
 
-/// The allocator `sfs` should use too: with glibc malloc the graph spends
-/// about a third of its time in malloc/free.
+/// The allocator `sfs` uses too (with glibc malloc the graph spends about a
+/// third of its time in malloc/free), counting the bytes allocated and not
+/// yet freed: the state a run holds, whatever the allocator keeps mapped
+/// (RSS after an earlier run in the same process says nothing about it).
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: Counting = Counting;
+
+struct Counting;
+
+/// Live heap bytes, flushed from each thread's count in steps of `FLUSH`.
+static LIVE_BYTES: AtomicI64 = AtomicI64::new(0);
+const FLUSH: i64 = 64 << 10;
+
+thread_local! {
+    static UNFLUSHED: std::cell::Cell<i64> = const { std::cell::Cell::new(0) };
+}
+
+fn count(bytes: i64) {
+    // `try_with`: during a thread's teardown the slot may be gone.
+    let flushed = UNFLUSHED.try_with(|local| {
+        let n = local.get() + bytes;
+        if n.abs() >= FLUSH {
+            LIVE_BYTES.fetch_add(n, Ordering::Relaxed);
+            local.set(0);
+        } else {
+            local.set(n);
+        }
+    });
+    if flushed.is_err() {
+        LIVE_BYTES.fetch_add(bytes, Ordering::Relaxed);
+    }
+}
+
+/// Live heap bytes of the whole process (within `FLUSH` per thread).
+fn live_heap_bytes() -> i64 {
+    LIVE_BYTES.load(Ordering::Relaxed)
+}
+
+// `GlobalAlloc` is an unsafe trait; every call goes to mimalloc unchanged,
+// with the caller's layout, after counting.
+#[allow(unsafe_code)]
+unsafe impl std::alloc::GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
+        count(layout.size() as i64);
+        unsafe { mimalloc::MiMalloc.alloc(layout) }
+    }
+    unsafe fn alloc_zeroed(&self, layout: std::alloc::Layout) -> *mut u8 {
+        count(layout.size() as i64);
+        unsafe { mimalloc::MiMalloc.alloc_zeroed(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: std::alloc::Layout) {
+        count(-(layout.size() as i64));
+        unsafe { mimalloc::MiMalloc.dealloc(ptr, layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: std::alloc::Layout, new: usize) -> *mut u8 {
+        count(new as i64 - layout.size() as i64);
+        unsafe { mimalloc::MiMalloc.realloc(ptr, layout, new) }
+    }
+}
