@@ -417,7 +417,15 @@ pub struct EntityDef {
 impl EntityDef {
     /// The Redis key of the row of `id`.
     pub fn redis_key(&self, prefix: &str, id: &str) -> String {
-        format!("{prefix}{}:{id}", self.name)
+        self.redis_key_parts(prefix, id)
+            .iter()
+            .map(|p| std::str::from_utf8(p).expect("parts of str"))
+            .collect()
+    }
+
+    /// The parts of [`Entity::redis_key`], to write the key in place.
+    pub fn redis_key_parts<'a>(&'a self, prefix: &'a str, id: &'a str) -> [&'a [u8]; 4] {
+        [prefix.as_bytes(), self.name.as_bytes(), b":", id.as_bytes()]
     }
 
     /// The index of the feature called `name`.

@@ -15,6 +15,13 @@ pub fn bulk(buf: &mut Vec<u8>, bytes: &[u8]) {
     buf.extend_from_slice(b"\r\n");
 }
 
+/// Appends `parts`, concatenated, as one bulk string (a key built in place).
+pub fn bulk_parts(buf: &mut Vec<u8>, parts: &[&[u8]]) {
+    header(buf, b'$', parts.iter().map(|p| p.len()).sum());
+    parts.iter().for_each(|p| buf.extend_from_slice(p));
+    buf.extend_from_slice(b"\r\n");
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
@@ -23,6 +30,7 @@ mod tests {
         super::header(&mut buf, b'*', 2);
         super::bulk(&mut buf, b"GET");
         super::bulk(&mut buf, b"");
-        assert_eq!(buf, b"*2\r\n$3\r\nGET\r\n$0\r\n\r\n");
+        super::bulk_parts(&mut buf, &[b"p:", b"card", b":", b"c1"]);
+        assert_eq!(buf, b"*2\r\n$3\r\nGET\r\n$0\r\n\r\n$9\r\np:card:c1\r\n");
     }
 }

@@ -75,9 +75,7 @@ impl Commands {
 
     /// Appends an argument made of `parts` concatenated.
     pub fn arg_parts(&mut self, parts: &[&[u8]]) {
-        resp::header(&mut self.buf, b'$', parts.iter().map(|p| p.len()).sum());
-        parts.iter().for_each(|p| self.buf.extend_from_slice(p));
-        self.buf.extend_from_slice(b"\r\n");
+        resp::bulk_parts(&mut self.buf, parts);
     }
 
     /// Number of commands (= replies expected).

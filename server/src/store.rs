@@ -150,11 +150,9 @@ impl FeatureStore {
         let mut commands = Commands::new();
         commands.push("MULTI", &[]);
         for &(entity, id) in reads {
-            let name = &self.features.entities[entity].name;
             let fields = &self.read_fields[entity];
             commands.start("HMGET", 1 + fields.len());
-            // The row's key, `Entity::redis_key`, written in place.
-            commands.arg_parts(&[self.prefix.as_bytes(), name.as_bytes(), b":", id.as_bytes()]);
+            commands.arg_parts(&self.features.entities[entity].redis_key_parts(&self.prefix, id));
             fields.iter().for_each(|f| commands.arg(f.as_bytes()));
         }
         commands.push("HGET", &[&self.progress_key, "frontier_ms"]);

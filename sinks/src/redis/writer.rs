@@ -264,14 +264,11 @@ impl Calls {
             resp::bulk(&mut self.buf, progress_key.as_bytes());
             resp::bulk(&mut self.buf, tombstone_key.as_bytes());
             for row in chunk {
-                let entity = config.features.entities[row.entity as usize].name.as_str();
-                let len = config.key_prefix.len() + entity.len() + 1 + row.id.len();
-                resp::header(&mut self.buf, b'$', len);
-                self.buf.extend_from_slice(config.key_prefix.as_bytes());
-                self.buf.extend_from_slice(entity.as_bytes());
-                self.buf.push(b':');
-                self.buf.extend_from_slice(row.id.as_bytes());
-                self.buf.extend_from_slice(b"\r\n");
+                let entity = &config.features.entities[row.entity as usize];
+                resp::bulk_parts(
+                    &mut self.buf,
+                    &entity.redis_key_parts(&config.key_prefix, &row.id),
+                );
             }
             resp::bulk(&mut self.buf, &as_of);
             resp::bulk(&mut self.buf, fv.as_bytes());
@@ -302,9 +299,7 @@ impl Calls {
                 for value in row.values.iter().flatten() {
                     self.scratch.clear();
                     encode_value(*value, &mut self.scratch);
-                    resp::header(&mut self.buf, b'$', self.scratch.len());
-                    self.buf.extend_from_slice(&self.scratch);
-                    self.buf.extend_from_slice(b"\r\n");
+                    resp::bulk(&mut self.buf, &self.scratch);
                 }
             }
             self.ends.push(self.buf.len());
