@@ -121,6 +121,7 @@ fn run(
     // Heap after every worker's copy of its input, and at the end of the log.
     let heap = Arc::new(Mutex::new((0i64, 0i64)));
     let total_events = log.len();
+    let inflight: u64 = env("BENCH_INFLIGHT_TICKS", 5);
     let (c2, l2, m2, h2) = (changes.clone(), live.clone(), marks.clone(), heap.clone());
     let txn = set
         .sources
@@ -201,7 +202,7 @@ fn run(
                 i += 1;
             }
             // Keep at most a few ticks in flight.
-            let lag = tick.saturating_sub(5 * config.tick_ms);
+            let lag = tick.saturating_sub(inflight * config.tick_ms);
             while probe.less_than(&lag) {
                 worker.step_or_park(Some(Duration::from_millis(1)));
             }
@@ -258,6 +259,7 @@ fn run_builtin(
     let start = Arc::new(std::sync::Barrier::new(workers));
     let marks = Arc::new(Mutex::new((0usize, Duration::ZERO)));
     let m2 = marks.clone();
+    let inflight: u64 = env("BENCH_INFLIGHT_TICKS", 5);
     timely::execute(timely::Config::process(workers), move |worker| {
         let (index, peers) = (worker.index(), worker.peers());
         let probe = ProbeHandle::new();
@@ -297,7 +299,7 @@ fn run_builtin(
                 }
                 input.advance_to(tick);
                 input.flush();
-                let lag = tick.saturating_sub(5 * config.tick_ms);
+                let lag = tick.saturating_sub(inflight * config.tick_ms);
                 while probe.less_than(&lag) {
                     worker.step_or_park(Some(Duration::from_millis(1)));
                 }

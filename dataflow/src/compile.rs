@@ -11,7 +11,7 @@ use std::rc::Rc;
 use std::sync::Arc;
 
 use operators::aggregate::{Aggregate, Max, Min, Mode, Moments, RowAggregate};
-use operators::window::WindowFold;
+use operators::window::{prefetch, WindowFold};
 use schemas::features::{
     click_field, click_field_is, click_field_ref, click_has_field, txn_field, txn_field_is,
     txn_field_ref, txn_has_field, Datum, DatumRef, Schema,
@@ -436,6 +436,17 @@ impl WindowFold<Record> for EntityFold {
     fn leave(&mut self, window: usize, record: &Record) {
         self.apply(window, record, false);
     }
+    #[inline]
+    fn prefetch(&self, window: Option<usize>) {
+        match window {
+            Some(w) => {
+                for &c in &self.plan.by_window[w] {
+                    prefetch(&self.states[c]);
+                }
+            }
+            None => prefetch(&self.states[..]),
+        }
+    }
 }
 
 /// Saturating conversion of an exact sum to a feature value.
@@ -471,6 +482,11 @@ impl RowAggregate<Record> for EntityFold {
             .iter()
             .map(|o| self.value(o.cell, o.aggregation))
             .collect()
+    }
+
+    #[inline]
+    fn prefetch_row(row: &Vec<Value>) {
+        prefetch(&row[..]);
     }
 
     /// Recomputes only the outputs over the changed windows: a departure

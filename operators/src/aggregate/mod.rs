@@ -49,6 +49,11 @@ pub trait RowAggregate<V>: WindowFold<V> + Clone + 'static {
         let new = self.row();
         (new != *row).then_some(new)
     }
+    /// A hint that `row` will be read soon (see [`WindowFold::prefetch`]).
+    #[inline]
+    fn prefetch_row(row: &Self::Row) {
+        let _ = row;
+    }
 }
 
 /// The same aggregate `A` over every window: the row is one output per window.
@@ -120,6 +125,16 @@ impl<F: RowAggregate<V>, V> WindowFold<V> for Memo<F, V> {
     fn leave(&mut self, window: usize, value: &V) {
         self.changed |= 1 << window;
         self.fold.leave(window, value);
+    }
+    #[inline]
+    fn prefetch(&self, window: Option<usize>) {
+        self.fold.prefetch(window);
+        if window.is_none() {
+            // The row is compared with the new values once the time is done.
+            if let Some(row) = &self.last {
+                F::prefetch_row(row);
+            }
+        }
     }
 }
 

@@ -3,4 +3,4 @@
 
 mod store;
 
-pub use store::{key_hash, FxBuildHasher, FxHasher, WindowFold, WindowStore, MAX_WINDOWS};
+pub use store::{key_hash, prefetch, FxBuildHasher, FxHasher, WindowFold, WindowStore, MAX_WINDOWS};
