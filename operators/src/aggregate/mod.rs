@@ -335,9 +335,7 @@ where
                             while work < budget {
                                 let Some(batch) = batches.pop() else { break };
                                 work += batch.len();
-                                for (key, value) in batch {
-                                    store.insert(time, key, value);
-                                }
+                                store.insert_batch(time, batch);
                             }
                             if !batches.is_empty() {
                                 // Insertions at `time` remain: `pending` keeps `time`.

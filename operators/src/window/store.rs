@@ -166,6 +166,8 @@ pub struct WindowStore<K, V, F> {
     /// harmless because leaving is decided by time alone.
     due: Box<[VecDeque<(u64, usize)>]>,
     touched: Vec<usize>,
+    /// Scratch: the slots of a batch being inserted.
+    batch_slots: Vec<usize>,
     last_insert: u64,
     /// The fold of a key with no values, cloned for each new key.
     prototype: F,
@@ -197,6 +199,7 @@ where
             index: HashMap::default(),
             due: (0..windows.len()).map(|_| VecDeque::new()).collect(),
             touched: Vec::new(),
+            batch_slots: Vec::new(),
             last_insert: 0,
             prototype,
         }
@@ -222,32 +225,66 @@ where
 
     /// Inserts `value` for `key` at `time`; it enters every window.
     pub fn insert(&mut self, time: u64, key: K, value: V) {
-        debug_assert!(time >= self.last_insert, "insertions must be in time order");
-        self.last_insert = time;
-        let slot = match self.index.get(&key) {
+        let slot = self.slot_of(&key);
+        self.insert_at(slot, time, value);
+    }
+
+    /// Inserts a batch of `(key, value)` at `time`, like [`Self::insert`] on
+    /// each in order: keys are looked up first, then the values inserted
+    /// with each key's state prefetched a few values ahead.
+    pub fn insert_batch(&mut self, time: u64, batch: Vec<(K, V)>) {
+        let mut slots = std::mem::take(&mut self.batch_slots);
+        slots.clear();
+        slots.extend(batch.iter().map(|(key, _)| self.slot_of(key)));
+        for (i, (_, value)) in batch.into_iter().enumerate() {
+            if let Some(&ahead) = slots.get(i + PREFETCH_AHEAD) {
+                prefetch(&self.slots[ahead]);
+            }
+            if let Some(&ahead) = slots.get(i + PREFETCH_AHEAD / 2) {
+                let s = &self.slots[ahead];
+                if let Some(last) = s.events.back() {
+                    prefetch(last);
+                }
+                s.fold.prefetch(None);
+            }
+            self.insert_at(slots[i], time, value);
+        }
+        self.batch_slots = slots;
+    }
+
+    /// The slot of `key`, occupied for it if new.
+    fn slot_of(&mut self, key: &K) -> usize {
+        match self.index.get(key) {
             Some(&slot) => slot,
+            None => self.occupy(key.clone()),
+        }
+    }
+
+    fn occupy(&mut self, key: K) -> usize {
+        let slot = match self.free.pop() {
+            Some(slot) => slot,
             None => {
-                let slot = match self.free.pop() {
-                    Some(slot) => slot,
-                    None => {
-                        self.slots.push(Slot {
-                            key: None,
-                            events: VecDeque::new(),
-                            base: 0,
-                            cursors: [0; MAX_WINDOWS],
-                            fold: self.prototype.clone(),
-                            touched: false,
-                            scheduled_time: 0,
-                            scheduled: 0,
-                        });
-                        self.slots.len() - 1
-                    }
-                };
-                self.index.insert(key.clone(), slot);
-                self.slots[slot].key = Some(key);
-                slot
+                self.slots.push(Slot {
+                    key: None,
+                    events: VecDeque::new(),
+                    base: 0,
+                    cursors: [0; MAX_WINDOWS],
+                    fold: self.prototype.clone(),
+                    touched: false,
+                    scheduled_time: 0,
+                    scheduled: 0,
+                });
+                self.slots.len() - 1
             }
         };
+        self.index.insert(key.clone(), slot);
+        self.slots[slot].key = Some(key);
+        slot
+    }
+
+    fn insert_at(&mut self, slot: usize, time: u64, value: V) {
+        debug_assert!(time >= self.last_insert, "insertions must be in time order");
+        self.last_insert = time;
         let s = &mut self.slots[slot];
         let all = (1u32 << self.windows.len()) - 1;
         let member = s.fold.windows_of(&value) & all;
