@@ -475,8 +475,9 @@ impl EntityFold {
 }
 
 impl RowAggregate<Record> for EntityFold {
-    type Row = Vec<Value>;
-    fn row(&self) -> Vec<Value> {
+    /// Shared: the `+1` of a change and the `-1` of the next are one allocation.
+    type Row = Arc<[Value]>;
+    fn row(&self) -> Arc<[Value]> {
         self.plan
             .outputs
             .iter()
@@ -485,23 +486,32 @@ impl RowAggregate<Record> for EntityFold {
     }
 
     #[inline]
-    fn prefetch_row(row: &Vec<Value>) {
+    fn prefetch_row(row: &Arc<[Value]>) {
         prefetch(&row[..]);
     }
 
     /// Recomputes only the outputs over the changed windows: a departure
     /// from the 1 min window recomputes its count, not the 24 h moments.
-    fn refresh(&self, windows: u32, row: &Vec<Value>) -> Option<Vec<Value>> {
-        let mut new: Option<Vec<Value>> = None;
-        for (i, o) in self.plan.outputs.iter().enumerate() {
-            if windows & (1 << o.window) != 0 {
-                let value = self.value(o.cell, o.aggregation);
-                if row[i] != value {
-                    new.get_or_insert_with(|| row.clone())[i] = value;
-                }
-            }
-        }
-        new
+    fn refresh(&self, windows: u32, row: &Arc<[Value]>) -> Option<Arc<[Value]>> {
+        let stale = |o: &Output| windows & (1 << o.window) != 0;
+        let changed = self
+            .plan
+            .outputs
+            .iter()
+            .zip(row.iter())
+            .any(|(o, old)| stale(o) && self.value(o.cell, o.aggregation) != *old);
+        // One allocation, of the exact size, only for a changed row.
+        changed.then(|| {
+            self.plan
+                .outputs
+                .iter()
+                .zip(row.iter())
+                .map(|(o, old)| match stale(o) {
+                    true => self.value(o.cell, o.aggregation),
+                    false => *old,
+                })
+                .collect()
+        })
     }
 }
 

@@ -75,7 +75,7 @@ fn card_as_of(updates: &[(Row, u64, isize)], card: &str, frontier: u64) -> Optio
         .iter()
         .filter(|(row, t, _)| *t < frontier && row.entity == 0 && &*row.id == card)
     {
-        *rows.entry(row.values.clone()).or_default() += diff;
+        *rows.entry(row.values.to_vec()).or_default() += diff;
     }
     rows.retain(|_, n| *n != 0);
     assert!(

@@ -196,7 +196,7 @@ fn worker_main(
         let found = lookups
             .arrange_by_key_named("Lookups")
             .join_core(rows, |&(entity, _), &(lookup, as_of), values| {
-                Some((lookup, as_of, entity, values.clone()))
+                Some((lookup, as_of, entity, values.to_vec()))
             });
         // Rows found at each lookup's time, until the frontier passes it.
         let mut pending: BTreeMap<u64, Vec<(Found, isize)>> = BTreeMap::new();

@@ -1265,8 +1265,9 @@ pub struct Row {
     /// The entity key (`card_id`, `user_id`, ...), shared by every version of
     /// the row and the window state (a change clones no string).
     pub id: Arc<str>,
-    /// One value per feature of the entity, in its row order.
-    pub values: Vec<Value>,
+    /// One value per feature of the entity, in its row order, shared by the
+    /// change's `+1` and the next change's `-1` (a change allocates once).
+    pub values: Arc<[Value]>,
 }
 
 impl Value {

@@ -49,7 +49,7 @@ fn user(config: &RedisSinkConfig, id: &str, values: Option<Vec<Value>>) -> RowWr
         Some(values) => RowWrite::upsert(Row {
             entity,
             id: id.into(),
-            values,
+            values: values.into(),
         }),
         None => RowWrite::delete(entity, id.into()),
     }
@@ -167,7 +167,7 @@ fn one_call_mixes_entities_and_deletes_with_exact_encoding() -> anyhow::Result<(
         RowWrite::upsert(Row {
             entity: card_index,
             id: id.into(),
-            values: card.clone(),
+            values: card.clone().into(),
         })
     };
     let rows = vec![

@@ -340,7 +340,7 @@ impl Checker {
                     d => panic!("difference {d} of {key:?} at {t}"),
                 };
                 assert!(
-                    side.insert(key.clone(), row.values).is_none(),
+                    side.insert(key.clone(), row.values.to_vec()).is_none(),
                     "two changes of {key:?} at {t}"
                 );
             }

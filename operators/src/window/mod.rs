@@ -3,4 +3,6 @@
 
 mod store;
 
-pub use store::{key_hash, prefetch, FxBuildHasher, FxHasher, WindowFold, WindowStore, MAX_WINDOWS};
+pub use store::{
+    key_hash, prefetch, FxBuildHasher, FxHasher, WindowFold, WindowStore, MAX_WINDOWS,
+};

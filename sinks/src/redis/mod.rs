@@ -110,7 +110,7 @@ pub struct RowWrite {
     /// The entity id.
     pub id: Arc<str>,
     /// Feature values in the entity's row order; `None` deletes the row.
-    pub values: Option<Vec<Value>>,
+    pub values: Option<Arc<[Value]>>,
 }
 
 impl RowWrite {
@@ -328,7 +328,7 @@ mod tests {
         let write = RowWrite::upsert(Row {
             entity: 0,
             id: "c".into(),
-            values,
+            values: values.into(),
         });
         assert_eq!(write.encoded_values().unwrap(), expected);
         assert_eq!(RowWrite::delete(0, "c".into()).encoded_values(), None);

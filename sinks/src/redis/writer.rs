@@ -296,7 +296,7 @@ impl Calls {
             }
             for (row, index) in chunk.iter().zip(0..) {
                 self.bulk_int(self.row_schema[index] as u64);
-                for value in row.values.iter().flatten() {
+                for value in row.values.iter().flat_map(|v| v.iter()) {
                     self.scratch.clear();
                     encode_value(*value, &mut self.scratch);
                     resp::bulk(&mut self.buf, &self.scratch);
