@@ -12,7 +12,8 @@
 //! Run: `bash bench/dataflow/run.sh` (or `cargo bench -p dataflow --bench graph`).
 //! Knobs (env): BENCH_EVENTS (default 3_000_000), BENCH_SIM_HOURS (default
 //! 30) or BENCH_SIM_SECS, BENCH_TICKS_MS (default "1000,100,10"), BENCH_WORKERS (default "1,2"),
-//! BENCH_FEATURES (default: the repository's features.toml), BENCH_BUILTIN
+//! BENCH_FEATURES (default: the repository's features.toml),
+//! BENCH_INFLIGHT_TICKS (default 5: ticks fed ahead of the output frontier), BENCH_BUILTIN
 //! (default 1: also time DD's built-ins on the card counts, see
 //! [`run_builtin`]; 0 skips it).
 
