@@ -16,7 +16,7 @@ use schemas::features::{
     click_field, click_field_is, click_field_ref, click_has_field, txn_field, txn_field_is,
     txn_field_ref, txn_has_field, Datum, DatumRef, Schema,
 };
-use schemas::{Aggregation, Click, FeatureSet, Txn, Value};
+use schemas::{Aggregation, Click, FeatureSet, Key, Txn, Value};
 use serde::{Deserialize, Serialize};
 use smallvec::SmallVec;
 
@@ -304,7 +304,7 @@ impl EntityPlan {
     /// The key and record of an event of source `source`; `None` when the
     /// source does not feed the entity or the event meets no feature's
     /// condition.
-    pub fn project(&self, source: usize, event: &Event) -> Option<(Arc<str>, Record)> {
+    pub fn project(&self, source: usize, event: &Event) -> Option<(Key, Record)> {
         let projection = self.projections.get(source)?.as_ref()?;
         debug_assert_eq!(projection.schema, event.schema());
         let widest = self.windows.len() - 1;
@@ -329,7 +329,7 @@ impl EntityPlan {
             .map(|f| Column::of(event.field_ref(*f).unwrap_or(DatumRef::Int(0))))
             .collect();
         Some((
-            Arc::from(key),
+            Key::from(key),
             Record {
                 time: event.event_time(),
                 windows,

@@ -16,7 +16,6 @@
 //! "Features(name)" ([`WindowedAggregate`]).
 
 use std::rc::Rc;
-use std::sync::Arc;
 
 use differential_dataflow::{AsCollection, VecCollection};
 use serde::{Deserialize, Serialize};
@@ -26,7 +25,7 @@ use timely::dataflow::operators::vec::Partition;
 use timely::dataflow::StreamVec;
 
 use operators::aggregate::{WindowedAggregate, WORK_PER_ACTIVATION};
-use schemas::{FeatureSet, Row};
+use schemas::{FeatureSet, Key, Row};
 
 use crate::compile::{compile, Event};
 
@@ -138,9 +137,9 @@ pub fn build_features_budgeted<'scope>(
             &plan.windows,
             fold,
             work_per_activation,
-            move |id: &Arc<str>, values| Row {
+            move |id: &Key, values| Row {
                 entity,
-                id: Arc::clone(id),
+                id: id.clone(),
                 values,
             },
         ));

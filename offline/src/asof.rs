@@ -34,7 +34,7 @@ use timely::dataflow::ProbeHandle;
 
 use dataflow::{build_features, GraphConfig};
 use schemas::features::{FeatureRow, Value};
-use schemas::FeatureSet;
+use schemas::{FeatureSet, Key};
 
 use crate::log::EventLog;
 
@@ -48,7 +48,7 @@ pub struct Lookup {
     /// than `as_of` after quantization.
     pub feed_at: usize,
     /// (entity index, key) per row to find.
-    pub keys: Vec<(u8, Arc<str>)>,
+    pub keys: Vec<(u8, Key)>,
 }
 
 /// The index of the first event of `log` at or after `as_of` (quantized):
@@ -188,7 +188,7 @@ fn worker_main(
     let probe = ProbeHandle::new();
     let (mut events, mut lookups_in) = worker.dataflow::<u64, _, _>(|scope| {
         let (events_in, events) = scope.new_collection::<dataflow::SourceEvent, isize>();
-        let (lookups_in, lookups) = scope.new_collection::<((u8, Arc<str>), (u64, u64)), isize>();
+        let (lookups_in, lookups) = scope.new_collection::<((u8, Key), (u64, u64)), isize>();
         let rows = build_features(events, set, graph)
             .map(|row| ((row.entity, row.id), row.values))
             .delay(|t| t + 1)
@@ -252,7 +252,7 @@ fn worker_main(
             |upto: usize, lookups_in: &mut differential_dataflow::input::InputSession<_, _, _>| {
                 while let Some(lookup) = lookups.get(next).filter(|l| l.feed_at <= upto) {
                     for (entity, key) in &lookup.keys {
-                        let record = ((*entity, Arc::clone(key)), (next as u64, lookup.as_of));
+                        let record = ((*entity, key.clone()), (next as u64, lookup.as_of));
                         lookups_in.update_at(record.clone(), lookup.as_of, 1);
                         lookups_in.update_at(record, lookup.as_of + 1, -1);
                     }

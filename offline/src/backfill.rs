@@ -16,7 +16,7 @@ use std::time::Instant;
 use dataflow::compile::Event;
 use dataflow::GraphConfig;
 use schemas::features::Schema;
-use schemas::{ClickAction, FeatureSet, Label};
+use schemas::{ClickAction, FeatureSet, Key, Label};
 use server::features::{Context, TxnContext};
 use server::model::{Model, ModelKind};
 
@@ -96,7 +96,7 @@ fn queries(log: &EventLog, set: &FeatureSet, graph: &GraphConfig) -> Queries {
         let keys = keys
             .iter()
             .filter_map(|&(entity, field)| match event.field(field)? {
-                schemas::features::Datum::Str(key) => Some((entity, Arc::from(key))),
+                schemas::features::Datum::Str(key) => Some((entity, Key::from(key))),
                 _ => None,
             })
             .collect();

@@ -31,7 +31,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use schemas::features::FeatureRow;
 use schemas::score::ScoreRecord;
-use schemas::{Channel, FeatureSet};
+use schemas::{Channel, FeatureSet, Key};
 use serde::Serialize;
 use server::features::{resolve, Context, Source, TxnContext};
 
@@ -156,7 +156,7 @@ pub fn check(
     // Resolve each model version's inputs once.
     let mut plans: HashMap<(String, Vec<String>), Option<Plan>> = HashMap::new();
     let mut pending: Vec<Pending> = Vec::new();
-    let mut asks: Vec<(u64, usize, u8, Arc<str>)> = Vec::new();
+    let mut asks: Vec<(u64, usize, u8, Key)> = Vec::new();
     for (i, r) in records.iter().enumerate() {
         if r.feature_set_version != set.version {
             skip("served under another feature-set version");
@@ -187,11 +187,7 @@ pub fn check(
                 break;
             };
             served.push((entity, e.as_of_ms.is_some()));
-            times.push((
-                at.max(0) as u64,
-                entity as u8,
-                Arc::<str>::from(e.id.as_str()),
-            ));
+            times.push((at.max(0) as u64, entity as u8, Key::from(e.id.as_str())));
         }
         if served.len() != r.entities.len() {
             skip("an entity read with no time to recompute it at");

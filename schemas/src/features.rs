@@ -27,6 +27,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use crate::event::{Channel, Click, ClickAction, Txn};
+use crate::key::Key;
 
 /// Default key prefix of every key the system writes to Redis.
 pub const DEFAULT_KEY_PREFIX: &str = "sfs:";
@@ -1262,9 +1263,9 @@ impl std::hash::Hash for Value {
 pub struct Row {
     /// Index into [`FeatureSet::entities`].
     pub entity: u8,
-    /// The entity key (`card_id`, `user_id`, ...), shared by every version of
-    /// the row and the window state (a change clones no string).
-    pub id: Arc<str>,
+    /// The entity key (`card_id`, `user_id`, ...): inline when short, so a
+    /// change copies it without touching any other memory.
+    pub id: Key,
     /// One value per feature of the entity, in its row order, shared by the
     /// change's `+1` and the next change's `-1` (a change allocates once).
     pub values: Arc<[Value]>,

@@ -9,6 +9,7 @@ pub mod codec;
 pub mod container;
 pub mod event;
 pub mod features;
+pub mod key;
 pub mod registry;
 pub mod resp;
 pub mod score;
@@ -21,4 +22,5 @@ pub use features::{
     Aggregation, DefinitionError, Entity, EntityDef, FeatureDef, FeatureRow, FeatureSet, Row,
     RowError, Value, ValueKind,
 };
+pub use key::Key;
 pub use validate::{Limits, ValidationError};

@@ -26,7 +26,7 @@ use std::time::Duration;
 use operators::kafka::{ResumePoint, TopicPartition};
 use std::sync::Arc;
 
-use schemas::{FeatureSet, Row, Value};
+use schemas::{FeatureSet, Key, Row, Value};
 use serde::{Deserialize, Serialize};
 
 pub use freshness::AppendTimes;
@@ -108,7 +108,7 @@ pub struct RowWrite {
     /// Index into the feature set's entities.
     pub entity: u8,
     /// The entity id.
-    pub id: Arc<str>,
+    pub id: Key,
     /// Feature values in the entity's row order; `None` deletes the row.
     pub values: Option<Arc<[Value]>>,
 }
@@ -124,7 +124,7 @@ impl RowWrite {
     }
 
     /// The deletion of entity `entity`'s row `id`.
-    pub fn delete(entity: u8, id: Arc<str>) -> RowWrite {
+    pub fn delete(entity: u8, id: Key) -> RowWrite {
         RowWrite {
             entity,
             id,

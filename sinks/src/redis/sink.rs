@@ -15,7 +15,7 @@ use timely::dataflow::Stream;
 use timely::progress::frontier::MutableAntichain;
 
 use differential_dataflow::VecCollection;
-use schemas::{Row, Value};
+use schemas::{Key, Row, Value};
 
 use super::writer::{Job, Writer};
 use super::{
@@ -41,7 +41,7 @@ fn target(frontier: &MutableAntichain<u64>, source: &SourceHandle) -> Option<u64
 }
 
 /// Pending rows by key: the time and values of the key's last change.
-type ReadyRows = HashMap<(u8, Arc<str>), (u64, Option<Arc<[Value]>>), FxBuildHasher>;
+type ReadyRows = HashMap<(u8, Key), (u64, Option<Arc<[Value]>>), FxBuildHasher>;
 
 /// Writes row changes to Redis, exactly once and monotonically.
 pub trait RedisSink<'scope> {
