@@ -1,6 +1,5 @@
 //! [`Key`]: an entity key (`card_id`, `user_id`, ...) held inline when short.
 
-use std::borrow::Borrow;
 use std::cmp::Ordering;
 use std::fmt;
 use std::hash::{Hash, Hasher};
@@ -17,9 +16,8 @@ const INLINE: usize = 22;
 /// other memory: no allocation per event, no reference count in another cache
 /// line per emitted row, and comparing two keys reads no pointer.
 ///
-/// It behaves as the string it holds: equality, order, hash (so it can be
-/// looked up by `&str` in hash maps) and its serde form are those of the
-/// string.
+/// It behaves as the string it holds: equality, order, hash and its serde
+/// form are those of the string.
 #[derive(Clone)]
 pub struct Key(Repr);
 
@@ -72,18 +70,6 @@ impl Deref for Key {
     }
 }
 
-impl AsRef<str> for Key {
-    fn as_ref(&self) -> &str {
-        self.as_str()
-    }
-}
-
-impl Borrow<str> for Key {
-    fn borrow(&self) -> &str {
-        self.as_str()
-    }
-}
-
 impl PartialEq for Key {
     #[inline]
     fn eq(&self, other: &Key) -> bool {
@@ -101,18 +87,6 @@ impl PartialEq for Key {
 
 impl Eq for Key {}
 
-impl PartialEq<str> for Key {
-    fn eq(&self, other: &str) -> bool {
-        self.as_str() == other
-    }
-}
-
-impl PartialEq<&str> for Key {
-    fn eq(&self, other: &&str) -> bool {
-        self.as_str() == *other
-    }
-}
-
 impl Ord for Key {
     fn cmp(&self, other: &Key) -> Ordering {
         self.as_str().cmp(other.as_str())
@@ -126,8 +100,8 @@ impl PartialOrd for Key {
 }
 
 impl Hash for Key {
-    /// As the string: required by `Borrow<str>`, and the routing hash of a
-    /// key is the same whatever its representation.
+    /// As the string: the routing hash of a key is the same whatever its
+    /// representation.
     #[inline]
     fn hash<H: Hasher>(&self, state: &mut H) {
         self.as_str().hash(state)
