@@ -270,6 +270,7 @@ pub fn run(args: StreamArgs) -> anyhow::Result<()> {
     }
     tracing::info!(version = %set.version, entities = set.entities.len(), "feature definitions loaded");
     let shutdown = crate::shutdown::Shutdown::on_signal()?;
+    let sink = metrics.sink.clone();
     let summary =
         crate::worker::run_until(config, std::sync::Arc::new(set), metrics, shutdown.clone())?;
     if shutdown.requested() {
@@ -279,7 +280,15 @@ pub fn run(args: StreamArgs) -> anyhow::Result<()> {
         tracing::info!(frontier_ms = progress.frontier_ms, "stream job finished");
         println!(
             "{}",
-            serde_json::json!({ "frontier_ms": progress.frontier_ms, "partitions": progress.partitions.len() })
+            serde_json::json!({
+                "frontier_ms": progress.frontier_ms,
+                "partitions": progress.partitions.len(),
+                "rows_written": sink.rows_written.get(),
+                "rows_deleted": sink.rows_deleted.get(),
+                "rows_skipped": sink.rows_skipped.get(),
+                "rows_direct": sink.rows_direct.get(),
+                "rows_partial": sink.rows_partial.get(),
+            })
         );
     }
     Ok(())

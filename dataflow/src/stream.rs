@@ -30,6 +30,8 @@ pub struct Prepared {
     pub features: Arc<FeatureSet>,
     /// The progress record to resume from (`None`: a fresh start).
     pub progress: Option<ProgressRecord>,
+    /// The write ceiling at start (see `sinks::redis::Ownership`).
+    pub ceiling: u64,
     pub decoder: Decoder,
     pub metrics: Metrics,
 }
@@ -140,6 +142,7 @@ pub fn build<'scope>(
     let row_acks = rows.redis_sink(
         &sink_config,
         floor,
+        prepared.ceiling,
         output.handle.clone(),
         prepared.metrics.sink.clone(),
     );

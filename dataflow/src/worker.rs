@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use schemas::FeatureSet;
-use sinks::redis::{connect, load_function, read_progress, ProgressRecord};
+use sinks::redis::{connect, load_function, read_ceiling, read_progress, ProgressRecord};
 use timely::{CommunicationConfig, WorkerConfig};
 
 use crate::config::StreamConfig;
@@ -30,6 +30,7 @@ pub fn prepare(
         config: config.clone(),
         features,
         progress: None,
+        ceiling: u64::MAX,
         decoder: Default::default(),
         metrics,
     };
@@ -53,9 +54,11 @@ pub fn prepare(
             );
         }
     }
+    let ceiling = read_ceiling(&mut conn, &sink)?;
     let decoder = schemas::codec::Decoder::new(schemas::registry::from_env());
     Ok(Prepared {
         progress,
+        ceiling,
         decoder,
         ..probe
     })

@@ -25,8 +25,9 @@ fn generated_events_through_kafka_and_the_job_equal_the_oracle() {
     generate(&topics, 4000, 7);
     let prefix = format!("{}:", unique("oracle"));
     let config = stream_config(&topics, &prefix, 2);
+    let metrics = Metrics::new();
     let summary =
-        dataflow::worker::run(config, shipped(), Metrics::new()).expect("the bounded job runs");
+        dataflow::worker::run(config, shipped(), metrics.clone()).expect("the bounded job runs");
     let frontier = summary
         .progress
         .expect("worker 0 recorded progress")
@@ -44,6 +45,15 @@ fn generated_events_through_kafka_and_the_job_equal_the_oracle() {
     let oracle = oracle(SHIPPED, &txns, &clicks, frontier);
     assert!(oracle.len() > 50, "the oracle has rows");
     assert_rows_match_oracle(&redis_rows(&mut conn, &prefix, SHIPPED), &oracle, frontier);
+    // A fresh prefix has nothing stored: every row went the direct way
+    // (`sinks/tests/sink_operator.rs` covers the partial writes that follow).
+    let sink = &metrics.sink;
+    assert_eq!(sink.rows_skipped.get(), 0);
+    assert!(sink.rows_written.get() > 0);
+    assert_eq!(
+        sink.rows_direct.get(),
+        sink.rows_written.get() + sink.rows_deleted.get()
+    );
 }
 
 /// Adding a feature is one definition and no code: a 7-day count appended to
@@ -308,16 +318,18 @@ fn sigkill_at_random_moments_changes_nothing_and_no_row_regresses() {
         };
         // A kill lands mid-run when the process has not exited by itself.
         let running = child.try_wait().unwrap().is_none();
-        let recorded = progress_frontier(&mut conn, &prefix);
         let _ = child.kill(); // SIGKILL
         let _ = child.wait();
-        kills.push((delay, running, recorded));
+        let recorded = progress_frontier(&mut conn, &prefix);
+        kills.push((delay, running, recorded, write_ceiling(&mut conn, &prefix)));
     }
     let status = spawn_job(&topics, &prefix).wait().unwrap();
     assert!(status.success(), "final run failed: {status}");
     stop.store(true, Ordering::Relaxed);
     let polls = watcher.join().unwrap();
-    eprintln!("kills (delay ms, running, recorded frontier): {kills:?}; watcher polls: {polls}");
+    eprintln!(
+        "kills (delay ms, running, recorded frontier, write ceiling): {kills:?}; watcher polls: {polls}"
+    );
 
     assert!(
         regressions.lock().unwrap().is_empty(),
@@ -325,11 +337,20 @@ fn sigkill_at_random_moments_changes_nothing_and_no_row_regresses() {
         regressions.lock().unwrap()
     );
     assert!(
-        kills.iter().any(|(_, running, recorded)| {
+        kills.iter().any(|(_, running, recorded, _)| {
             *running && recorded.is_some_and(|recorded| recorded < frontier)
         }),
         "no kill landed on a running job between its first progress and its end \
          (final frontier {frontier}): {kills:?}"
+    );
+    // Rows past the recorded frontier were in Redis when a job died: the
+    // next run wrote those frontiers again through the compare-and-set, and
+    // the watcher saw nothing go back.
+    assert!(
+        kills
+            .iter()
+            .any(|(_, _, recorded, ceiling)| ceiling.unwrap_or(0) > recorded.unwrap_or(0)),
+        "no kill left rows past the recorded frontier: {kills:?}"
     );
     assert_eq!(progress_frontier(&mut conn, &prefix), Some(frontier));
     let expected = redis_rows(&mut conn, &reference, SHIPPED);

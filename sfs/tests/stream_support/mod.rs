@@ -294,6 +294,15 @@ pub fn progress_frontier(conn: &mut redis::Connection, prefix: &str) -> Option<u
         .unwrap()
 }
 
+/// The sink's write ceiling under `prefix`: no stored row is newer.
+pub fn write_ceiling(conn: &mut redis::Connection, prefix: &str) -> Option<u64> {
+    redis::cmd("HGET")
+        .arg(format!("{prefix}_progress"))
+        .arg("written_ms")
+        .query(conn)
+        .unwrap()
+}
+
 /// Asserts the stored rows are the oracle's rows as of `frontier`.
 pub fn assert_rows_match_oracle(
     stored: &Rows,

@@ -1,8 +1,9 @@
-#!lua name=sfs_sink_v2
+#!lua name=sfs_sink_v3
 -- The Redis side of the exactly-once, monotonic feature sink.
 --
--- sfs_apply_v2: one atomic batch. (Versioned: the argument layout changed in v2,
--- and a job of another version keeps its own function while both run.)
+-- sfs_apply_v3: one atomic batch. (Versioned: v2 changed the argument layout,
+-- v3 added the write ceiling; a job of another version keeps its own function
+-- while both run.)
 --   KEYS[1]  progress hash     ({prefix}_progress)
 --   KEYS[2]  tombstone zset    ({prefix}_tombstones): deleted row key -> _as_of of the delete
 --   KEYS[3..] row hashes
@@ -22,14 +23,30 @@
 -- later write is newer), so advancing the progress prunes them.
 -- Returns {written, deleted, skipped, progress_applied}.
 --
+-- Every call first raises the write ceiling, `written_ms` in the progress
+-- hash, to as_of: an upper bound of the _as_of of every row ever stored under
+-- the prefix. A job reads it at start; batches past it are newer than
+-- anything stored, so the sink writes them with plain HSET/DEL commands,
+-- after one call of this function (with no rows) has raised the ceiling. A
+-- progress record of a sink older than the ceiling (frontier_ms without
+-- written_ms) leaves the ceiling unset: that prefix is only ever checked.
+--
 -- Per row: one HMGET (the CAS), a ZSCORE only when the row does not exist,
 -- then one HSET of every field; the HSET argument tables are built once per
 -- call and only their key and value slots are overwritten per row.
+
+local function raise_ceiling(progress, as_of, text)
+  local c = redis.call('HMGET', progress, 'written_ms', 'frontier_ms')
+  if (c[1] and tonumber(c[1]) < as_of) or not (c[1] or c[2]) then
+    redis.call('HSET', progress, 'written_ms', text)
+  end
+end
 
 local function apply(keys, args)
   local as_of = tonumber(args[1])
   local fv = args[2]
   local tombs = keys[2]
+  raise_ceiling(keys[1], as_of, args[1])
   local written, deleted, skipped = 0, 0, 0
   local a = 5
   local lists = tonumber(args[a])
@@ -106,4 +123,4 @@ local function apply(keys, args)
   return {written, deleted, skipped, progressed}
 end
 
-redis.register_function('sfs_apply_v2', function(keys, args) return apply(keys, args) end)
+redis.register_function('sfs_apply_v3', function(keys, args) return apply(keys, args) end)

@@ -17,6 +17,10 @@ pub struct SinkMetrics {
     pub rows_deleted: Counter,
     /// Rows the compare-and-set skipped (a newer or equal row was stored).
     pub rows_skipped: Counter,
+    /// Rows written or deleted directly, above the write ceiling (no compare).
+    pub rows_direct: Counter,
+    /// Rows written as their changed fields only.
+    pub rows_partial: Counter,
     /// Seconds per batch (all round trips of one frontier).
     pub batch_seconds: Histogram,
     /// Rows per batch.
@@ -39,6 +43,8 @@ impl Default for SinkMetrics {
             rows_written: Counter::default(),
             rows_deleted: Counter::default(),
             rows_skipped: Counter::default(),
+            rows_direct: Counter::default(),
+            rows_partial: Counter::default(),
             batch_seconds: Histogram::new(exponential_buckets(0.000_25, 2.0, 16)),
             batch_rows: Histogram::new(exponential_buckets(1.0, 4.0, 12)),
             redis_errors: Counter::default(),
@@ -68,6 +74,16 @@ impl SinkMetrics {
             "rows_skipped",
             "Rows the compare-and-set skipped because Redis held a newer one",
             self.rows_skipped.clone(),
+        );
+        r.register(
+            "rows_direct",
+            "Rows written or deleted above the write ceiling, without the compare-and-set",
+            self.rows_direct.clone(),
+        );
+        r.register(
+            "rows_partial",
+            "Rows written as only the fields that changed since this process wrote them",
+            self.rows_partial.clone(),
         );
         r.register_with_unit(
             "batch",

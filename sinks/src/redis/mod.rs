@@ -1,12 +1,15 @@
 //! The exactly-once, monotonic Redis online store.
 //!
-//! Rows are hashes `{prefix}{entity}:{id}` (see `schemas::features`). Every
-//! write goes through the `sfs_apply_v2` Redis function ([`LIBRARY`]): a batch
-//! of rows compare-and-set on `_as_of` (a row is written only if newer than
-//! the stored one; deletes leave a tombstone so a replay cannot resurrect an
-//! older row), and, in the same atomic call, optionally the progress record
-//! `{prefix}_progress` (frontier and per-partition resume offsets), which
-//! only moves forward.
+//! Rows are hashes `{prefix}{entity}:{id}` (see `schemas::features`). A
+//! batch at or below the write ceiling (see [`Ownership`]) goes through the
+//! `sfs_apply_v3` Redis function ([`LIBRARY`]): rows compare-and-set on
+//! `_as_of` (a row is written only if newer than the stored one; deletes
+//! leave a tombstone so a replay cannot resurrect an older row), and, in the
+//! same atomic call, optionally the progress record `{prefix}_progress`
+//! (frontier and per-partition resume offsets), which only moves forward. A
+//! batch above the ceiling is newer than every stored row: after one call
+//! that raises the ceiling, it is written with plain `HSET`/`DEL` commands,
+//! and a row this process wrote itself gets only its changed fields.
 //!
 //! The dataflow side ([`sink`]): each worker's [`RedisSink`] writes the rows
 //! of the keys it owns when its input frontier passes `F`, with `_as_of = F`,
@@ -33,10 +36,12 @@ pub use freshness::AppendTimes;
 pub use metrics::SinkMetrics;
 pub use sink::{progress_stage, ProgressStage, RedisSink};
 
-/// The Lua library holding `sfs_apply_v2`, loaded with `FUNCTION LOAD REPLACE`.
+/// The Lua library holding `sfs_apply_v3`, loaded with `FUNCTION LOAD REPLACE`.
 pub const LIBRARY: &str = include_str!("function.lua");
 /// The function applying a batch.
-pub const FUNCTION: &str = "sfs_apply_v2";
+pub const FUNCTION: &str = "sfs_apply_v3";
+/// The progress-hash field holding the write ceiling.
+const CEILING_FIELD: &str = "written_ms";
 
 /// Connection and batching of the Redis sink.
 #[derive(Debug, Clone, PartialEq)]
@@ -111,6 +116,9 @@ pub struct RowWrite {
     pub id: Key,
     /// Feature values in the entity's row order; `None` deletes the row.
     pub values: Option<Arc<[Value]>>,
+    /// The values of the row's previous write, when the sink knows them
+    /// (its first retraction since then): the base of a partial write.
+    pub old: Option<Arc<[Value]>>,
 }
 
 impl RowWrite {
@@ -120,6 +128,15 @@ impl RowWrite {
             entity: row.entity,
             id: row.id,
             values: Some(row.values),
+            old: None,
+        }
+    }
+
+    /// The write of `row`'s values over `old`, the values of its previous write.
+    pub fn change(old: Arc<[Value]>, row: Row) -> RowWrite {
+        RowWrite {
+            old: Some(old),
+            ..RowWrite::upsert(row)
         }
     }
 
@@ -129,6 +146,7 @@ impl RowWrite {
             entity,
             id,
             values: None,
+            old: None,
         }
     }
 
@@ -243,45 +261,113 @@ pub fn read_progress(
     }))
 }
 
+/// Reads the write ceiling: no row stored under the prefix has an `_as_of`
+/// above it. `0` for a prefix nothing was written to; `u64::MAX` (every
+/// batch checked) for a prefix whose progress record predates the ceiling.
+pub fn read_ceiling(
+    conn: &mut ::redis::Connection,
+    config: &RedisSinkConfig,
+) -> Result<u64, SinkError> {
+    let (ceiling, frontier): (Option<u64>, Option<u64>) = ::redis::cmd("HMGET")
+        .arg(config.progress_key())
+        .arg(CEILING_FIELD)
+        .arg("frontier_ms")
+        .query(conn)?;
+    Ok(match (ceiling, frontier) {
+        (Some(ceiling), _) => ceiling,
+        (None, Some(_)) => u64::MAX,
+        (None, None) => 0,
+    })
+}
+
+/// What a sink knows about the rows stored under its prefix, which decides
+/// how a batch is written.
+///
+/// - A batch at or below `ceiling` (the write ceiling read at start, see
+///   [`read_ceiling`]) may meet rows a crashed run wrote after its last
+///   progress record: it goes through `sfs_apply_v3`, compare-and-set per row.
+/// - A batch above it is newer than every stored row, so the compare could
+///   only succeed: one call of the function (no rows) raises the ceiling to
+///   the batch, then the rows follow as plain commands on the same
+///   connection (Redis applies and logs them in that order): a row is
+///   replaced (`DEL` + `HSET`), a deletion is `DEL` + a tombstone.
+/// - A row this process last wrote that way (`owned`) is in Redis exactly as
+///   written, so its next write sends only the fields that changed since.
+///   A lost connection forgets every owned row (Redis may have restarted and
+///   lost its last writes), so the next writes are whole again.
+///
+/// This assumes the sink is the only writer under its prefix: one job per
+/// prefix, as the progress record already requires.
+#[derive(Debug, Clone, Default)]
+pub struct Ownership {
+    ceiling: u64,
+    owned: std::collections::HashSet<(u8, Key), operators::window::FxBuildHasher>,
+}
+
+impl Ownership {
+    /// A sink starting over a prefix whose write ceiling is `ceiling`.
+    pub fn new(ceiling: u64) -> Ownership {
+        Ownership {
+            ceiling,
+            owned: Default::default(),
+        }
+    }
+
+    /// Whether a batch at `frontier` is written directly.
+    pub(crate) fn direct(&self, frontier: u64) -> bool {
+        frontier > self.ceiling
+    }
+
+    /// Whether this process wrote `key`'s stored row directly (its stored
+    /// image is exactly that write).
+    pub(crate) fn owns(&self, key: &(u8, Key)) -> bool {
+        self.owned.contains(key)
+    }
+
+    pub(crate) fn claim(&mut self, key: (u8, Key)) {
+        self.owned.insert(key);
+    }
+
+    pub(crate) fn release(&mut self, key: &(u8, Key)) {
+        self.owned.remove(key);
+    }
+
+    /// After a lost connection: nothing stored is known any more.
+    pub(crate) fn forget(&mut self) {
+        self.owned.clear();
+    }
+}
+
 /// What one [`apply`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Applied {
     pub written: u64,
     pub deleted: u64,
     pub skipped: u64,
+    /// Rows written or deleted directly (above the write ceiling).
+    pub direct: u64,
+    /// Rows written as their changed fields only.
+    pub partial: u64,
     /// Whether the progress record moved.
     pub progressed: bool,
 }
 
-/// Applies `rows` as of `frontier` (and the progress record, if given, with
-/// the last call) synchronously, with the same function calls as the sink.
+/// Applies `rows` as of `frontier` (and the progress record, if given,
+/// last) synchronously, as the sink's writer does.
 pub fn apply(
     conn: &mut ::redis::Connection,
     config: &RedisSinkConfig,
+    ownership: &mut Ownership,
     frontier: u64,
     rows: &[RowWrite],
     progress: Option<&ProgressRecord>,
 ) -> Result<Applied, SinkError> {
     let json = progress.map(|p| serde_json::to_string(&p.partitions).expect("progress serializes"));
     let mut calls = writer::Calls::default();
-    calls.build(
-        config,
-        &config.progress_key(),
-        &config.tombstone_key(),
-        &config.features.version,
-        frontier,
-        rows,
-        json.as_deref(),
-    );
+    calls.build(config, ownership, frontier, rows, json.as_deref());
     let mut applied = Applied::default();
     for i in 0..calls.len() {
-        let replies = calls.send(conn, i..i + 1)?;
-        for reply in replies {
-            applied.written += reply[0];
-            applied.deleted += reply[1];
-            applied.skipped += reply[2];
-            applied.progressed |= reply[3] == 1;
-        }
+        calls.send(conn, i..i + 1, &mut applied)?;
     }
     Ok(applied)
 }

@@ -1,6 +1,7 @@
 //! The sink and progress-stage operators.
 
 use std::cell::RefCell;
+use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, HashMap};
 use std::rc::Rc;
 use std::sync::Arc;
@@ -40,21 +41,35 @@ fn target(frontier: &MutableAntichain<u64>, source: &SourceHandle) -> Option<u64
     }
 }
 
-/// Pending rows by key: the time and values of the key's last change.
-type ReadyRows = HashMap<(u8, Key), (u64, Option<Arc<[Value]>>), FxBuildHasher>;
+/// A key's changes since its last write.
+struct Ready {
+    /// The time of its first and of its last change.
+    first: u64,
+    last: u64,
+    /// Its values after the last change (`None`: deleted).
+    values: Option<Arc<[Value]>>,
+    /// Its values before the first change (the retraction at `first`): what
+    /// the last write left in Redis, if the row existed.
+    old: Option<Arc<[Value]>>,
+}
+
+/// Pending rows by key.
+type ReadyRows = HashMap<(u8, Key), Ready, FxBuildHasher>;
 
 /// Writes row changes to Redis, exactly once and monotonically.
 pub trait RedisSink<'scope> {
     /// Routes each change to the worker owning its key; when the input
     /// frontier passes `F`, writes the last change before `F` of every key
     /// with `_as_of = F` (changes before `floor`, the durable frontier at
-    /// start, are already in Redis and are skipped). Returns the
+    /// start, are already in Redis and are skipped; `ceiling` is the write
+    /// ceiling at start, see [`super::Ownership`]). Returns the
     /// acknowledgements: an empty stream whose frontier passes `F` only once
     /// this worker's rows before `F` are durable in Redis.
     fn redis_sink(
         self,
         config: &RedisSinkConfig,
         floor: u64,
+        ceiling: u64,
         source: SourceHandle,
         metrics: SinkMetrics,
     ) -> Stream<'scope, u64, Vec<()>>;
@@ -65,6 +80,7 @@ impl<'scope> RedisSink<'scope> for VecCollection<'scope, u64, Row, isize> {
         self,
         config: &RedisSinkConfig,
         floor: u64,
+        ceiling: u64,
         source: SourceHandle,
         metrics: SinkMetrics,
     ) -> Stream<'scope, u64, Vec<()>> {
@@ -76,7 +92,7 @@ impl<'scope> RedisSink<'scope> for VecCollection<'scope, u64, Row, isize> {
         let (_acks_out, acks) = builder.new_output::<Vec<()>>();
         let activator = scope.worker().sync_activator_for(info.address.to_vec());
         let name = format!("sfs-redis-sink-{}", scope.index());
-        let mut writer = Writer::spawn(name, config.clone(), metrics, activator);
+        let mut writer = Writer::spawn(name, config.clone(), ceiling, metrics, activator);
 
         builder.build(move |mut caps| {
             let mut held: Option<Capability<u64>> = caps.pop();
@@ -122,16 +138,32 @@ impl<'scope> RedisSink<'scope> for VecCollection<'scope, u64, Row, isize> {
                         // Consolidate: a key's change at `time` is its old row
                         // at -1 and its new row (if any) at +1. Times ascend,
                         // so a later change replaces an earlier one; within a
-                        // time the +1 wins over the -1, in either order.
+                        // time the +1 wins over the -1, in either order. The
+                        // -1 of the first change is what Redis holds.
                         for (row, diff) in changes {
                             let key = (row.entity, row.id);
-                            if diff > 0 {
-                                ready.insert(key, (time, Some(row.values)));
+                            let (values, old) = if diff > 0 {
+                                (Some(row.values), None)
                             } else {
-                                match ready.get(&key) {
-                                    Some((t, Some(_))) if *t == time => {}
-                                    _ => {
-                                        ready.insert(key, (time, None));
+                                (None, Some(row.values))
+                            };
+                            match ready.entry(key) {
+                                Entry::Vacant(entry) => {
+                                    entry.insert(Ready {
+                                        first: time,
+                                        last: time,
+                                        values,
+                                        old,
+                                    });
+                                }
+                                Entry::Occupied(mut entry) => {
+                                    let ready = entry.get_mut();
+                                    if old.is_some() && ready.first == time && ready.old.is_none() {
+                                        ready.old = old;
+                                    }
+                                    if values.is_some() || ready.last != time {
+                                        ready.last = time;
+                                        ready.values = values;
                                     }
                                 }
                             }
@@ -142,7 +174,12 @@ impl<'scope> RedisSink<'scope> for VecCollection<'scope, u64, Row, isize> {
                 if writer.idle() && ready_at > sent_at {
                     let rows: Vec<RowWrite> = ready
                         .drain()
-                        .map(|((entity, id), (_, values))| RowWrite { entity, id, values })
+                        .map(|((entity, id), ready)| RowWrite {
+                            entity,
+                            id,
+                            values: ready.values,
+                            old: ready.old,
+                        })
                         .collect();
                     if rows.is_empty() {
                         if let Some(cap) = held.as_mut() {
@@ -228,6 +265,7 @@ pub fn progress_stage<'scope>(
         Writer::spawn(
             "sfs-redis-progress".to_owned(),
             config.clone(),
+            u64::MAX,
             metrics.clone(),
             activator,
         )
@@ -300,7 +338,7 @@ pub fn progress_stage<'scope>(
                     }
                     tracing::debug!(
                         frontier_ms = done.frontier,
-                        applied = done.progressed,
+                        applied = done.applied.progressed,
                         "progress recorded"
                     );
                     *durable.borrow_mut() = Some(record);

@@ -9,8 +9,11 @@ use std::time::{Duration, Instant};
 use schemas::resp;
 use timely::scheduling::SyncActivator;
 
+use schemas::Value;
+
 use super::{
-    connect, encode_value, load_function, RedisSinkConfig, RowWrite, SinkError, SinkMetrics,
+    connect, encode_value, load_function, Applied, Ownership, RedisSinkConfig, RowWrite, SinkError,
+    SinkMetrics,
 };
 
 /// Work for the writer.
@@ -29,10 +32,7 @@ pub(crate) enum Job {
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Done {
     pub frontier: u64,
-    pub written: u64,
-    pub deleted: u64,
-    pub skipped: u64,
-    pub progressed: bool,
+    pub applied: Applied,
 }
 
 /// Handle to a writer thread; dropping it ends the thread.
@@ -44,17 +44,21 @@ pub(crate) struct Writer {
 }
 
 impl Writer {
+    /// A writer over a prefix whose write ceiling was `ceiling` at start
+    /// (`u64::MAX`: every batch through the compare-and-set function).
     pub(crate) fn spawn(
         name: String,
         config: RedisSinkConfig,
+        ceiling: u64,
         metrics: SinkMetrics,
         activator: SyncActivator,
     ) -> Writer {
         let (jobs_tx, jobs_rx) = channel::<Job>();
         let (done_tx, done_rx) = channel::<Done>();
+        let ownership = Ownership::new(ceiling);
         let thread = std::thread::Builder::new()
             .name(name)
-            .spawn(move || run(config, metrics, jobs_rx, done_tx, activator))
+            .spawn(move || run(config, ownership, metrics, jobs_rx, done_tx, activator))
             .expect("spawning a thread succeeds unless the process is out of resources");
         Writer {
             jobs: Some(jobs_tx),
@@ -98,15 +102,13 @@ impl Drop for Writer {
 
 fn run(
     config: RedisSinkConfig,
+    mut ownership: Ownership,
     metrics: SinkMetrics,
     jobs: Receiver<Job>,
     done: Sender<Done>,
     activator: SyncActivator,
 ) {
     let mut conn: Option<::redis::Connection> = None;
-    let progress_key = config.progress_key();
-    let tombstone_key = config.tombstone_key();
-    let fv = config.features.version.clone();
     let mut calls = Calls::default();
     while let Ok(Job::Apply {
         frontier,
@@ -117,24 +119,16 @@ fn run(
         let started = Instant::now();
         calls.build(
             &config,
-            &progress_key,
-            &tombstone_key,
-            &fv,
+            &mut ownership,
             frontier,
             &rows,
             progress.as_deref(),
         );
         let mut backoff = Duration::from_millis(config.backoff_initial_ms.max(1));
-        let mut result = Done {
-            frontier,
-            written: 0,
-            deleted: 0,
-            skipped: 0,
-            progressed: false,
-        };
+        let mut applied = Applied::default();
         let mut next_call = 0;
         while next_call < calls.len() {
-            let attempt = (|| -> Result<Vec<[u64; 4]>, super::SinkError> {
+            let attempt = (|| -> Result<usize, super::SinkError> {
                 if conn.is_none() {
                     let mut c = connect(&config)?;
                     load_function(&mut c)?;
@@ -142,36 +136,45 @@ fn run(
                 }
                 let c = conn.as_mut().expect("connected above");
                 let end = (next_call + config.calls_per_round_trip.max(1)).min(calls.len());
-                calls.send(c, next_call..end)
+                calls.send(c, next_call..end, &mut applied)?;
+                Ok(end)
             })();
             match attempt {
-                Ok(replies) => {
-                    for reply in &replies {
-                        result.written += reply[0];
-                        result.deleted += reply[1];
-                        result.skipped += reply[2];
-                        result.progressed |= reply[3] == 1;
-                    }
-                    next_call += replies.len();
+                Ok(end) => {
+                    next_call = end;
                     metrics.stalled.set(0);
                     backoff = Duration::from_millis(config.backoff_initial_ms.max(1));
                 }
                 Err(error) => {
-                    // Calls are idempotent (compare-and-set), so retrying a
-                    // round trip that partly applied is safe.
+                    // Redis may have restarted and lost its last writes: forget
+                    // what it holds and write the whole batch again, whole rows.
+                    // Every call is idempotent (compare-and-set, or the same
+                    // values at the same `_as_of`).
                     metrics.redis_errors.inc();
                     metrics.stalled.set(1);
                     tracing::warn!(%error, frontier, retry_in_ms = backoff.as_millis() as u64, "redis write failed, retrying");
                     conn = None;
+                    ownership.forget();
+                    calls.build(
+                        &config,
+                        &mut ownership,
+                        frontier,
+                        &rows,
+                        progress.as_deref(),
+                    );
+                    applied = Applied::default();
+                    next_call = 0;
                     std::thread::sleep(backoff);
                     backoff =
                         (backoff * 2).min(Duration::from_millis(config.backoff_max_ms.max(1)));
                 }
             }
         }
-        metrics.rows_written.inc_by(result.written);
-        metrics.rows_deleted.inc_by(result.deleted);
-        metrics.rows_skipped.inc_by(result.skipped);
+        metrics.rows_written.inc_by(applied.written);
+        metrics.rows_deleted.inc_by(applied.deleted);
+        metrics.rows_skipped.inc_by(applied.skipped);
+        metrics.rows_direct.inc_by(applied.direct);
+        metrics.rows_partial.inc_by(applied.partial);
         if !rows.is_empty() {
             metrics
                 .batch_seconds
@@ -180,167 +183,336 @@ fn run(
         }
         // Free the batch before reporting, off the worker thread.
         drop(rows);
-        if done.send(result).is_err() {
+        if done.send(Done { frontier, applied }).is_err() {
             return;
         }
         let _ = activator.activate();
     }
 }
 
-/// The `FCALL`s of one job, packed as RESP in one reusable buffer: rows in
-/// chunks of `rows_per_call`, the progress record (if any) with the last
-/// chunk, so a batch that fits one call is one atomic step.
+/// The commands of one job, packed as RESP in one reusable buffer, in
+/// units of at most `rows_per_call` rows. A unit is either one `FCALL` of the
+/// compare-and-set function (at or below the write ceiling; the progress
+/// record, if any, rides with the last unit, so a batch that fits one call is
+/// one atomic step), or, above the ceiling, one `FCALL` without rows that
+/// raises the ceiling followed by the rows' plain commands.
 ///
-/// Layout of one call (see `function.lua`): the keys; `as_of`, `fv`, the
+/// Layout of one `FCALL` (see `function.lua`): the keys; `as_of`, `fv`, the
 /// progress frontier and JSON (or two empty strings); the field-name lists
 /// used by the call's rows (`s`, then per list its length `m` and `m` names);
 /// then per row the 1-based list index (0: delete) and its `m` values.
 #[derive(Debug, Default)]
 pub(crate) struct Calls {
     buf: Vec<u8>,
-    /// End offset in `buf` of each call.
-    ends: Vec<usize>,
+    units: Vec<Unit>,
     scratch: Vec<u8>,
     /// Field-name lists of the current call: (entity index, width).
     schemas: Vec<(u8, usize)>,
     row_schema: Vec<usize>,
+    /// Indexes of the fields a partial write sends.
+    changed: Vec<usize>,
+}
+
+/// One unit of [`Calls`]: where it ends in the buffer and what its replies mean.
+#[derive(Debug, Clone, Copy)]
+struct Unit {
+    end: usize,
+    /// Replies: 1 for an `FCALL`; 1 + the commands of its rows when direct.
+    replies: usize,
+    /// For a direct unit, what it does (known when built).
+    direct: Option<Applied>,
 }
 
 impl Calls {
     pub(crate) fn len(&self) -> usize {
-        self.ends.len()
+        self.units.len()
     }
 
-    #[allow(clippy::too_many_arguments)]
+    /// Builds the units of `rows` at `frontier`, and records in `ownership`
+    /// the rows they leave in Redis exactly as written.
     pub(crate) fn build(
         &mut self,
         config: &RedisSinkConfig,
-        progress_key: &str,
-        tombstone_key: &str,
-        fv: &str,
+        ownership: &mut Ownership,
         frontier: u64,
         rows: &[RowWrite],
         progress: Option<&str>,
     ) {
         self.buf.clear();
-        self.ends.clear();
+        self.units.clear();
         let per_call = config.rows_per_call.max(1);
+        let mut as_of = itoa::Buffer::new();
+        let as_of = as_of.format(frontier).as_bytes().to_vec();
+        if ownership.direct(frontier) {
+            for chunk in rows.chunks(per_call) {
+                self.function_call(config, &as_of, &[], None);
+                let mut unit = Applied::default();
+                let mut replies = 1;
+                for row in chunk {
+                    replies += self.direct_row(config, ownership, &as_of, row, &mut unit);
+                }
+                self.units.push(Unit {
+                    end: self.buf.len(),
+                    replies,
+                    direct: Some(unit),
+                });
+            }
+            if let Some(json) = progress {
+                self.function_call(config, &as_of, &[], Some(json));
+                self.push_call();
+            }
+            return;
+        }
         let chunks: Vec<&[RowWrite]> = if rows.is_empty() {
             vec![&[][..]]
         } else {
             rows.chunks(per_call).collect()
         };
         let last = chunks.len() - 1;
-        let mut as_of = itoa::Buffer::new();
-        let as_of = as_of.format(frontier).as_bytes().to_vec();
         for (i, chunk) in chunks.into_iter().enumerate() {
-            // Field-name lists and argument count first (RESP is length-prefixed).
-            self.schemas.clear();
-            self.row_schema.clear();
-            let mut values = 0;
-            for row in chunk {
-                let index = match &row.values {
-                    None => 0,
-                    Some(v) => {
-                        values += v.len();
-                        let schema = (row.entity, v.len());
-                        match self.schemas.iter().position(|s| *s == schema) {
-                            Some(p) => p + 1,
-                            None => {
-                                self.schemas.push(schema);
-                                self.schemas.len()
-                            }
+            self.function_call(config, &as_of, chunk, progress.filter(|_| i == last));
+            self.push_call();
+        }
+    }
+
+    fn push_call(&mut self) {
+        self.units.push(Unit {
+            end: self.buf.len(),
+            replies: 1,
+            direct: None,
+        });
+    }
+
+    /// Appends one `FCALL` of the compare-and-set function over `chunk`.
+    fn function_call(
+        &mut self,
+        config: &RedisSinkConfig,
+        as_of: &[u8],
+        chunk: &[RowWrite],
+        progress: Option<&str>,
+    ) {
+        // Field-name lists and argument count first (RESP is length-prefixed).
+        self.schemas.clear();
+        self.row_schema.clear();
+        let mut values = 0;
+        for row in chunk {
+            let index = match &row.values {
+                None => 0,
+                Some(v) => {
+                    values += v.len();
+                    let schema = (row.entity, v.len());
+                    match self.schemas.iter().position(|s| *s == schema) {
+                        Some(p) => p + 1,
+                        None => {
+                            self.schemas.push(schema);
+                            self.schemas.len()
                         }
                     }
-                };
-                self.row_schema.push(index);
-            }
-            let names: usize = self.schemas.iter().map(|(_, m)| 1 + m).sum();
-            let args = 3 + (2 + chunk.len()) + 4 + 1 + names + chunk.len() + values;
-            resp::header(&mut self.buf, b'*', args);
-            resp::bulk(&mut self.buf, b"FCALL");
-            resp::bulk(&mut self.buf, super::FUNCTION.as_bytes());
-            self.bulk_int((chunk.len() + 2) as u64);
-            resp::bulk(&mut self.buf, progress_key.as_bytes());
-            resp::bulk(&mut self.buf, tombstone_key.as_bytes());
-            for row in chunk {
-                let entity = &config.features.entities[row.entity as usize];
-                resp::bulk_parts(
-                    &mut self.buf,
-                    &entity.redis_key_parts(&config.key_prefix, &row.id),
-                );
-            }
-            resp::bulk(&mut self.buf, &as_of);
-            resp::bulk(&mut self.buf, fv.as_bytes());
-            match progress.filter(|_| i == last) {
-                Some(json) => {
-                    resp::bulk(&mut self.buf, &as_of);
-                    resp::bulk(&mut self.buf, json.as_bytes());
                 }
-                None => {
-                    resp::bulk(&mut self.buf, b"");
-                    resp::bulk(&mut self.buf, b"");
-                }
-            }
-            self.bulk_int(self.schemas.len() as u64);
-            for s in 0..self.schemas.len() {
-                let (entity, width) = self.schemas[s];
-                self.bulk_int(width as u64);
-                for spec in config.features.entities[entity as usize]
-                    .features
-                    .iter()
-                    .take(width)
-                {
-                    resp::bulk(&mut self.buf, spec.name.as_bytes());
-                }
-            }
-            for (row, index) in chunk.iter().zip(0..) {
-                self.bulk_int(self.row_schema[index] as u64);
-                for value in row.values.iter().flat_map(|v| v.iter()) {
-                    self.scratch.clear();
-                    encode_value(*value, &mut self.scratch);
-                    resp::bulk(&mut self.buf, &self.scratch);
-                }
-            }
-            self.ends.push(self.buf.len());
+            };
+            self.row_schema.push(index);
         }
+        let names: usize = self.schemas.iter().map(|(_, m)| 1 + m).sum();
+        let args = 3 + (2 + chunk.len()) + 4 + 1 + names + chunk.len() + values;
+        resp::header(&mut self.buf, b'*', args);
+        resp::bulk(&mut self.buf, b"FCALL");
+        resp::bulk(&mut self.buf, super::FUNCTION.as_bytes());
+        self.bulk_int((chunk.len() + 2) as u64);
+        resp::bulk(&mut self.buf, config.progress_key().as_bytes());
+        resp::bulk(&mut self.buf, config.tombstone_key().as_bytes());
+        for row in chunk {
+            self.row_key(config, row);
+        }
+        resp::bulk(&mut self.buf, as_of);
+        resp::bulk(&mut self.buf, config.features.version.as_bytes());
+        match progress {
+            Some(json) => {
+                resp::bulk(&mut self.buf, as_of);
+                resp::bulk(&mut self.buf, json.as_bytes());
+            }
+            None => {
+                resp::bulk(&mut self.buf, b"");
+                resp::bulk(&mut self.buf, b"");
+            }
+        }
+        self.bulk_int(self.schemas.len() as u64);
+        for s in 0..self.schemas.len() {
+            let (entity, width) = self.schemas[s];
+            self.bulk_int(width as u64);
+            for spec in config.features.entities[entity as usize]
+                .features
+                .iter()
+                .take(width)
+            {
+                resp::bulk(&mut self.buf, spec.name.as_bytes());
+            }
+        }
+        for (row, index) in chunk.iter().zip(0..) {
+            self.bulk_int(self.row_schema[index] as u64);
+            for value in row.values.iter().flat_map(|v| v.iter()) {
+                self.value(*value);
+            }
+        }
+    }
+
+    /// Appends one row's plain commands (above the write ceiling); returns
+    /// how many. A row this process owns, with its old values known, sends
+    /// only the fields that differ from them; any other row replaces what is
+    /// stored (another feature set's fields included); a deletion leaves a
+    /// tombstone, as the function's would.
+    fn direct_row(
+        &mut self,
+        config: &RedisSinkConfig,
+        ownership: &mut Ownership,
+        as_of: &[u8],
+        row: &RowWrite,
+        unit: &mut Applied,
+    ) -> usize {
+        let key = (row.entity, row.id.clone());
+        let names = &config.features.entities[row.entity as usize].features;
+        unit.direct += 1;
+        let Some(values) = &row.values else {
+            ownership.release(&key);
+            self.command(config, b"DEL", row, 2);
+            resp::header(&mut self.buf, b'*', 4);
+            resp::bulk(&mut self.buf, b"ZADD");
+            resp::bulk(&mut self.buf, config.tombstone_key().as_bytes());
+            resp::bulk(&mut self.buf, as_of);
+            self.row_key(config, row);
+            unit.deleted += 1;
+            return 2;
+        };
+        unit.written += 1;
+        self.changed.clear();
+        let base = row
+            .old
+            .as_ref()
+            .filter(|old| old.len() == values.len() && ownership.owns(&key));
+        match base {
+            Some(old) => {
+                self.changed
+                    .extend((0..values.len()).filter(|&i| !same(old[i], values[i])));
+                unit.partial += 1;
+                self.command(config, b"HSET", row, 2 + 2 * (self.changed.len() + 1));
+                for c in 0..self.changed.len() {
+                    let i = self.changed[c];
+                    resp::bulk(&mut self.buf, names[i].name.as_bytes());
+                    self.value(values[i]);
+                }
+                resp::bulk(&mut self.buf, b"_as_of");
+                resp::bulk(&mut self.buf, as_of);
+                1
+            }
+            None => {
+                self.command(config, b"DEL", row, 2);
+                self.command(config, b"HSET", row, 2 + 2 * (values.len() + 2));
+                for (spec, value) in names.iter().zip(values.iter()) {
+                    resp::bulk(&mut self.buf, spec.name.as_bytes());
+                    self.value(*value);
+                }
+                resp::bulk(&mut self.buf, b"_as_of");
+                resp::bulk(&mut self.buf, as_of);
+                resp::bulk(&mut self.buf, b"_fv");
+                resp::bulk(&mut self.buf, config.features.version.as_bytes());
+                ownership.claim(key);
+                2
+            }
+        }
+    }
+
+    /// Appends the header of a command of `args` arguments on the row's key:
+    /// its name and the key.
+    fn command(&mut self, config: &RedisSinkConfig, name: &[u8], row: &RowWrite, args: usize) {
+        resp::header(&mut self.buf, b'*', args);
+        resp::bulk(&mut self.buf, name);
+        self.row_key(config, row);
+    }
+
+    fn row_key(&mut self, config: &RedisSinkConfig, row: &RowWrite) {
+        let entity = &config.features.entities[row.entity as usize];
+        resp::bulk_parts(
+            &mut self.buf,
+            &entity.redis_key_parts(&config.key_prefix, &row.id),
+        );
+    }
+
+    fn value(&mut self, value: Value) {
+        self.scratch.clear();
+        encode_value(value, &mut self.scratch);
+        resp::bulk(&mut self.buf, &self.scratch);
     }
 
     fn bulk_int(&mut self, n: u64) {
         resp::bulk(&mut self.buf, itoa::Buffer::new().format(n).as_bytes());
     }
 
-    /// Sends calls `range` in one round trip; their replies
-    /// `[written, deleted, skipped, progressed]`.
+    /// Sends units `range` in one round trip and adds what they did to `applied`.
     pub(crate) fn send(
         &self,
         conn: &mut ::redis::Connection,
         range: std::ops::Range<usize>,
-    ) -> Result<Vec<[u64; 4]>, SinkError> {
+        applied: &mut Applied,
+    ) -> Result<(), SinkError> {
         use ::redis::ConnectionLike;
         let start = if range.start == 0 {
             0
         } else {
-            self.ends[range.start - 1]
+            self.units[range.start - 1].end
         };
-        let end = self.ends[range.end - 1];
-        let replies = conn.req_packed_commands(&self.buf[start..end], 0, range.len())?;
-        replies
-            .into_iter()
-            .map(|reply| match reply {
-                ::redis::Value::Array(items) if items.len() == 4 => {
-                    let mut out = [0u64; 4];
-                    for (o, item) in out.iter_mut().zip(items) {
-                        match item {
-                            ::redis::Value::Int(n) => *o = n.max(0) as u64,
-                            other => return Err(SinkError::Reply(format!("{other:?}"))),
+        let units = &self.units[range];
+        let end = units.last().map_or(start, |u| u.end);
+        let count = units.iter().map(|u| u.replies).sum();
+        let replies = conn.req_packed_commands(&self.buf[start..end], 0, count)?;
+        let mut replies = replies.into_iter();
+        for unit in units {
+            let call = function_reply(replies.next())?;
+            match unit.direct {
+                None => {
+                    applied.written += call[0];
+                    applied.deleted += call[1];
+                    applied.skipped += call[2];
+                    applied.progressed |= call[3] == 1;
+                }
+                Some(direct) => {
+                    for reply in replies.by_ref().take(unit.replies - 1) {
+                        if let ::redis::Value::ServerError(e) = reply {
+                            return Err(SinkError::Reply(e.to_string()));
                         }
                     }
-                    Ok(out)
+                    applied.written += direct.written;
+                    applied.deleted += direct.deleted;
+                    applied.direct += direct.direct;
+                    applied.partial += direct.partial;
                 }
-                ::redis::Value::ServerError(e) => Err(SinkError::Reply(e.to_string())),
-                other => Err(SinkError::Reply(format!("{other:?}"))),
-            })
-            .collect()
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Whether two values encode the same (floats compared bit for bit).
+fn same(a: Value, b: Value) -> bool {
+    match (a, b) {
+        (Value::Int(a), Value::Int(b)) => a == b,
+        (Value::Float(a), Value::Float(b)) => a.to_bits() == b.to_bits(),
+        _ => false,
+    }
+}
+
+/// The function's reply `[written, deleted, skipped, progressed]`.
+fn function_reply(reply: Option<::redis::Value>) -> Result<[u64; 4], SinkError> {
+    match reply {
+        Some(::redis::Value::Array(items)) if items.len() == 4 => {
+            let mut out = [0u64; 4];
+            for (o, item) in out.iter_mut().zip(items) {
+                match item {
+                    ::redis::Value::Int(n) => *o = n.max(0) as u64,
+                    other => return Err(SinkError::Reply(format!("{other:?}"))),
+                }
+            }
+            Ok(out)
+        }
+        Some(::redis::Value::ServerError(e)) => Err(SinkError::Reply(e.to_string())),
+        other => Err(SinkError::Reply(format!("{other:?}"))),
     }
 }
