@@ -124,15 +124,17 @@ fn as_f64(v: &Val) -> f64 {
 
 #[test]
 fn backfilled_vectors_equal_the_rows_online_held_and_the_interpreter() {
-    // The log: generated to Kafka (and the same events to files).
-    let start = format!(
-        "{}",
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_millis() as i64
-            - 3_600_000
-    );
+    // The log: generated to Kafka (and the same events to files), from the
+    // latest 12:00 UTC at least an hour ago: recent, and at a busy hour of
+    // the generator's daily rhythm whatever the time the test runs, so
+    // enough events share each checkpoint's tick.
+    const HOUR_MS: i64 = 3_600_000;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    let start = ((now - 13 * HOUR_MS).div_euclid(24 * HOUR_MS) * 24 + 12) * HOUR_MS;
+    let start = start.to_string();
     let source = Topics::new("pit-log");
     let gen = [
         "--events",
