@@ -66,7 +66,13 @@ impl Aggregate<i64> for Sum {
 
 /// Count, exact sum and exact sum of squares of `i64` values: mean and
 /// population standard deviation without rounding drift.
+///
+/// Packed to 8-byte alignment: 40 bytes instead of the 48 that `i128`'s
+/// 16-byte alignment would make it, so a window store's per-key states of
+/// mixed kinds (`Moments` among 32-byte deques) take 48 bytes each, not 64:
+/// fewer cache lines per key visit.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+#[repr(C, packed(8))]
 pub struct Moments {
     /// Number of values.
     pub count: i64,
