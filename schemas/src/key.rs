@@ -33,7 +33,14 @@ impl Key {
     pub fn as_str(&self) -> &str {
         match &self.0 {
             Repr::Inline { len, bytes } => {
-                std::str::from_utf8(&bytes[..*len as usize]).expect("built from a str: valid UTF-8")
+                // SAFETY: the bytes were copied whole from a `&str` (see
+                // `From<&str>`), so `bytes[..len]` is valid UTF-8. Checking
+                // it again cost ~10% of a backfill, which compares keys
+                // while it sorts them into arrangements.
+                #[allow(unsafe_code)]
+                unsafe {
+                    std::str::from_utf8_unchecked(&bytes[..*len as usize])
+                }
             }
             Repr::Shared(s) => s,
         }
