@@ -298,7 +298,7 @@ pub fn read_ceiling(
 ///
 /// This assumes the sink is the only writer under its prefix: one job per
 /// prefix, as the progress record already requires.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct Ownership {
     ceiling: u64,
     owned: std::collections::HashSet<(u8, Key), operators::window::FxBuildHasher>,
