@@ -363,7 +363,7 @@ pub fn apply(
     progress: Option<&ProgressRecord>,
 ) -> Result<Applied, SinkError> {
     let json = progress.map(|p| serde_json::to_string(&p.partitions).expect("progress serializes"));
-    let mut calls = writer::Calls::default();
+    let mut calls = writer::Calls::new(config);
     calls.build(config, ownership, frontier, rows, json.as_deref());
     let mut applied = Applied::default();
     for i in 0..calls.len() {

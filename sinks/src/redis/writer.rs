@@ -109,7 +109,7 @@ fn run(
     activator: SyncActivator,
 ) {
     let mut conn: Option<::redis::Connection> = None;
-    let mut calls = Calls::default();
+    let mut calls = Calls::new(&config);
     while let Ok(Job::Apply {
         frontier,
         rows,
@@ -117,13 +117,10 @@ fn run(
     }) = jobs.recv()
     {
         let started = Instant::now();
-        calls.build(
-            &config,
-            &mut ownership,
-            frontier,
-            &rows,
-            progress.as_deref(),
-        );
+        let build = |calls: &mut Calls, ownership: &mut Ownership| {
+            calls.build(&config, ownership, frontier, &rows, progress.as_deref())
+        };
+        build(&mut calls, &mut ownership);
         let mut backoff = Duration::from_millis(config.backoff_initial_ms.max(1));
         let mut applied = Applied::default();
         let mut next_call = 0;
@@ -155,13 +152,7 @@ fn run(
                     tracing::warn!(%error, frontier, retry_in_ms = backoff.as_millis() as u64, "redis write failed, retrying");
                     conn = None;
                     ownership.forget();
-                    calls.build(
-                        &config,
-                        &mut ownership,
-                        frontier,
-                        &rows,
-                        progress.as_deref(),
-                    );
+                    build(&mut calls, &mut ownership);
                     applied = Applied::default();
                     next_call = 0;
                     std::thread::sleep(backoff);
@@ -201,8 +192,11 @@ fn run(
 /// progress frontier and JSON (or two empty strings); the field-name lists
 /// used by the call's rows (`s`, then per list its length `m` and `m` names);
 /// then per row the 1-based list index (0: delete) and its `m` values.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct Calls {
+    /// The progress hash and tombstone set of the prefix, formatted once.
+    progress_key: String,
+    tombstone_key: String,
     buf: Vec<u8>,
     units: Vec<Unit>,
     scratch: Vec<u8>,
@@ -224,6 +218,19 @@ struct Unit {
 }
 
 impl Calls {
+    pub(crate) fn new(config: &RedisSinkConfig) -> Calls {
+        Calls {
+            progress_key: config.progress_key(),
+            tombstone_key: config.tombstone_key(),
+            buf: Vec::new(),
+            units: Vec::new(),
+            scratch: Vec::new(),
+            schemas: Vec::new(),
+            row_schema: Vec::new(),
+            changed: Vec::new(),
+        }
+    }
+
     pub(crate) fn len(&self) -> usize {
         self.units.len()
     }
@@ -318,8 +325,8 @@ impl Calls {
         resp::bulk(&mut self.buf, b"FCALL");
         resp::bulk(&mut self.buf, super::FUNCTION.as_bytes());
         self.bulk_int((chunk.len() + 2) as u64);
-        resp::bulk(&mut self.buf, config.progress_key().as_bytes());
-        resp::bulk(&mut self.buf, config.tombstone_key().as_bytes());
+        resp::bulk(&mut self.buf, self.progress_key.as_bytes());
+        resp::bulk(&mut self.buf, self.tombstone_key.as_bytes());
         for row in chunk {
             self.row_key(config, row);
         }
@@ -376,7 +383,7 @@ impl Calls {
             self.command(config, b"DEL", row, 2);
             resp::header(&mut self.buf, b'*', 4);
             resp::bulk(&mut self.buf, b"ZADD");
-            resp::bulk(&mut self.buf, config.tombstone_key().as_bytes());
+            resp::bulk(&mut self.buf, self.tombstone_key.as_bytes());
             resp::bulk(&mut self.buf, as_of);
             self.row_key(config, row);
             unit.deleted += 1;
