@@ -65,12 +65,9 @@ type Found = (u64, u8, Arc<[Value]>);
 
 /// From the workers to the caller's thread.
 enum Note {
-    /// The row of entity `entity` as of lookup `lookup`'s time.
-    Row {
-        lookup: u64,
-        entity: u8,
-        values: Arc<[Value]>,
-    },
+    /// Rows found: (lookup, entity, values), the row of `entity` as of
+    /// `lookup`'s time.
+    Rows(Vec<Found>),
     /// Worker `worker` will send nothing more before `frontier` (`None`: done).
     Frontier {
         worker: usize,
@@ -119,7 +116,7 @@ pub fn rows_as_of(
 
     // Collect rows and frontiers; answer lookups in order as every worker's
     // frontier passes their time.
-    let mut rows: HashMap<(u64, u8), Arc<[Value]>> = HashMap::new();
+    let mut rows: HashMap<(u64, u8), Arc<[Value]>, FxBuildHasher> = HashMap::default();
     let mut frontiers: Vec<Option<u64>> = vec![Some(0); workers];
     let mut next = 0usize;
     let entities = set.entities.clone();
@@ -133,12 +130,10 @@ pub fn rows_as_of(
                 }
             };
             match note {
-                Note::Row {
-                    lookup,
-                    entity,
-                    values,
-                } => {
-                    rows.insert((lookup, entity), values);
+                Note::Rows(found) => {
+                    for (lookup, entity, values) in found {
+                        rows.insert((lookup, entity), values);
+                    }
                     continue;
                 }
                 Note::Frontier { worker, frontier } => frontiers[worker] = frontier,
@@ -199,16 +194,16 @@ fn worker_main(
             move |(input, frontier)| {
                 // The join emits a lookup's rows at its time, before its
                 // frontier passes that time: forward them, then the frontier.
+                let mut found = Vec::new();
                 input.for_each(|_, data| {
-                    for ((lookup, entity, values), _, diff) in data.drain(..) {
+                    found.extend(data.drain(..).map(|(row, _, diff)| {
                         debug_assert_eq!(diff, 1, "one row per key as of a time");
-                        let _ = tx.send(Note::Row {
-                            lookup,
-                            entity,
-                            values,
-                        });
-                    }
+                        row
+                    }));
                 });
+                if !found.is_empty() {
+                    let _ = tx.send(Note::Rows(found));
+                }
                 let bound = frontier.frontier().first().copied();
                 if bound != reported {
                     reported = bound;
@@ -222,42 +217,47 @@ fn worker_main(
         (events_in, lookups_in)
     });
 
-    if index == 0 {
-        let mut next = 0usize;
-        let mut feed =
-            |upto: usize, lookups_in: &mut differential_dataflow::input::InputSession<_, _, _>| {
-                while let Some(lookup) = lookups.get(next).filter(|l| l.feed_at <= upto) {
+    // Every worker walks the whole log and feeds its share of the events
+    // and lookups (every `peers`-th), advancing at the same points.
+    let peers = worker.peers();
+    let mut next = 0usize;
+    let mut feed =
+        |upto: usize, lookups_in: &mut differential_dataflow::input::InputSession<_, _, _>| {
+            while let Some(lookup) = lookups.get(next).filter(|l| l.feed_at <= upto) {
+                if next % peers == index {
                     for (entity, key) in &lookup.keys {
                         let record = ((*entity, key.clone()), next as u64);
                         lookups_in.update_at(record, lookup.as_of, 1);
                     }
-                    next += 1;
                 }
-            };
-        // Each event goes in at its own time, but the inputs advance only
-        // once per batch: one round of progress tracking covers a batch's
-        // thousands of ticks, where the stream job pays one per tick.
-        let mut time = 0u64;
-        let mut previous = 0u64;
-        for (i, (source, event)) in log.events.iter().enumerate() {
-            feed(i, &mut lookups_in);
-            time = graph.quantize(event.event_time()).max(time);
-            events.update_at((*source, event.clone()), time, 1);
-            if i % FEED_BATCH == FEED_BATCH - 1 {
-                events.advance_to(time);
-                lookups_in.advance_to(time);
-                events.flush();
-                lookups_in.flush();
-                // Let the dataflow finish the batch before last: one batch
-                // in flight, memory bounded.
-                while probe.less_than(&previous) && !done.load(Ordering::Relaxed) {
-                    worker.step();
-                }
-                previous = time;
+                next += 1;
             }
+        };
+    // Each event goes in at its own time, but the inputs advance only once
+    // per batch: one round of progress tracking covers a batch's thousands
+    // of ticks, where the stream job pays one per tick.
+    let mut time = 0u64;
+    let mut previous = 0u64;
+    for (i, (source, event)) in log.events.iter().enumerate() {
+        feed(i, &mut lookups_in);
+        time = graph.quantize(event.event_time()).max(time);
+        if i % peers == index {
+            events.update_at((*source, event.clone()), time, 1);
         }
-        feed(usize::MAX, &mut lookups_in);
+        if i % FEED_BATCH == FEED_BATCH - 1 {
+            events.advance_to(time);
+            lookups_in.advance_to(time);
+            events.flush();
+            lookups_in.flush();
+            // Let the dataflow finish the batch before last: one batch in
+            // flight, memory bounded.
+            while probe.less_than(&previous) && !done.load(Ordering::Relaxed) {
+                worker.step_or_park(Some(Duration::from_millis(1)));
+            }
+            previous = time;
+        }
     }
+    feed(usize::MAX, &mut lookups_in);
     events.close();
     lookups_in.close();
     while !done.load(Ordering::Relaxed) && worker.step_or_park(Some(Duration::from_millis(10))) {}

@@ -131,13 +131,14 @@ pub fn run(
     let labels = Labels::new(&log.labels, cutoff);
     let purchases = Purchases::new(&log);
     let Queries { lookups, events } = queries(&log, &set, &graph);
+    let lookups_total = lookups.len() as u64;
     let lookups = Arc::new(lookups);
     let log = Arc::new(log);
     let fraud_model = Model::rules(ModelKind::Fraud, &set)?;
     let view_model = Model::rules(ModelKind::Propensity, &set)?;
 
     let progress = if config.progress {
-        let bar = indicatif::ProgressBar::new(lookups.len() as u64);
+        let bar = indicatif::ProgressBar::new(lookups_total);
         bar.set_style(
             indicatif::ProgressStyle::with_template(
                 "backfill {bar:40} {pos}/{len} lookups {per_sec} eta {eta}",
@@ -214,9 +215,12 @@ pub fn run(
                 })?;
             }
         }
-        progress.inc(1);
+        if i % 1024 == 1023 {
+            progress.inc(1024);
+        }
         Ok(())
     })?;
+    progress.set_position(lookups_total);
     progress.finish_and_clear();
     summary.elapsed_secs = started.elapsed().as_secs_f64();
     output.finish(&summary)?;
