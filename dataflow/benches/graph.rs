@@ -7,7 +7,9 @@
 //! (~28 events per simulated second, 40% transactions, 200k cards, 100k
 //! users), so after the first 24 simulated hours every window is full and
 //! retracting. "warmup" covers the events before that point, "steady" the
-//! ones after it; targets refer to "steady".
+//! ones after it; targets refer to "steady". The same runs repeat with every
+//! window and the span divided by 60 (`window_scale` 60): the same state and
+//! work per event at 60x the events per tick (see `main`).
 //!
 //! Run: `bash bench/dataflow/run.sh` (or `cargo bench -p dataflow --bench graph`).
 //! Knobs (env): BENCH_EVENTS (default 3_000_000), BENCH_SIM_HOURS (default
@@ -15,7 +17,7 @@
 //! BENCH_FEATURES (default: the repository's features.toml),
 //! BENCH_INFLIGHT_TICKS (default 5: ticks fed ahead of the output frontier), BENCH_BUILTIN
 //! (default 1: also time DD's built-ins on the card counts, see
-//! [`run_builtin`]; 0 skips it).
+//! [`run_builtin`]; 0 skips it), BENCH_WINDOW_SCALES (default "1,60").
 
 use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -108,12 +110,14 @@ struct Run {
 /// Runs the log through the graph on `workers` threads, up to the frontier
 /// past its last event (the retractions after the end of the log are not
 /// part of a run: a bounded job stops at its final frontier). Times the
-/// events before `T0 + 24h` (warm-up) and after (steady state) separately.
+/// events before `T0 + warm_ms` (warm-up: the widest window filling) and
+/// after (steady state) separately.
 fn run(
     log: Arc<Vec<(i64, Event)>>,
     set: Arc<FeatureSet>,
     config: GraphConfig,
     workers: usize,
+    warm_ms: i64,
 ) -> Run {
     let start = Arc::new(std::sync::Barrier::new(workers));
     let changes = Arc::new(AtomicUsize::new(0));
@@ -168,7 +172,7 @@ fn run(
             })
             .collect();
         mine.sort_by_key(|(t, _)| *t);
-        let full = config.quantize(T0 + DAY_MS);
+        let full = config.quantize(T0 + warm_ms);
         let warmup_events = mine.iter().filter(|(t, _)| *t < full).count();
         // The end is the log's last tick, the same for every worker: a worker
         // that stopped at its own last tick would drop its half of the
@@ -253,6 +257,7 @@ fn run_builtin(
     windows: Vec<u64>,
     config: GraphConfig,
     workers: usize,
+    warm_ms: i64,
 ) -> f64 {
     use differential_dataflow::input::InputSession;
     use differential_dataflow::operators::CountTotal;
@@ -282,7 +287,7 @@ fn run_builtin(
             })
             .collect();
         mine.sort();
-        let full = config.quantize(T0 + DAY_MS);
+        let full = config.quantize(T0 + warm_ms);
         let mut queues: Vec<VecDeque<(u64, String)>> =
             windows.iter().map(|_| VecDeque::new()).collect();
         start.wait();
@@ -393,48 +398,75 @@ fn main() {
         "BENCH_FEATURES",
         concat!(env!("CARGO_MANIFEST_DIR"), "/../features.toml").to_string(),
     );
-    let set = Arc::new(FeatureSet::load(&path).expect("valid feature definitions"));
+    let base = FeatureSet::load(&path).expect("valid feature definitions");
     // BENCH_SIM_SECS replaces the span (e.g. 400: the warm-up-only workload
     // of earlier versions, where the 1h and 24h windows never retract).
     let span_ms = env("BENCH_SIM_SECS", hours * 3_600) * 1000;
-    let log = Arc::new(generate(events, span_ms, 42));
     let list =
         |s: &str| -> Vec<u64> { s.split(',').filter_map(|w| w.trim().parse().ok()).collect() };
     let mut results = Vec::new();
-    for tick_ms in list(&ticks) {
-        let config = GraphConfig { tick_ms };
-        for w in list(&workers) {
-            let cpu_before = process_cpu_secs();
-            let r = run(log.clone(), set.clone(), config.clone(), w as usize);
-            let cpu = process_cpu_secs() - cpu_before;
-            let rate = |(n, d): (usize, Duration)| n as f64 / d.as_secs_f64().max(1e-9);
-            let (warm, steady) = (rate(r.warmup), rate(r.steady));
-            let per_key = r.state_bytes as f64 / r.live_keys.max(1) as f64;
-            let load = load_average();
-            let builtin = if env("BENCH_BUILTIN", 1) == 1 {
-                let card = set.entity("card").expect("a card entity");
-                let counts: Vec<u64> = card
-                    .features
-                    .iter()
-                    .filter(|f| f.aggregation == schemas::Aggregation::Count)
-                    .map(|f| f.window_ms)
-                    .collect();
-                format!(
-                    "{:.0}",
-                    run_builtin(log.clone(), counts, config.clone(), w as usize)
-                )
-            } else {
-                "null".to_owned()
-            };
-            eprintln!(
-                "tick={tick_ms}ms workers={w} dd_builtin_card_counts events/s={builtin} warmup events/s={warm:.0} steady events/s={steady:.0} \
+    // Scale 1: the real windows over 30 simulated hours, about 28 events
+    // per simulated second: the steady state of a quiet stream, where a
+    // 1 s tick holds a few dozen events and per-tick costs dominate. Scale
+    // 60: every window and the span divided by 60 (1 min -> 1 s, 24 h ->
+    // 24 min, 30 h -> 30 min), the same events per key per window, so the
+    // same state and work per event, at 60x the events per tick (~1,700 at
+    // 1 s): closer to a loaded stream, where a tick holds thousands.
+    for scale in list(&env("BENCH_WINDOW_SCALES", "1,60".to_string())) {
+        let mut scaled = base.clone();
+        for entity in &mut scaled.entities {
+            for feature in &mut std::sync::Arc::make_mut(entity).features {
+                feature.window_ms /= scale;
+            }
+        }
+        let set = Arc::new(scaled);
+        let warm_ms = DAY_MS / scale as i64;
+        let log = Arc::new(generate(events, span_ms / scale as i64, 42));
+        for tick_ms in list(&ticks) {
+            let config = GraphConfig { tick_ms };
+            if let Err(e) = config.validate(&set) {
+                eprintln!("window scale {scale}, tick {tick_ms} ms: skipped ({e})");
+                continue;
+            }
+            for w in list(&workers) {
+                let cpu_before = process_cpu_secs();
+                let r = run(
+                    log.clone(),
+                    set.clone(),
+                    config.clone(),
+                    w as usize,
+                    warm_ms,
+                );
+                let cpu = process_cpu_secs() - cpu_before;
+                let rate = |(n, d): (usize, Duration)| n as f64 / d.as_secs_f64().max(1e-9);
+                let (warm, steady) = (rate(r.warmup), rate(r.steady));
+                let per_key = r.state_bytes as f64 / r.live_keys.max(1) as f64;
+                let load = load_average();
+                let builtin = if env("BENCH_BUILTIN", 1) == 1 {
+                    let card = set.entity("card").expect("a card entity");
+                    let counts: Vec<u64> = card
+                        .features
+                        .iter()
+                        .filter(|f| f.aggregation == schemas::Aggregation::Count)
+                        .map(|f| f.window_ms)
+                        .collect();
+                    format!(
+                        "{:.0}",
+                        run_builtin(log.clone(), counts, config.clone(), w as usize, warm_ms)
+                    )
+                } else {
+                    "null".to_owned()
+                };
+                eprintln!(
+                "window_scale={scale} tick={tick_ms}ms workers={w} dd_builtin_card_counts events/s={builtin} warmup events/s={warm:.0} steady events/s={steady:.0} \
                  cpu_secs={cpu:.1} row_changes={} live_keys={} bytes/live_key={per_key:.0} load={load}",
                 r.row_changes, r.live_keys
             );
-            results.push(format!(
-                "{{\"tick_ms\":{tick_ms},\"workers\":{w},\"warmup_events_per_sec\":{warm:.0},\"steady_events_per_sec\":{steady:.0},\"dd_builtin_card_counts_steady_events_per_sec\":{builtin},\"warmup_events\":{},\"steady_events\":{},\"cpu_secs\":{cpu:.2},\"row_changes\":{},\"live_keys\":{},\"state_bytes\":{},\"bytes_per_live_key\":{per_key:.0},\"load_avg_1m\":{load}}}",
+                results.push(format!(
+                "{{\"window_scale\":{scale},\"tick_ms\":{tick_ms},\"workers\":{w},\"warmup_events_per_sec\":{warm:.0},\"steady_events_per_sec\":{steady:.0},\"dd_builtin_card_counts_steady_events_per_sec\":{builtin},\"warmup_events\":{},\"steady_events\":{},\"cpu_secs\":{cpu:.2},\"row_changes\":{},\"live_keys\":{},\"state_bytes\":{},\"bytes_per_live_key\":{per_key:.0},\"load_avg_1m\":{load}}}",
                 r.warmup.0, r.steady.0, r.row_changes, r.live_keys, r.state_bytes
             ));
+            }
         }
     }
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
@@ -457,8 +489,8 @@ fn main() {
     println!(
         "{{\"bench\":\"dataflow\",\"machine\":{{\"cpu\":\"{cpu}\",\"cores\":{cores}}},\"commit\":\"{commit}\",\"config\":{{\"events\":{events},\"sim_secs\":{},\"feature_set\":\"{}\",\"features\":{},\"allocator\":\"mimalloc\",\"cards\":200000,\"users\":100000,\"txn_share\":0.4}},\"results\":[{}]}}",
         span_ms / 1000,
-        set.version,
-        set.entities.iter().map(|e| e.features.len()).sum::<usize>(),
+        base.version,
+        base.entities.iter().map(|e| e.features.len()).sum::<usize>(),
         results.join(",")
     );
 }

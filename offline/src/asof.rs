@@ -1,6 +1,6 @@
 //! Rows as of any time: the log replayed through the feature graph, bounded,
 //! and a set of lookups ((entity, key) as of a time) answered by a
-//! differential-dataflow join against the arranged rows. `sfs backfill` looks
+//! point-in-time join of the two collections ([`as_of_join`]). `sfs backfill` looks
 //! up each transaction's and product view's entities as of its own time;
 //! `sfs parity` looks up each served row as of the time it was served as.
 //!
