@@ -290,6 +290,13 @@ fn run_builtin(
         let full = config.quantize(T0 + warm_ms);
         let mut queues: Vec<VecDeque<(u64, String)>> =
             windows.iter().map(|_| VecDeque::new()).collect();
+        // The same end on every worker (see `run`): a worker that stopped at
+        // its own last tick would leave the others waiting for it.
+        let last = log
+            .iter()
+            .map(|(t, _)| config.quantize(*t))
+            .max()
+            .unwrap_or(0);
         start.wait();
         let mut began = Instant::now();
         let mut steady_events = 0;
@@ -325,7 +332,7 @@ fn run_builtin(
                 queue.push_back((tick, card.clone()));
             }
         }
-        let end = *input.time() + config.tick_ms;
+        let end = last + config.tick_ms;
         input.advance_to(end);
         input.flush();
         while probe.less_than(&end) {
