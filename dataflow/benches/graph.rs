@@ -34,7 +34,6 @@ use schemas::event::{Channel, Click, ClickAction, Txn};
 use schemas::FeatureSet;
 
 const T0: i64 = 1_700_000_000_000;
-const DAY_MS: i64 = 86_400_000;
 
 /// Skewed id: a few hot keys, a long tail.
 fn skewed(rng: &mut SmallRng, n: u64) -> u64 {
@@ -422,12 +421,12 @@ fn main() {
     for scale in list(&env("BENCH_WINDOW_SCALES", "1,60".to_string())) {
         let mut scaled = base.clone();
         for entity in &mut scaled.entities {
-            for feature in &mut std::sync::Arc::make_mut(entity).features {
+            for feature in &mut Arc::make_mut(entity).features {
                 feature.window_ms /= scale;
             }
         }
         let set = Arc::new(scaled);
-        let warm_ms = DAY_MS / scale as i64;
+        let warm_ms = set.widest_window_ms() as i64;
         let log = Arc::new(generate(events, span_ms / scale as i64, 42));
         for tick_ms in list(&ticks) {
             let config = GraphConfig { tick_ms };

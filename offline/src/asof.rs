@@ -271,6 +271,9 @@ fn worker_main(
 /// An entity's key: (entity index, key).
 type RowKey = (u8, Key);
 
+/// A change of a key's row: `((key, values), diff)`.
+type RowChange = ((RowKey, Arc<[Value]>), isize);
+
 /// The point-in-time join: for each lookup `((entity, key), lookup)` at time
 /// F, the row `rows` held for `(entity, key)` accumulated over the times
 /// `< F` (strictly before: an event at F never sees itself), output at F as
@@ -306,8 +309,7 @@ pub fn as_of_join<'scope>(
             |_initial, _info| {
                 let mut current: HashMap<RowKey, Arc<[Value]>, FxBuildHasher> = HashMap::default();
                 // Received row changes and lookups, by time.
-                let mut changes: BTreeMap<u64, Vec<((RowKey, Arc<[Value]>), isize)>> =
-                    BTreeMap::new();
+                let mut changes: BTreeMap<u64, Vec<RowChange>> = BTreeMap::new();
                 let mut asked: BTreeMap<u64, Vec<(RowKey, u64)>> = BTreeMap::new();
                 // Held iff a lookup is pending, at a time <= all of them.
                 let mut held: Option<Capability<u64>> = None;
@@ -387,7 +389,7 @@ type RowChanges = SmallVec<[(Arc<[Value]>, isize); 3]>;
 fn apply(
     current: &mut HashMap<RowKey, Arc<[Value]>, FxBuildHasher>,
     touched: &mut HashMap<RowKey, RowChanges, FxBuildHasher>,
-    batch: Vec<((RowKey, Arc<[Value]>), isize)>,
+    batch: Vec<RowChange>,
 ) {
     for ((key, values), diff) in batch {
         let changes = match touched.entry(key) {
@@ -447,11 +449,13 @@ mod tests {
     }
 
     type Update = ((u8, String), Vec<i64>, u64, isize);
+    /// A lookup of (entity, key) at a time.
+    type Asked = ((u8, String), u64);
 
     /// A random history of rows, at most one per key at any time: per key,
     /// creations, changes (`-old`, `+new` at one time, in either order),
     /// deletions and no-op pairs (`+r`, `-r`); and random lookups.
-    fn history(seed: u64) -> (Vec<Update>, Vec<((u8, String), u64)>) {
+    fn history(seed: u64) -> (Vec<Update>, Vec<Asked>) {
         let mut rng = Rng(seed | 1);
         let mut updates = Vec::new();
         for entity in 0..2u8 {
@@ -521,7 +525,7 @@ mod tests {
         workers: usize,
         seed: u64,
         updates: &[Update],
-        lookups: &[((u8, String), u64)],
+        lookups: &[Asked],
     ) -> Vec<Option<(Vec<i64>, u64)>> {
         let found = Arc::new(Mutex::new(vec![None; lookups.len()]));
         let (updates, lookups, out) = (updates.to_vec(), lookups.to_vec(), Arc::clone(&found));
@@ -529,12 +533,9 @@ mod tests {
             let (index, peers) = (worker.index(), worker.peers());
             let out = Arc::clone(&out);
             let probe = ProbeHandle::new();
-            let (mut rows_in, mut lookups_in): (
-                InputSession<u64, (RowKey, Arc<[Value]>), isize>,
-                InputSession<u64, (RowKey, u64), isize>,
-            ) = worker.dataflow::<u64, _, _>(|scope| {
-                let (rows_in, rows) = scope.new_collection();
-                let (lookups_in, asked) = scope.new_collection();
+            let (mut rows_in, mut lookups_in) = worker.dataflow::<u64, _, _>(|scope| {
+                let (rows_in, rows) = scope.new_collection::<(RowKey, Arc<[Value]>), isize>();
+                let (lookups_in, asked) = scope.new_collection::<(RowKey, u64), isize>();
                 as_of_join(rows, asked)
                     .inner
                     .inspect(move |((lookup, _, values), time, diff)| {
@@ -556,9 +557,9 @@ mod tests {
             // This worker's share, fed time by time in a shuffled order. By
             // the seed, the lookups run ahead of the rows (all of them
             // before the first row), or behind them, or in step.
-            let mut rng = Rng(seed ^ (index as u64 + 1) * 0x9e37_79b9);
+            let mut rng = Rng(seed ^ ((index as u64 + 1) * 0x9e37_79b9));
             let horizon = 60u64;
-            let mut feed_lookups = |lookups_in: &mut InputSession<_, _, _>, times: Range<u64>| {
+            let feed_lookups = |lookups_in: &mut InputSession<_, _, _>, times: Range<u64>| {
                 for (i, (key, at)) in lookups.iter().enumerate() {
                     if i % peers == index && times.contains(at) {
                         let key = (key.0, Key::from(key.1.as_str()));
