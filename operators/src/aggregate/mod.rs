@@ -282,8 +282,6 @@ where
                 let mut pending: BTreeMap<u64, Vec<Vec<(K, V)>>> = BTreeMap::new();
                 // Invariant: held iff work is pending, at a time <= all of it.
                 let mut held: Option<Capability<u64>> = None;
-                // Row changes to send, reused across activations.
-                let mut changes: Vec<(D, u64, isize)> = Vec::new();
                 move |(input, frontier), output| {
                     let port = output.output_index();
                     input.for_each(|cap, data| {
@@ -319,11 +317,6 @@ where
                     // changed at `time` are emitted at `time` before the
                     // capability may move past it.
                     let mut work = 0;
-                    // The changes of every time finished in this activation,
-                    // sent once, under the first one's capability (each
-                    // carries its own time): one message per activation, not
-                    // one per time, where a batch spans many sparse ticks.
-                    let mut first = None;
                     while let Some(time) = next_time(&pending, &store) {
                         if frontier.less_equal(&time) {
                             break; // `time` may still receive input.
@@ -352,36 +345,31 @@ where
                             pending.remove(&time);
                         }
                         // All work at `time` is done: emit the rows that changed.
-                        first.get_or_insert(time);
+                        let cap = held
+                            .as_mut()
+                            .expect("a capability is held while work is pending");
+                        cap.downgrade(&time);
+                        let mut session = output.session(cap);
                         store.drain_touched(|key, memo, empty| {
                             let changed = std::mem::take(&mut memo.changed);
                             if empty {
                                 if let Some(old) = memo.last.take() {
-                                    changes.push((emit(key, old), time, -1));
+                                    session.give((emit(key, old), time, -1));
                                 }
                                 return;
                             }
                             let Some(last) = memo.last.as_mut() else {
                                 let row = memo.fold.row();
                                 memo.last = Some(row.clone());
-                                changes.push((emit(key, row), time, 1));
+                                session.give((emit(key, row), time, 1));
                                 return;
                             };
                             if let Some(row) = memo.fold.refresh(changed, last) {
                                 let old = std::mem::replace(last, row);
-                                changes.push((emit(key, old), time, -1));
-                                changes.push((emit(key, last.clone()), time, 1));
+                                session.give((emit(key, old), time, -1));
+                                session.give((emit(key, last.clone()), time, 1));
                             }
                         });
-                    }
-                    if let Some(first) = first {
-                        // `held` is at or before every time worked on.
-                        let cap = held
-                            .as_mut()
-                            .expect("a capability is held while work is pending");
-                        cap.downgrade(&first);
-                        output.session(cap).give_container(&mut changes);
-                        changes.clear();
                     }
                     // Touched keys exist only mid-time, and then `next_time` is
                     // that time, so the capability below never passes them.
