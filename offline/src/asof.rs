@@ -329,9 +329,10 @@ pub fn as_of_join<'scope>(
                         for (lookup, time, diff) in data.drain(..) {
                             assert!(diff > 0, "AsOf: lookups are events (diff {diff})");
                             let at = asked.entry(time).or_default();
-                            for _ in 0..diff {
+                            for _ in 1..diff {
                                 at.push(lookup.clone());
                             }
+                            at.push(lookup);
                         }
                     });
                     loop {
