@@ -16,18 +16,19 @@
 //! "Features(name)" ([`WindowedAggregate`]).
 
 use std::rc::Rc;
+use std::sync::Arc;
 
 use differential_dataflow::{AsCollection, VecCollection};
 use serde::{Deserialize, Serialize};
 use timely::dataflow::channels::pact::Pipeline;
 use timely::dataflow::operators::generic::Operator;
-use timely::dataflow::operators::vec::Partition;
+use timely::dataflow::operators::vec::{Filter, Partition};
 use timely::dataflow::StreamVec;
 
 use operators::aggregate::{WindowedAggregate, WORK_PER_ACTIVATION};
-use schemas::{FeatureSet, Key, Row};
+use schemas::{FeatureSet, Key, Row, Value};
 
-use crate::compile::{compile, Event};
+use crate::compile::{compile, EntityPlan, Event, Record};
 
 /// Configuration of the feature graph.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -108,8 +109,85 @@ pub fn build_features_budgeted<'scope>(
     }
     let scope = events.scope();
     let plans = compile(set);
-    let project = Rc::new(plans.iter().map(Rc::clone).collect::<Vec<_>>());
-    let parts = events
+    let parts = project(events, &plans);
+    let mut rows = Vec::with_capacity(plans.len());
+    for (plan, part) in plans.into_iter().zip(parts) {
+        let entity = plan.index;
+        let fold = plan.fold();
+        rows.push(part.windowed_aggregate_with(
+            &format!("Features({})", plan.name),
+            &plan.windows,
+            fold,
+            work_per_activation,
+            move |id: &Key, values| Row {
+                entity,
+                id: id.clone(),
+                values,
+            },
+        ));
+    }
+    differential_dataflow::collection::concatenate(scope, rows)
+}
+
+/// An entity's key: (entity index, key).
+pub type RowKey = (u8, Key);
+
+/// A row found for a lookup: (lookup, entity index, values).
+pub type Found = (u64, u8, Arc<[Value]>);
+
+/// The feature graph of `set` queried rather than reported: for each lookup
+/// `((entity, key), lookup)` at time F, the row that [`build_features`]
+/// holds for the key accumulated over the times `< F` (the row "as of F"),
+/// output at F as `(lookup, entity, values)`; nothing when the key has no
+/// row then. The same projection, windows and folds as
+/// [`build_features`], in the same operators
+/// ([`WindowedAggregate::windowed_lookup_with`]), but rows are computed only
+/// for lookups and no row change is emitted. Lookups of an entity with no
+/// features find nothing.
+pub fn lookup_features<'scope>(
+    events: VecCollection<'scope, u64, SourceEvent, isize>,
+    lookups: VecCollection<'scope, u64, (RowKey, u64), isize>,
+    set: &FeatureSet,
+    config: &GraphConfig,
+    work_per_activation: usize,
+) -> VecCollection<'scope, u64, Found, isize> {
+    if let Err(e) = config.validate(set) {
+        panic!("invalid graph config: {e}");
+    }
+    let scope = events.scope();
+    let plans = compile(set);
+    let parts = project(events, &plans);
+    let entities = plans.len() as u64;
+    let asked = lookups
+        .inner
+        .filter(move |((key, _), _, _)| u64::from(key.0) < entities)
+        .partition(entities, |(((entity, key), lookup), time, diff)| {
+            (u64::from(entity), ((key, lookup), time, diff))
+        });
+    let mut found = Vec::with_capacity(plans.len());
+    for ((plan, part), asked) in plans.into_iter().zip(parts).zip(asked) {
+        let entity = plan.index;
+        let fold = plan.fold();
+        found.push(part.windowed_lookup_with(
+            asked.as_collection(),
+            &format!("Features({})", plan.name),
+            &plan.windows,
+            fold,
+            work_per_activation,
+            move |_: &Key, lookup, values| (lookup, entity, values),
+        ));
+    }
+    differential_dataflow::collection::concatenate(scope, found)
+}
+
+/// "Project": each event to a record per entity it feeds, one collection
+/// per plan (in order).
+fn project<'scope>(
+    events: VecCollection<'scope, u64, SourceEvent, isize>,
+    plans: &[Rc<EntityPlan>],
+) -> Vec<VecCollection<'scope, u64, (Key, Record), isize>> {
+    let project = Rc::new(plans.to_vec());
+    events
         .inner
         .unary(Pipeline, "Project", move |_, _| {
             move |input, output| {
@@ -127,22 +205,8 @@ pub fn build_features_budgeted<'scope>(
         })
         .partition(plans.len() as u64, |((entity, part), time, diff)| {
             (entity as u64, (part, time, diff))
-        });
-    let mut rows = Vec::with_capacity(plans.len());
-    for (plan, part) in plans.into_iter().zip(parts) {
-        let entity = plan.index;
-        let fold = plan.fold();
-        rows.push(part.as_collection().windowed_aggregate_with(
-            &format!("Features({})", plan.name),
-            &plan.windows,
-            fold,
-            work_per_activation,
-            move |id: &Key, values| Row {
-                entity,
-                id: id.clone(),
-                values,
-            },
-        ));
-    }
-    differential_dataflow::collection::concatenate(scope, rows)
+        })
+        .into_iter()
+        .map(|part| part.as_collection())
+        .collect()
 }

@@ -12,4 +12,6 @@ pub mod shutdown;
 pub mod stream;
 pub mod worker;
 
-pub use graph::{build_features, events_collection, GraphConfig, SourceEvent};
+pub use graph::{
+    build_features, events_collection, lookup_features, Found, GraphConfig, RowKey, SourceEvent,
+};

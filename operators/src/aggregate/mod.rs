@@ -20,7 +20,7 @@ use std::hash::Hash;
 use differential_dataflow::{AsCollection, VecCollection};
 use timely::dataflow::channels::pact::Exchange;
 use timely::dataflow::operators::generic::Operator;
-use timely::dataflow::operators::Capability;
+use timely::dataflow::operators::{Capability, InputCapability};
 use timely::ExchangeData;
 
 use crate::window::{key_hash, WindowFold, WindowStore};
@@ -226,6 +226,39 @@ pub trait WindowedAggregate<'scope, K, V> {
         F: RowAggregate<V>,
         D: Clone + 'static,
         E: FnMut(&K, F::Row) -> D + 'static;
+
+    /// The windows of [`windowed_aggregate_with`](Self::windowed_aggregate_with)
+    /// queried instead of reported: for each lookup `(key, lookup)` at time
+    /// `F`, outputs `answer(key, lookup, row)` at `F`, where `row` is the
+    /// key's row accumulated over the times `< F` (strictly before: the
+    /// values at `F` are not in it); nothing when the key has no row then.
+    ///
+    /// The windows are maintained exactly as for the row changes (same
+    /// store, same fold, same time order), but a row is computed only when
+    /// a lookup asks for it, and no change is emitted. A replay that needs
+    /// the rows only at some times (a backfill asks at each event's own
+    /// time) so skips most of the work: every value leaving a window
+    /// changes a row, and most changed rows are never asked for.
+    ///
+    /// Lookups are routed by the same hash as the events. Lookups at `F`
+    /// are answered once neither input can receive anything at `F` any
+    /// more, before the values at `F` enter and those due at `F` leave. The
+    /// operator holds a capability only while a lookup is pending; lookup
+    /// differences must be positive (a difference `n` is `n` lookups).
+    fn windowed_lookup_with<F, L, D, E>(
+        self,
+        lookups: VecCollection<'scope, u64, (K, L), isize>,
+        name: &str,
+        windows: &[u64],
+        fold: F,
+        work_per_activation: usize,
+        answer: E,
+    ) -> VecCollection<'scope, u64, D, isize>
+    where
+        F: RowAggregate<V>,
+        L: ExchangeData + Clone,
+        D: Clone + 'static,
+        E: FnMut(&K, L, F::Row) -> D + 'static;
 }
 
 impl<'scope, K, V> WindowedAggregate<'scope, K, V> for VecCollection<'scope, u64, (K, V), isize>
@@ -271,44 +304,18 @@ where
             changed: 0,
             _value: std::marker::PhantomData,
         };
-        let mut store = WindowStore::<K, V, Memo<F, V>>::new(windows, memo);
+        let mut windows = Windows::new(name, windows, memo);
         let scope = self.scope();
-        let operator = name.to_owned();
-        let pact = Exchange::new(|((key, _), _, _): &((K, V), u64, isize)| key_hash(key));
         self.inner
-            .unary_frontier(pact, name, move |_initial, info| {
+            .unary_frontier(route::<K, V>(), name, move |_initial, info| {
                 let activator = scope.activator_for(info.address);
-                // Received events by time, not yet inserted.
-                let mut pending: BTreeMap<u64, Vec<Vec<(K, V)>>> = BTreeMap::new();
                 // Invariant: held iff work is pending, at a time <= all of it.
                 let mut held: Option<Capability<u64>> = None;
                 move |(input, frontier), output| {
                     let port = output.output_index();
                     input.for_each(|cap, data| {
-                        let Some(&at) = cap.least() else { return };
-                        if held.as_ref().is_none_or(|h| at < *h.time()) {
-                            held = cap.retain_least(port);
-                        }
-                        // Updates are at times >= the capability's; a batch
-                        // usually holds one time, so group runs of equal times.
-                        let mut run: Vec<(K, V)> = Vec::with_capacity(data.len());
-                        let mut run_time = None;
-                        for ((key, value), time, diff) in data.drain(..) {
-                            assert!(diff > 0, "{operator}: events are append-only (diff {diff})");
-                            if run_time != Some(time) {
-                                if let Some(t) = run_time {
-                                    pending.entry(t).or_default().push(std::mem::take(&mut run));
-                                }
-                                run_time = Some(time);
-                            }
-                            for _ in 1..diff {
-                                run.push((key.clone(), value.clone()));
-                            }
-                            run.push((key, value));
-                        }
-                        if let Some(t) = run_time {
-                            pending.entry(t).or_default().push(run);
-                        }
+                        hold(&mut held, &cap, port);
+                        windows.receive(data);
                     });
 
                     // Work is capped per activation. Whether `time` is finished is
@@ -317,32 +324,13 @@ where
                     // changed at `time` are emitted at `time` before the
                     // capability may move past it.
                     let mut work = 0;
-                    while let Some(time) = next_time(&pending, &store) {
+                    while let Some(time) = windows.next_time() {
                         if frontier.less_equal(&time) {
                             break; // `time` may still receive input.
                         }
-                        if work >= budget {
+                        if work >= budget || !windows.advance(time, budget, &mut work) {
                             activator.activate();
-                            break; // Yield between times; resume at `time`.
-                        }
-                        work += store.retract_until(time, budget - work);
-                        if store.next_due().is_some_and(|due| due <= time) {
-                            // Departures at `time` remain: `next_time` stays `time`.
-                            activator.activate();
-                            break;
-                        }
-                        if let Some(batches) = pending.get_mut(&time) {
-                            while work < budget {
-                                let Some(batch) = batches.pop() else { break };
-                                work += batch.len();
-                                store.insert_batch(time, batch);
-                            }
-                            if !batches.is_empty() {
-                                // Insertions at `time` remain: `pending` keeps `time`.
-                                activator.activate();
-                                break;
-                            }
-                            pending.remove(&time);
+                            break; // Yield; resume at `time`.
                         }
                         // All work at `time` is done: emit the rows that changed.
                         let cap = held
@@ -350,7 +338,7 @@ where
                             .expect("a capability is held while work is pending");
                         cap.downgrade(&time);
                         let mut session = output.session(cap);
-                        store.drain_touched(|key, memo, empty| {
+                        windows.store.drain_touched(|key, memo, empty| {
                             let changed = std::mem::take(&mut memo.changed);
                             if empty {
                                 if let Some(old) = memo.last.take() {
@@ -373,31 +361,219 @@ where
                     }
                     // Touched keys exist only mid-time, and then `next_time` is
                     // that time, so the capability below never passes them.
-                    match next_time(&pending, &store) {
-                        Some(time) => {
-                            if let Some(cap) = held.as_mut() {
-                                cap.downgrade(&time);
-                            }
-                        }
-                        None => held = None,
-                    }
+                    settle(&mut held, windows.next_time());
                 }
             })
             .as_collection()
     }
+
+    fn windowed_lookup_with<F, L, D, E>(
+        self,
+        lookups: VecCollection<'scope, u64, (K, L), isize>,
+        name: &str,
+        windows: &[u64],
+        fold: F,
+        work_per_activation: usize,
+        mut answer: E,
+    ) -> VecCollection<'scope, u64, D, isize>
+    where
+        F: RowAggregate<V>,
+        L: ExchangeData + Clone,
+        D: Clone + 'static,
+        E: FnMut(&K, L, F::Row) -> D + 'static,
+    {
+        assert!(
+            work_per_activation > 0,
+            "work_per_activation must be positive"
+        );
+        let budget = work_per_activation;
+        let mut windows = Windows::new(name, windows, fold);
+        let scope = self.scope();
+        let operator = name.to_owned();
+        self.inner
+            .binary_frontier(
+                lookups.inner,
+                route::<K, V>(),
+                route::<K, L>(),
+                name,
+                move |_initial, info| {
+                    let activator = scope.activator_for(info.address);
+                    // Received lookups by time, not yet answered.
+                    let mut asked: BTreeMap<u64, Vec<(K, L)>> = BTreeMap::new();
+                    // Invariant: held iff a lookup is pending, at a time <= all of them.
+                    let mut held: Option<Capability<u64>> = None;
+                    move |(events, events_frontier), (lookups, lookups_frontier), output| {
+                        events.for_each(|_, data| windows.receive(data));
+                        let port = output.output_index();
+                        lookups.for_each(|cap, data| {
+                            hold(&mut held, &cap, port);
+                            for (lookup, time, diff) in data.drain(..) {
+                                assert!(diff > 0, "{operator}: lookups are events (diff {diff})");
+                                let at = asked.entry(time).or_default();
+                                for _ in 1..diff {
+                                    at.push(lookup.clone());
+                                }
+                                at.push(lookup);
+                            }
+                        });
+
+                        let mut work = 0;
+                        loop {
+                            let next_lookup = asked.keys().next().copied();
+                            let Some(time) = min_some(windows.next_time(), next_lookup) else {
+                                break;
+                            };
+                            if events_frontier.less_equal(&time)
+                                || lookups_frontier.less_equal(&time)
+                            {
+                                break; // `time` may still receive input.
+                            }
+                            if work >= budget {
+                                activator.activate();
+                                break;
+                            }
+                            if next_lookup == Some(time) {
+                                // The windows hold the times `< time`: answer first.
+                                let cap = held.as_mut().expect("held while lookups are pending");
+                                cap.downgrade(&time);
+                                let mut session = output.session(cap);
+                                for (key, lookup) in asked.remove(&time).unwrap_or_default() {
+                                    work += 1;
+                                    if let Some(fold) = windows.store.fold_of(&key) {
+                                        session.give((answer(&key, lookup, fold.row()), time, 1));
+                                    }
+                                }
+                                continue;
+                            }
+                            if !windows.advance(time, budget, &mut work) {
+                                activator.activate();
+                                break; // Resume at `time`.
+                            }
+                            windows.store.drain_touched(|_, _, _| {});
+                        }
+                        settle(&mut held, asked.keys().next().copied());
+                    }
+                },
+            )
+            .as_collection()
+    }
 }
 
-fn next_time<K, V, F>(
-    pending: &BTreeMap<u64, Vec<Vec<(K, V)>>>,
-    store: &WindowStore<K, V, F>,
-) -> Option<u64>
-where
-    K: Hash + Eq + Clone,
-    F: WindowFold<V> + Clone,
+/// Routes `(key, _)` records by the key's deterministic hash.
+fn route<K: ExchangeData + Hash, T: ExchangeData>() -> Exchange<Keyed<K, T>, fn(&Keyed<K, T>) -> u64>
 {
-    match (pending.keys().next().copied(), store.next_due()) {
+    Exchange::new(|((key, _), _, _): &Keyed<K, T>| key_hash(key))
+}
+
+/// A keyed update: `((key, payload), time, diff)`.
+type Keyed<K, T> = ((K, T), u64, isize);
+
+/// Retains `cap` for output `port` in `held` if it is earlier than what is held.
+fn hold(held: &mut Option<Capability<u64>>, cap: &InputCapability<u64>, port: usize) {
+    let Some(&at) = cap.least() else { return };
+    if held.as_ref().is_none_or(|h| at < *h.time()) {
+        *held = cap.retain_least(port);
+    }
+}
+
+/// Moves the held capability to `next`, the earliest pending work, or
+/// drops it when nothing is pending.
+fn settle(held: &mut Option<Capability<u64>>, next: Option<u64>) {
+    match next {
+        Some(time) => {
+            if let Some(cap) = held.as_mut() {
+                cap.downgrade(&time);
+            }
+        }
+        None => *held = None,
+    }
+}
+
+fn min_some(a: Option<u64>, b: Option<u64>) -> Option<u64> {
+    match (a, b) {
         (Some(a), Some(b)) => Some(a.min(b)),
         (a, b) => a.or(b),
+    }
+}
+
+/// The window state of one operator: the received events not yet inserted,
+/// by time, and the store they go into.
+struct Windows<K, V, F> {
+    operator: String,
+    pending: BTreeMap<u64, Vec<Vec<(K, V)>>>,
+    store: WindowStore<K, V, F>,
+}
+
+impl<K, V, F> Windows<K, V, F>
+where
+    K: Hash + Eq + Clone,
+    V: Clone,
+    F: WindowFold<V> + Clone,
+{
+    fn new(operator: &str, windows: &[u64], fold: F) -> Self {
+        Windows {
+            operator: operator.to_owned(),
+            pending: BTreeMap::new(),
+            store: WindowStore::new(windows, fold),
+        }
+    }
+
+    /// Takes a batch of received events (times >= its capability's).
+    fn receive(&mut self, data: &mut Vec<((K, V), u64, isize)>) {
+        // A batch usually holds one time, so group runs of equal times.
+        let mut run: Vec<(K, V)> = Vec::with_capacity(data.len());
+        let mut run_time = None;
+        for ((key, value), time, diff) in data.drain(..) {
+            assert!(
+                diff > 0,
+                "{}: events are append-only (diff {diff})",
+                self.operator
+            );
+            if run_time != Some(time) {
+                if let Some(t) = run_time {
+                    self.pending
+                        .entry(t)
+                        .or_default()
+                        .push(std::mem::take(&mut run));
+                }
+                run_time = Some(time);
+            }
+            for _ in 1..diff {
+                run.push((key.clone(), value.clone()));
+            }
+            run.push((key, value));
+        }
+        if let Some(t) = run_time {
+            self.pending.entry(t).or_default().push(run);
+        }
+    }
+
+    /// The earliest time with values to insert or to retract.
+    fn next_time(&self) -> Option<u64> {
+        min_some(self.pending.keys().next().copied(), self.store.next_due())
+    }
+
+    /// Retracts the values due at `time` and inserts those received at
+    /// `time` (the earliest [`Self::next_time`], complete), adding the units
+    /// done to `work` and stopping near `budget`. Returns whether `time` is
+    /// finished; if not, the caller yields and calls again later.
+    fn advance(&mut self, time: u64, budget: usize, work: &mut usize) -> bool {
+        *work += self.store.retract_until(time, budget.saturating_sub(*work));
+        if self.store.next_due().is_some_and(|due| due <= time) {
+            return false; // Departures at `time` remain.
+        }
+        if let Some(batches) = self.pending.get_mut(&time) {
+            while *work < budget {
+                let Some(batch) = batches.pop() else { break };
+                *work += batch.len();
+                self.store.insert_batch(time, batch);
+            }
+            if !batches.is_empty() {
+                return false; // Insertions at `time` remain.
+            }
+            self.pending.remove(&time);
+        }
+        true
     }
 }
 

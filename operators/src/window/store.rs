@@ -215,6 +215,11 @@ where
         self.index.len()
     }
 
+    /// The fold of `key`, if it has a value inside some window.
+    pub fn fold_of(&self, key: &K) -> Option<&F> {
+        self.index.get(key).map(|&slot| &self.slots[slot].fold)
+    }
+
     /// The earliest time at which some value leaves some window.
     pub fn next_due(&self) -> Option<u64> {
         self.due
