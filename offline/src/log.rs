@@ -78,39 +78,52 @@ fn file_of(dir: &Path, topic: &str) -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
-/// Reads `path` (`.avro` container or `.jsonl`) as events of type `E`,
-/// leaving out (and counting) those the stream job would dead-letter as
-/// invalid. Files carry no record timestamp, so the future-time bound is
-/// not applied.
-fn read_valid<E: schemas::Event>(path: &Path, skipped: &mut u64) -> anyhow::Result<Vec<E>> {
-    let limits = schemas::Limits::default();
-    let mut events = read_file::<E>(path)?;
-    let before = events.len();
-    events.retain(|e| e.validate(e.time_ms(), &limits).is_ok());
-    *skipped += (before - events.len()) as u64;
-    Ok(events)
-}
-
-/// Reads `path` (`.avro` container or `.jsonl`) as events of type `E`.
-fn read_file<E: schemas::Event>(path: &Path) -> anyhow::Result<Vec<E>> {
+/// Reads `path` (`.avro` container or `.jsonl`) as events of type `E`
+/// into `out` (each through `wrap`), leaving out (and counting) those the
+/// stream job would dead-letter as invalid. Files carry no record
+/// timestamp, so the future-time bound is not applied. `out` grows once, by
+/// the number of records the file holds.
+fn read_valid<E: schemas::Event, T>(
+    path: &Path,
+    skipped: &mut u64,
+    out: &mut Vec<T>,
+    wrap: impl Fn(E) -> T,
+) -> anyhow::Result<()> {
     let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
     let what = || format!("{}", path.display());
-    if path.extension().is_some_and(|e| e == "avro") {
-        ContainerReader::<E>::new(&bytes)
-            .with_context(what)?
-            .map(|r| r.with_context(what))
-            .collect()
-    } else {
-        bytes
-            .split(|b| *b == b'\n')
-            .enumerate()
-            .filter(|(_, line)| !line.iter().all(u8::is_ascii_whitespace))
-            .map(|(i, line)| {
-                serde_json::from_slice(line)
-                    .with_context(|| format!("{} line {}", path.display(), i + 1))
-            })
-            .collect()
+    let avro = path.extension().is_some_and(|e| e == "avro");
+    let reader = match avro {
+        true => Some(ContainerReader::<E>::new(&bytes).with_context(what)?),
+        false => None,
+    };
+    out.reserve(match &reader {
+        Some(reader) => reader.remaining().unwrap_or(0),
+        None => bytes.iter().filter(|b| **b == b'\n').count(),
+    });
+    let limits = schemas::Limits::default();
+    let mut push = |event: E| {
+        if event.validate(event.time_ms(), &limits).is_ok() {
+            out.push(wrap(event));
+        } else {
+            *skipped += 1;
+        }
+    };
+    match reader {
+        Some(reader) => {
+            for event in reader {
+                push(event.with_context(what)?);
+            }
+        }
+        None => {
+            let lines = bytes.split(|b| *b == b'\n').enumerate();
+            for (i, line) in lines.filter(|(_, line)| !line.iter().all(u8::is_ascii_whitespace)) {
+                let event = serde_json::from_slice(line)
+                    .with_context(|| format!("{} line {}", path.display(), i + 1))?;
+                push(event);
+            }
+        }
     }
+    Ok(())
 }
 
 fn read_files(dir: &Path, set: &FeatureSet, topics: &Topics) -> anyhow::Result<EventLog> {
@@ -128,21 +141,16 @@ fn read_files(dir: &Path, set: &FeatureSet, topics: &Topics) -> anyhow::Result<E
                 def.name
             )
         })?;
+        let (events, skipped) = (&mut log.events, &mut log.skipped);
         match def.schema {
-            Schema::Txn => log.events.extend(
-                read_valid::<Txn>(&path, &mut log.skipped)?
-                    .into_iter()
-                    .map(|t| (index, Event::Txn(t))),
-            ),
-            Schema::Click => log.events.extend(
-                read_valid::<Click>(&path, &mut log.skipped)?
-                    .into_iter()
-                    .map(|c| (index, Event::Click(c))),
-            ),
+            Schema::Txn => read_valid(&path, skipped, events, |t: Txn| (index, Event::Txn(t)))?,
+            Schema::Click => {
+                read_valid(&path, skipped, events, |c: Click| (index, Event::Click(c)))?
+            }
         }
     }
     match file_of(dir, &topics.labels) {
-        Some(path) => log.labels = read_valid::<Label>(&path, &mut log.skipped)?,
+        Some(path) => read_valid(&path, &mut log.skipped, &mut log.labels, |l: Label| l)?,
         None => tracing::warn!(
             dir = %dir.display(),
             topic = %topics.labels,

@@ -214,6 +214,22 @@ impl<'a, E: Event> ContainerReader<'a, E> {
         self.version
     }
 
+    /// The number of datums not yet read, counted from the block headers
+    /// without decoding the blocks (a capacity hint: a corrupt block is
+    /// reported by the iteration, not here).
+    pub fn remaining(&self) -> Result<usize, ContainerError> {
+        let mut rest = self.rest;
+        let mut n = usize::try_from(self.left).map_err(|_| ContainerError::Truncated)?;
+        while !rest.is_empty() {
+            let count = read_long(&mut rest)?;
+            let size = read_long(&mut rest)?;
+            let size = usize::try_from(size).map_err(|_| ContainerError::Truncated)?;
+            take(&mut rest, size + 16)?;
+            n += usize::try_from(count).map_err(|_| ContainerError::Truncated)?;
+        }
+        Ok(n)
+    }
+
     fn next_block(&mut self) -> Result<bool, ContainerError> {
         while self.left == 0 {
             if self.rest.is_empty() {
