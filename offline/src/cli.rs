@@ -58,6 +58,7 @@ pub struct BackfillArgs {
 
 /// Runs `sfs backfill`.
 pub fn run(args: BackfillArgs) -> anyhow::Result<()> {
+    without_huge_pages();
     let replay = &args.replay;
     let set = replay.feature_set();
     let topics = replay.topics(&set, &args.label_topic);
@@ -127,6 +128,25 @@ pub fn run(args: BackfillArgs) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// Turns transparent huge pages off for this process. A replay allocates
+/// its whole log at once and frees it in bulk, and the allocator asks for
+/// huge pages (`madvise`), so with memory fragmented (after a build, or
+/// another process) each fault first compacts memory: measured on the
+/// 2-day log, 4.2-4.6 s more system time and a 7.5 s backfill taking 10-11
+/// s. Without them the replay's time does not depend on what ran before.
+/// The stream job keeps them: its windows' state gains from them.
+fn without_huge_pages() {
+    #[cfg(target_os = "linux")]
+    // SAFETY: prctl(PR_SET_THP_DISABLE) takes integer arguments only and
+    // changes nothing but this process's page policy.
+    #[allow(unsafe_code)]
+    unsafe {
+        if libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) != 0 {
+            tracing::debug!("could not turn transparent huge pages off");
+        }
+    }
 }
 
 /// What `sfs backfill` and `sfs parity` share: where the event log comes
@@ -247,6 +267,7 @@ pub struct ParityArgs {
 
 /// Runs `sfs parity`.
 pub fn run_parity(args: ParityArgs) -> anyhow::Result<()> {
+    without_huge_pages();
     let set = args.replay.feature_set();
     let topics = args.replay.topics(&set, schemas::event::LABEL_TOPIC);
     let gauges = crate::parity::Gauges::default();
