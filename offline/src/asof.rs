@@ -20,7 +20,7 @@
 //! The caller's thread hands each lookup, in order, to a callback once every
 //! worker's frontier has passed its time.
 
-use std::collections::HashMap;
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
@@ -28,7 +28,6 @@ use std::time::Duration;
 
 use differential_dataflow::input::Input;
 use operators::aggregate::WORK_PER_ACTIVATION;
-use operators::window::FxBuildHasher;
 use timely::dataflow::channels::pact::Pipeline;
 use timely::dataflow::operators::generic::Operator;
 use timely::dataflow::operators::Probe;
@@ -113,10 +112,12 @@ pub fn rows_as_of(
 
     // Collect rows and frontiers; answer lookups in order as every worker's
     // frontier passes their time.
-    let mut rows: HashMap<(u64, u8), Arc<[Value]>, FxBuildHasher> = HashMap::default();
     let mut frontiers: Vec<Option<u64>> = vec![Some(0); workers];
     let mut next = 0usize;
     let entities = set.entities.clone();
+    // The rows found for the lookups from `next` on: lookup `next + i`'s
+    // row of entity `e` at `i * entities.len() + e`.
+    let mut rows: VecDeque<Option<Arc<[Value]>>> = VecDeque::new();
     let result = (|| {
         while next < lookups.len() {
             let note = match rx.recv_timeout(Duration::from_secs(60)) {
@@ -129,7 +130,12 @@ pub fn rows_as_of(
             match note {
                 Note::Rows(found) => {
                     for (lookup, entity, values) in found {
-                        rows.insert((lookup, entity), values);
+                        // A lookup's rows come before the frontier that answers it.
+                        let at = (lookup as usize - next) * entities.len() + entity as usize;
+                        if rows.len() <= at {
+                            rows.resize(at + 1, None);
+                        }
+                        rows[at] = Some(values);
                     }
                     continue;
                 }
@@ -141,9 +147,12 @@ pub fn rows_as_of(
                 .min()
                 .unwrap_or(u64::MAX);
             while let Some(lookup) = lookups.get(next).filter(|l| l.as_of < until) {
+                let mut mine: Vec<_> = (0..entities.len())
+                    .map(|_| rows.pop_front().flatten())
+                    .collect();
                 let mut found = vec![None; entities.len()];
                 for (entity, key) in &lookup.keys {
-                    if let Some(values) = rows.remove(&(next as u64, *entity)) {
+                    if let Some(values) = mine[*entity as usize].take() {
                         found[*entity as usize] = Some(FeatureRow {
                             entity: Arc::clone(&entities[*entity as usize]),
                             id: key.to_string(),

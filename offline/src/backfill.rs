@@ -15,6 +15,7 @@ use std::time::Instant;
 
 use dataflow::compile::Event;
 use dataflow::GraphConfig;
+use operators::window::FxBuildHasher;
 use schemas::features::Schema;
 use schemas::{ClickAction, FeatureSet, Key, Label};
 use server::features::{Context, TxnContext};
@@ -129,7 +130,7 @@ pub fn run(
     let log_end_ms = log.end_ms().unwrap_or(0);
     let cutoff = config.label_cutoff_ms.unwrap_or(log_end_ms);
     let labels = Labels::new(&log.labels, cutoff);
-    let purchases = Purchases::new(&log);
+    let mut purchases = Purchases::new(&log);
     let Queries { lookups, events } = queries(&log, &set, &graph);
     let lookups_total = lookups.len() as u64;
     let lookups = Arc::new(lookups);
@@ -287,18 +288,20 @@ impl Labels {
     }
 }
 
-/// Purchase times per user, ascending.
-struct Purchases(HashMap<String, Vec<i64>>);
+/// Purchase times per user, ascending, with a cursor per user: the first
+/// purchase after the last view asked about.
+struct Purchases(HashMap<String, (Vec<i64>, usize), FxBuildHasher>);
 
 impl Purchases {
     fn new(log: &EventLog) -> Purchases {
-        let mut by_user: HashMap<String, Vec<i64>> = HashMap::new();
+        let mut by_user: HashMap<String, (Vec<i64>, usize), FxBuildHasher> = HashMap::default();
         for (_, event) in &log.events {
             if let Event::Click(c) = event {
                 if c.action == ClickAction::Purchase {
                     by_user
                         .entry(c.user_id.clone())
                         .or_default()
+                        .0
                         .push(c.event_time);
                 }
             }
@@ -308,10 +311,22 @@ impl Purchases {
 
     /// `Some(true)`: a purchase in (t, t + window]; `Some(false)`: none and
     /// the window ended within the log; `None`: the window is not over.
-    fn label(&self, user: &str, t: i64, window: i64, log_end: i64) -> Option<bool> {
-        let times = self.0.get(user).map_or(&[][..], Vec::as_slice);
-        let after = times.partition_point(|&p| p <= t);
-        if times.get(after).is_some_and(|&p| p <= t + window) {
+    /// Views come in time order, so the cursor only moves forward (a view
+    /// earlier than the last one asked about searches again).
+    fn label(&mut self, user: &str, t: i64, window: i64, log_end: i64) -> Option<bool> {
+        let next = match self.0.get_mut(user) {
+            Some((times, cursor)) => {
+                if *cursor > 0 && times[*cursor - 1] > t {
+                    *cursor = times.partition_point(|&p| p <= t);
+                }
+                while times.get(*cursor).is_some_and(|&p| p <= t) {
+                    *cursor += 1;
+                }
+                times.get(*cursor).copied()
+            }
+            None => None,
+        };
+        if next.is_some_and(|p| p <= t + window) {
             Some(true)
         } else if t + window <= log_end {
             Some(false)
@@ -377,8 +392,10 @@ mod tests {
 
     #[test]
     fn a_view_is_labelled_by_a_later_purchase_within_the_window() {
-        let purchases = Purchases(HashMap::from([("u".to_owned(), vec![100, 5_000])]));
+        let times = [("u".to_owned(), (vec![100, 5_000], 0))];
+        let mut purchases = Purchases(times.into_iter().collect());
         // (t, t + window]: a purchase at the view's own time does not count.
+        // Asked out of time order too: the cursor goes back.
         assert_eq!(purchases.label("u", 100, 1_000, 10_000), Some(false));
         assert_eq!(purchases.label("u", 99, 1_000, 10_000), Some(true));
         assert_eq!(purchases.label("u", 4_000, 1_000, 10_000), Some(true));
