@@ -109,7 +109,7 @@ pub fn build_features_budgeted<'scope>(
     }
     let scope = events.scope();
     let plans = compile(set);
-    let parts = project(events, &plans);
+    let parts = project(events, &plans, |(source, event), f| f(*source, event));
     let mut rows = Vec::with_capacity(plans.len());
     for (plan, part) in plans.into_iter().zip(parts) {
         let entity = plan.index;
@@ -144,8 +144,14 @@ pub type Found = (u64, u8, Arc<[Value]>);
 /// ([`WindowedAggregate::windowed_lookup_with`]), but rows are computed only
 /// for lookups and no row change is emitted. Lookups of an entity with no
 /// features find nothing.
-pub fn lookup_features<'scope>(
-    events: VecCollection<'scope, u64, SourceEvent, isize>,
+///
+/// The events are handles `E` that `resolve(handle, f)` turns into the
+/// source event, calling `f(source, &event)` (a replay holds its log in
+/// memory and feeds indices into it, where the stream job's events are
+/// decoded records: [`SourceEvent`], resolved by `|(s, e), f| f(*s, e)`).
+pub fn lookup_features<'scope, E: timely::ExchangeData>(
+    events: VecCollection<'scope, u64, E, isize>,
+    resolve: impl Fn(&E, &mut dyn FnMut(usize, &Event)) + 'static,
     lookups: VecCollection<'scope, u64, (RowKey, u64), isize>,
     set: &FeatureSet,
     config: &GraphConfig,
@@ -156,7 +162,7 @@ pub fn lookup_features<'scope>(
     }
     let scope = events.scope();
     let plans = compile(set);
-    let parts = project(events, &plans);
+    let parts = project(events, &plans, resolve);
     let entities = plans.len() as u64;
     let asked = lookups
         .inner
@@ -180,25 +186,28 @@ pub fn lookup_features<'scope>(
     differential_dataflow::collection::concatenate(scope, found)
 }
 
-/// "Project": each event to a record per entity it feeds, one collection
-/// per plan (in order).
-fn project<'scope>(
-    events: VecCollection<'scope, u64, SourceEvent, isize>,
+/// "Project": each event (resolved from its handle) to a record per entity
+/// it feeds, one collection per plan (in order).
+fn project<'scope, E: timely::ExchangeData>(
+    events: VecCollection<'scope, u64, E, isize>,
     plans: &[Rc<EntityPlan>],
+    resolve: impl Fn(&E, &mut dyn FnMut(usize, &Event)) + 'static,
 ) -> Vec<VecCollection<'scope, u64, (Key, Record), isize>> {
-    let project = Rc::new(plans.to_vec());
+    let project = plans.to_vec();
     events
         .inner
         .unary(Pipeline, "Project", move |_, _| {
             move |input, output| {
                 input.for_each(|cap, data| {
                     let mut session = output.session(&cap);
-                    for ((source, event), time, diff) in data.drain(..) {
-                        for plan in project.iter() {
-                            if let Some(part) = plan.project(source, &event) {
-                                session.give(((plan.index, part), time, diff));
+                    for (handle, time, diff) in data.drain(..) {
+                        resolve(&handle, &mut |source, event| {
+                            for plan in project.iter() {
+                                if let Some(part) = plan.project(source, event) {
+                                    session.give(((plan.index, part), time, diff));
+                                }
                             }
-                        }
+                        });
                     }
                 });
             }

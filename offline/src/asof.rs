@@ -35,6 +35,7 @@ use timely::dataflow::ProbeHandle;
 
 use dataflow::{lookup_features, Found, GraphConfig, RowKey};
 use schemas::features::{FeatureRow, Value};
+use dataflow::compile::Event;
 use schemas::{FeatureSet, Key};
 
 use crate::log::EventLog;
@@ -87,6 +88,12 @@ pub fn rows_as_of(
     mut answer: impl FnMut(usize, Vec<Option<FeatureRow>>) -> anyhow::Result<()>,
 ) -> anyhow::Result<()> {
     debug_assert!(lookups.windows(2).all(|w| w[0].as_of <= w[1].as_of));
+    anyhow::ensure!(
+        u32::try_from(log.events.len()).is_ok(),
+        "a replay holds at most {} events in memory ({} given)",
+        u32::MAX,
+        log.events.len()
+    );
     let workers = workers.max(1);
     let (tx, rx) = mpsc::channel::<Note>();
     let done = Arc::new(AtomicBool::new(false));
@@ -179,7 +186,7 @@ pub fn rows_as_of(
 /// part of the graph and the collection until the caller has every answer.
 fn worker_main(
     worker: &mut timely::worker::Worker,
-    log: &EventLog,
+    log: &Arc<EventLog>,
     lookups: &[Lookup],
     set: &FeatureSet,
     graph: &GraphConfig,
@@ -189,10 +196,16 @@ fn worker_main(
     let index = worker.index();
     let probe = ProbeHandle::new();
     let (mut events, mut lookups_in) = worker.dataflow::<u64, _, _>(|scope| {
-        let (events_in, events) = scope.new_collection::<dataflow::SourceEvent, isize>();
+        // Events are fed as indices into the log, which every worker holds.
+        let (events_in, events) = scope.new_collection::<u32, isize>();
+        let log = Arc::clone(log);
+        let resolve = move |i: &u32, f: &mut dyn FnMut(usize, &Event)| {
+            let (source, event) = &log.events[*i as usize];
+            f(*source, event);
+        };
         let (lookups_in, lookups) = scope.new_collection::<(RowKey, u64), isize>();
         let mut reported = Some(0u64);
-        lookup_features(events, lookups, set, graph, WORK_PER_ACTIVATION)
+        lookup_features(events, resolve, lookups, set, graph, WORK_PER_ACTIVATION)
             .inner
             .probe_with(&probe)
             .sink(Pipeline, "Collect", move |(input, frontier)| {
@@ -241,11 +254,11 @@ fn worker_main(
     // of ticks, where the stream job pays one per tick.
     let mut time = 0u64;
     let mut previous = 0u64;
-    for (i, (source, event)) in log.events.iter().enumerate() {
+    for (i, (_, event)) in log.events.iter().enumerate() {
         feed(i, &mut lookups_in);
         time = graph.quantize(event.event_time()).max(time);
         if i % peers == index {
-            events.update_at((*source, event.clone()), time, 1);
+            events.update_at(i as u32, time, 1);
         }
         if i % FEED_BATCH == FEED_BATCH - 1 {
             events.advance_to(time);
