@@ -33,9 +33,9 @@ use timely::dataflow::operators::generic::Operator;
 use timely::dataflow::operators::Probe;
 use timely::dataflow::ProbeHandle;
 
+use dataflow::compile::Event;
 use dataflow::{lookup_features, Found, GraphConfig, RowKey};
 use schemas::features::{FeatureRow, Value};
-use dataflow::compile::Event;
 use schemas::{FeatureSet, Key};
 
 use crate::log::EventLog;

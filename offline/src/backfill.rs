@@ -84,16 +84,19 @@ fn lookups_of(set: &FeatureSet, kind: ModelKind, schema: Schema) -> Vec<(u8, usi
 fn queries(log: &EventLog, set: &FeatureSet, graph: &GraphConfig) -> Queries {
     let fraud = lookups_of(set, ModelKind::Fraud, Schema::Txn);
     let views = lookups_of(set, ModelKind::Propensity, Schema::Click);
+    // The entities a transaction or a product view asks for; other clicks: none.
+    let asks = |event: &Event| match event {
+        Event::Txn(_) => Some(&fraud),
+        Event::Click(c) if c.action == ClickAction::View => Some(&views),
+        Event::Click(_) => None,
+    };
+    let n = log.events.iter().filter(|(_, e)| asks(e).is_some()).count();
     let mut queries = Queries {
-        lookups: Vec::new(),
-        events: Vec::new(),
+        lookups: Vec::with_capacity(n),
+        events: Vec::with_capacity(n),
     };
     for (i, (_, event)) in log.events.iter().enumerate() {
-        let keys = match event {
-            Event::Txn(_) => &fraud,
-            Event::Click(c) if c.action == ClickAction::View => &views,
-            Event::Click(_) => continue,
-        };
+        let Some(keys) = asks(event) else { continue };
         let keys = keys
             .iter()
             .filter_map(|&(entity, field)| match event.field(field)? {
@@ -130,8 +133,12 @@ pub fn run(
     let log_end_ms = log.end_ms().unwrap_or(0);
     let cutoff = config.label_cutoff_ms.unwrap_or(log_end_ms);
     let labels = Labels::new(&log.labels, cutoff);
-    let mut purchases = Purchases::new(&log);
-    let Queries { lookups, events } = queries(&log, &set, &graph);
+    // Both walk the whole log: side by side.
+    let (mut purchases, Queries { lookups, events }) = std::thread::scope(|s| {
+        let purchases = s.spawn(|| Purchases::new(&log));
+        let queries = queries(&log, &set, &graph);
+        (purchases.join().expect("purchases"), queries)
+    });
     let lookups_total = lookups.len() as u64;
     let lookups = Arc::new(lookups);
     let log = Arc::new(log);
@@ -298,11 +305,12 @@ impl Purchases {
         for (_, event) in &log.events {
             if let Event::Click(c) = event {
                 if c.action == ClickAction::Purchase {
-                    by_user
-                        .entry(c.user_id.clone())
-                        .or_default()
-                        .0
-                        .push(c.event_time);
+                    match by_user.get_mut(c.user_id.as_str()) {
+                        Some((times, _)) => times.push(c.event_time),
+                        None => {
+                            by_user.insert(c.user_id.clone(), (vec![c.event_time], 0));
+                        }
+                    }
                 }
             }
         }
