@@ -407,13 +407,19 @@ where
                         let port = output.output_index();
                         lookups.for_each(|cap, data| {
                             hold(&mut held, &cap, port);
+                            // Batches usually hold one time: one map entry per run.
+                            let mut run: Option<(u64, &mut Vec<(K, L)>)> = None;
                             for (lookup, time, diff) in data.drain(..) {
                                 assert!(diff > 0, "{operator}: lookups are events (diff {diff})");
-                                let at = asked.entry(time).or_default();
+                                let at = match run {
+                                    Some((t, at)) if t == time => at,
+                                    _ => asked.entry(time).or_default(),
+                                };
                                 for _ in 1..diff {
                                     at.push(lookup.clone());
                                 }
                                 at.push(lookup);
+                                run = Some((time, at));
                             }
                         });
 
