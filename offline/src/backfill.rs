@@ -57,6 +57,9 @@ pub struct Summary {
     pub skipped_records: u64,
     pub label_cutoff_ms: i64,
     pub log_end_ms: i64,
+    /// Reading the log into memory (set by the caller that read it).
+    pub read_secs: f64,
+    /// The replay: from the log in memory to both Parquet files closed.
     pub elapsed_secs: f64,
 }
 
@@ -230,8 +233,8 @@ pub fn run(
     })?;
     progress.set_position(lookups_total);
     progress.finish_and_clear();
-    summary.elapsed_secs = started.elapsed().as_secs_f64();
     output.finish(&summary)?;
+    summary.elapsed_secs = started.elapsed().as_secs_f64();
     Ok(summary)
 }
 

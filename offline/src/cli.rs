@@ -64,7 +64,9 @@ pub fn run(args: BackfillArgs) -> anyhow::Result<()> {
     let topics = replay.topics(&set, &args.label_topic);
     let source = replay.source(args.input.as_ref());
     tracing::info!(?source, "reading the log");
+    let reading = std::time::Instant::now();
     let log = log::read(&source, &set, &topics)?;
+    let read_secs = reading.elapsed().as_secs_f64();
     anyhow::ensure!(
         !log.events.is_empty(),
         "the log has no events: generate some first (sfs generate --out avro --out-dir DIR)"
@@ -106,13 +108,14 @@ pub fn run(args: BackfillArgs) -> anyhow::Result<()> {
         "replaying the log through the feature graph"
     );
     let output_files = Output::create(&args.out, &set, &metadata)?;
-    let summary = backfill::run(log, set, &config, output_files)?;
+    let mut summary = backfill::run(log, set, &config, output_files)?;
+    summary.read_secs = read_secs;
     let (fraud, views) = output::paths(&args.out);
     if args.summary_json {
         println!("{}", serde_json::to_string(&summary)?);
     } else {
         println!(
-            "backfill: {} events -> {} transactions ({} fraud, {} legit, {} pending) and {} views ({} purchased, {} pending) in {:.1} s ({:.0} transactions/s); wrote {} and {}",
+            "backfill: {} events -> {} transactions ({} fraud, {} legit, {} pending) and {} views ({} purchased, {} pending) in {:.1} s ({:.0} transactions/s; the log read in {:.1} s before); wrote {} and {}",
             summary.events,
             summary.transactions,
             summary.fraud,
@@ -123,6 +126,7 @@ pub fn run(args: BackfillArgs) -> anyhow::Result<()> {
             summary.views_pending,
             summary.elapsed_secs,
             summary.transactions as f64 / summary.elapsed_secs.max(1e-9),
+            summary.read_secs,
             fraud.display(),
             views.display(),
         );
