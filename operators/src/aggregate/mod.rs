@@ -466,13 +466,14 @@ where
 }
 
 /// Routes `(key, _)` records by the key's deterministic hash.
-fn route<K: ExchangeData + Hash, T: ExchangeData>() -> Exchange<Keyed<K, T>, fn(&Keyed<K, T>) -> u64>
-{
+fn route<K: ExchangeData + Hash, T: ExchangeData>() -> ByKey<K, T> {
     Exchange::new(|((key, _), _, _): &Keyed<K, T>| key_hash(key))
 }
 
 /// A keyed update: `((key, payload), time, diff)`.
 type Keyed<K, T> = ((K, T), u64, isize);
+/// The exchange of keyed updates by the key's hash.
+type ByKey<K, T> = Exchange<Keyed<K, T>, fn(&Keyed<K, T>) -> u64>;
 
 /// Retains `cap` for output `port` in `held` if it is earlier than what is held.
 fn hold(held: &mut Option<Capability<u64>>, cap: &InputCapability<u64>, port: usize) {
