@@ -104,14 +104,10 @@ pub fn build_features_budgeted<'scope>(
     config: &GraphConfig,
     work_per_activation: usize,
 ) -> VecCollection<'scope, u64, Row, isize> {
-    if let Err(e) = config.validate(set) {
-        panic!("invalid graph config: {e}");
-    }
     let scope = events.scope();
-    let plans = compile(set);
-    let parts = project(events, &plans, |(source, event), f| f(*source, event));
-    let mut rows = Vec::with_capacity(plans.len());
-    for (plan, part) in plans.into_iter().zip(parts) {
+    let parts = project(events, set, config, |(source, event), f| f(*source, event));
+    let mut rows = Vec::with_capacity(parts.len());
+    for (plan, part) in parts {
         let entity = plan.index;
         let fold = plan.fold();
         rows.push(part.windowed_aggregate_with(
@@ -157,21 +153,17 @@ pub fn lookup_features<'scope, E: timely::ExchangeData>(
     config: &GraphConfig,
     work_per_activation: usize,
 ) -> VecCollection<'scope, u64, Found, isize> {
-    if let Err(e) = config.validate(set) {
-        panic!("invalid graph config: {e}");
-    }
     let scope = events.scope();
-    let plans = compile(set);
-    let parts = project(events, &plans, resolve);
-    let entities = plans.len() as u64;
+    let parts = project(events, set, config, resolve);
+    let entities = parts.len() as u64;
     let asked = lookups
         .inner
         .filter(move |((key, _), _, _)| u64::from(key.0) < entities)
         .partition(entities, |(((entity, key), lookup), time, diff)| {
             (u64::from(entity), ((key, lookup), time, diff))
         });
-    let mut found = Vec::with_capacity(plans.len());
-    for ((plan, part), asked) in plans.into_iter().zip(parts).zip(asked) {
+    let mut found = Vec::with_capacity(parts.len());
+    for ((plan, part), asked) in parts.into_iter().zip(asked) {
         let entity = plan.index;
         let fold = plan.fold();
         found.push(part.windowed_lookup_with(
@@ -186,15 +178,24 @@ pub fn lookup_features<'scope, E: timely::ExchangeData>(
     differential_dataflow::collection::concatenate(scope, found)
 }
 
-/// "Project": each event (resolved from its handle) to a record per entity
-/// it feeds, one collection per plan (in order).
+/// An entity's window records, keyed.
+type Records<'scope> = VecCollection<'scope, u64, (Key, Record), isize>;
+
+/// The plans of `set`, each with its "Project"ed part of `events`: each
+/// event (resolved from its handle) to a record per entity it feeds. Panics
+/// on a tick that does not divide every window.
 fn project<'scope, E: timely::ExchangeData>(
     events: VecCollection<'scope, u64, E, isize>,
-    plans: &[Rc<EntityPlan>],
+    set: &FeatureSet,
+    config: &GraphConfig,
     resolve: impl Fn(&E, &mut dyn FnMut(usize, &Event)) + 'static,
-) -> Vec<VecCollection<'scope, u64, (Key, Record), isize>> {
-    let project = plans.to_vec();
-    events
+) -> Vec<(Rc<EntityPlan>, Records<'scope>)> {
+    if let Err(e) = config.validate(set) {
+        panic!("invalid graph config: {e}");
+    }
+    let plans = compile(set);
+    let project = plans.clone();
+    let parts = events
         .inner
         .unary(Pipeline, "Project", move |_, _| {
             move |input, output| {
@@ -216,6 +217,6 @@ fn project<'scope, E: timely::ExchangeData>(
             (entity as u64, (part, time, diff))
         })
         .into_iter()
-        .map(|part| part.as_collection())
-        .collect()
+        .map(|part| part.as_collection());
+    plans.into_iter().zip(parts).collect()
 }
