@@ -137,8 +137,12 @@ pub fn rows_as_of(
             match note {
                 Note::Rows(found) => {
                     for (lookup, entity, values) in found {
-                        // A lookup's rows come before the frontier that answers it.
-                        let at = (lookup as usize - next) * entities.len() + entity as usize;
+                        // A worker sends a lookup's rows before the frontier
+                        // past its time, so never for one already answered.
+                        let ahead = (lookup as usize)
+                            .checked_sub(next)
+                            .expect("a lookup's rows arrive before it is answered");
+                        let at = ahead * entities.len() + entity as usize;
                         if rows.len() <= at {
                             rows.resize(at + 1, None);
                         }
