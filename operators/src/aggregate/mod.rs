@@ -465,16 +465,6 @@ where
     }
 }
 
-/// Routes `(key, _)` records by the key's deterministic hash.
-fn route<K: ExchangeData + Hash, T: ExchangeData>() -> ByKey<K, T> {
-    Exchange::new(|((key, _), _, _): &Keyed<K, T>| key_hash(key))
-}
-
-/// A keyed update: `((key, payload), time, diff)`.
-type Keyed<K, T> = ((K, T), u64, isize);
-/// The exchange of keyed updates by the key's hash.
-type ByKey<K, T> = Exchange<Keyed<K, T>, fn(&Keyed<K, T>) -> u64>;
-
 /// Retains `cap` for output `port` in `held` if it is earlier than what is held.
 fn hold(held: &mut Option<Capability<u64>>, cap: &InputCapability<u64>, port: usize) {
     let Some(&at) = cap.least() else { return };
@@ -495,6 +485,17 @@ fn settle(held: &mut Option<Capability<u64>>, next: Option<u64>) {
         None => *held = None,
     }
 }
+
+/// Routes `((key, _), time, diff)` updates by the key's deterministic hash.
+/// The hash is a closure, inlined at each record (a `fn` pointer would be
+/// an indirect call per record).
+fn route<K: ExchangeData + Hash, T: ExchangeData>(
+) -> Exchange<Keyed<K, T>, impl FnMut(&Keyed<K, T>) -> u64 + 'static> {
+    Exchange::new(|((key, _), _, _): &Keyed<K, T>| key_hash(key))
+}
+
+/// A keyed update: `((key, payload), time, diff)`.
+type Keyed<K, T> = ((K, T), u64, isize);
 
 fn min_some(a: Option<u64>, b: Option<u64>) -> Option<u64> {
     match (a, b) {
