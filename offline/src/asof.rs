@@ -158,20 +158,20 @@ pub fn rows_as_of(
                 .min()
                 .unwrap_or(u64::MAX);
             while let Some(lookup) = lookups.get(next).filter(|l| l.as_of < until) {
-                let mut mine: Vec<_> = (0..entities.len())
-                    .map(|_| rows.pop_front().flatten())
-                    .collect();
-                let mut found = vec![None; entities.len()];
-                for (entity, key) in &lookup.keys {
-                    if let Some(values) = mine[*entity as usize].take() {
-                        found[*entity as usize] = Some(FeatureRow {
-                            entity: Arc::clone(&entities[*entity as usize]),
+                // This lookup's slots, one per entity, in entity order; a row
+                // is found only for an entity the lookup asked for.
+                let found = (0..entities.len())
+                    .map(|entity| {
+                        let values = rows.pop_front().flatten()?;
+                        let (_, key) = lookup.keys.iter().find(|(e, _)| *e as usize == entity)?;
+                        Some(FeatureRow {
+                            entity: Arc::clone(&entities[entity]),
                             id: key.to_string(),
                             as_of_ms: lookup.as_of as i64,
                             values: values.to_vec(),
-                        });
-                    }
-                }
+                        })
+                    })
+                    .collect();
                 answer(next, found)?;
                 next += 1;
             }

@@ -138,8 +138,8 @@ pub fn run(args: BackfillArgs) -> anyhow::Result<()> {
 /// its whole log at once and frees it in bulk, and the allocator asks for
 /// huge pages (`madvise`), so with memory fragmented (after a build, or
 /// another process) each fault first compacts memory: measured on the
-/// 2-day log, 4.2-4.6 s more system time and a 7.5 s backfill taking 10-11
-/// s. Without them the replay's time does not depend on what ran before.
+/// 2-day log, 3.2-4.7 s more system time and a 7-7.5 s backfill taking
+/// 10-11.4 s. Without them the replay's time does not depend on what ran before.
 /// The stream job keeps them: its windows' state gains from them.
 fn without_huge_pages() {
     #[cfg(target_os = "linux")]

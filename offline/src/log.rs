@@ -91,10 +91,10 @@ fn read_valid<E: schemas::Event, T>(
 ) -> anyhow::Result<()> {
     let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
     let what = || format!("{}", path.display());
-    let avro = path.extension().is_some_and(|e| e == "avro");
-    let reader = match avro {
-        true => Some(ContainerReader::<E>::new(&bytes).with_context(what)?),
-        false => None,
+    let reader = if path.extension().is_some_and(|e| e == "avro") {
+        Some(ContainerReader::<E>::new(&bytes).with_context(what)?)
+    } else {
+        None
     };
     out.reserve(match &reader {
         Some(reader) => reader.remaining().unwrap_or(0),
