@@ -301,6 +301,16 @@ impl EntityPlan {
         self.projections.get(source).is_some_and(Option::is_some)
     }
 
+    /// The key of an event of source `source` for this entity; `None` when
+    /// the source does not feed it.
+    pub fn key<'e>(&self, source: usize, event: &'e Event) -> Option<&'e str> {
+        let projection = self.projections.get(source)?.as_ref()?;
+        match event.field_ref(projection.key) {
+            Some(DatumRef::Str(key)) => Some(key),
+            _ => None,
+        }
+    }
+
     /// The key and record of an event of source `source`; `None` when the
     /// source does not feed the entity or the event meets no feature's
     /// condition.

@@ -26,6 +26,7 @@ use timely::dataflow::operators::vec::{Filter, Partition};
 use timely::dataflow::StreamVec;
 
 use operators::aggregate::{WindowedAggregate, WORK_PER_ACTIVATION};
+use operators::window::key_hash;
 use schemas::{FeatureSet, Key, Row, Value};
 
 use crate::compile::{compile, EntityPlan, Event, Record};
@@ -105,7 +106,13 @@ pub fn build_features_budgeted<'scope>(
     work_per_activation: usize,
 ) -> VecCollection<'scope, u64, Row, isize> {
     let scope = events.scope();
-    let parts = project(events, set, config, |(source, event), f| f(*source, event));
+    let parts = project(
+        events,
+        Spread::Partitioned,
+        set,
+        config,
+        |(source, event), f| f(*source, event),
+    );
     let mut rows = Vec::with_capacity(parts.len());
     for (plan, part) in parts {
         let entity = plan.index;
@@ -131,6 +138,25 @@ pub type RowKey = (u8, Key);
 /// A row found for a lookup: (lookup, entity index, values).
 pub type Found = (u64, u8, Arc<[Value]>);
 
+/// How a graph's events reach its workers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Spread {
+    /// Each event is fed to one worker, any: the records are routed to
+    /// their keys' workers.
+    Partitioned,
+    /// Each event is fed to every worker, and each keeps the records of the
+    /// keys it owns ([`worker_of`]): no record crosses workers. For a
+    /// replay whose workers all hold the log.
+    Replicated,
+}
+
+/// The worker of `peers` that owns `key`: where the graph routes its
+/// records and lookups.
+pub fn worker_of(key: &str, peers: usize) -> usize {
+    // `Key` hashes as its string, and the exchange routes by `hash % peers`.
+    (key_hash(key) % peers as u64) as usize
+}
+
 /// The feature graph of `set` queried rather than reported: for each lookup
 /// `((entity, key), lookup)` at time F, the row that [`build_features`]
 /// holds for the key accumulated over the times `< F` (the row "as of F"),
@@ -145,8 +171,11 @@ pub type Found = (u64, u8, Arc<[Value]>);
 /// source event, calling `f(source, &event)` (a replay holds its log in
 /// memory and feeds indices into it, where the stream job's events are
 /// decoded records: [`SourceEvent`], resolved by `|(s, e), f| f(*s, e)`).
+/// A lookup is answered on its key's worker ([`worker_of`]); fed there, it
+/// crosses no worker either.
 pub fn lookup_features<'scope, E: timely::ExchangeData>(
     events: VecCollection<'scope, u64, E, isize>,
+    spread: Spread,
     resolve: impl Fn(&E, &mut dyn FnMut(usize, &Event)) + 'static,
     lookups: VecCollection<'scope, u64, (RowKey, u64), isize>,
     set: &FeatureSet,
@@ -154,7 +183,7 @@ pub fn lookup_features<'scope, E: timely::ExchangeData>(
     work_per_activation: usize,
 ) -> VecCollection<'scope, u64, Found, isize> {
     let scope = events.scope();
-    let parts = project(events, set, config, resolve);
+    let parts = project(events, spread, set, config, resolve);
     let entities = parts.len() as u64;
     let asked = lookups
         .inner
@@ -186,6 +215,7 @@ type Records<'scope> = VecCollection<'scope, u64, (Key, Record), isize>;
 /// on a tick that does not divide every window.
 fn project<'scope, E: timely::ExchangeData>(
     events: VecCollection<'scope, u64, E, isize>,
+    spread: Spread,
     set: &FeatureSet,
     config: &GraphConfig,
     resolve: impl Fn(&E, &mut dyn FnMut(usize, &Event)) + 'static,
@@ -195,6 +225,13 @@ fn project<'scope, E: timely::ExchangeData>(
     }
     let plans = compile(set);
     let project = plans.clone();
+    let (index, peers) = (events.scope().index(), events.scope().peers());
+    let mine = move |plan: &EntityPlan, source: usize, event: &Event| match spread {
+        Spread::Partitioned => true,
+        Spread::Replicated => plan
+            .key(source, event)
+            .is_some_and(|key| worker_of(key, peers) == index),
+    };
     let parts = events
         .inner
         .unary(Pipeline, "Project", move |_, _| {
@@ -204,6 +241,9 @@ fn project<'scope, E: timely::ExchangeData>(
                     for (handle, time, diff) in data.drain(..) {
                         resolve(&handle, &mut |source, event| {
                             for plan in project.iter() {
+                                if !mine(plan, source, event) {
+                                    continue;
+                                }
                                 if let Some(part) = plan.project(source, event) {
                                     session.give(((plan.index, part), time, diff));
                                 }

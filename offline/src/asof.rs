@@ -34,7 +34,7 @@ use timely::dataflow::operators::Probe;
 use timely::dataflow::ProbeHandle;
 
 use dataflow::compile::Event;
-use dataflow::{lookup_features, Found, GraphConfig, RowKey};
+use dataflow::{lookup_features, worker_of, Found, GraphConfig, RowKey, Spread};
 use schemas::features::{FeatureRow, Value};
 use schemas::{FeatureSet, Key};
 
@@ -73,19 +73,19 @@ enum Note {
 }
 
 /// Events fed per advance of the inputs' time.
-const FEED_BATCH: usize = 16_384;
+const FEED_BATCH: usize = 65_536;
 
 /// Answers `lookups` (ordered by `as_of`, then `feed_at`) over `log` with
 /// `workers` threads. `answer(i, rows)` is called for each lookup in order,
-/// `rows` indexed by entity (`None`: no row as of its time, or not asked).
-/// `answered()` is called after each with the number answered so far.
+/// `rows` indexed by entity (`None`: no row as of its time, or not asked);
+/// the callback may take rows out, and the vector is refilled for the next.
 pub fn rows_as_of(
     log: Arc<EventLog>,
     set: Arc<FeatureSet>,
     graph: GraphConfig,
     workers: usize,
     lookups: Arc<Vec<Lookup>>,
-    mut answer: impl FnMut(usize, Vec<Option<FeatureRow>>) -> anyhow::Result<()>,
+    mut answer: impl FnMut(usize, &mut Vec<Option<FeatureRow>>) -> anyhow::Result<()>,
 ) -> anyhow::Result<()> {
     debug_assert!(lookups.windows(2).all(|w| w[0].as_of <= w[1].as_of));
     anyhow::ensure!(
@@ -125,6 +125,10 @@ pub fn rows_as_of(
     // The rows found for the lookups from `next` on: lookup `next + i`'s
     // row of entity `e` at `i * entities.len() + e`.
     let mut rows: VecDeque<Option<Arc<[Value]>>> = VecDeque::new();
+    // The rows handed to `answer`, refilled in place from lookup to lookup
+    // (no allocation per row); `spare` keeps those of entities not found.
+    let mut found: Vec<Option<FeatureRow>> = vec![None; entities.len()];
+    let mut spare: Vec<Option<FeatureRow>> = vec![None; entities.len()];
     let result = (|| {
         while next < lookups.len() {
             let note = match rx.recv_timeout(Duration::from_secs(60)) {
@@ -160,19 +164,30 @@ pub fn rows_as_of(
             while let Some(lookup) = lookups.get(next).filter(|l| l.as_of < until) {
                 // This lookup's slots, one per entity, in entity order; a row
                 // is found only for an entity the lookup asked for.
-                let found = (0..entities.len())
-                    .map(|entity| {
-                        let values = rows.pop_front().flatten()?;
-                        let (_, key) = lookup.keys.iter().find(|(e, _)| *e as usize == entity)?;
-                        Some(FeatureRow {
+                for (entity, slot) in found.iter_mut().enumerate() {
+                    let values = rows.pop_front().flatten();
+                    let key = lookup.keys.iter().find(|(e, _)| *e as usize == entity);
+                    let (Some(values), Some((_, key))) = (values, key) else {
+                        if let Some(row) = slot.take() {
+                            spare[entity] = Some(row);
+                        }
+                        continue;
+                    };
+                    let row = slot.get_or_insert_with(|| {
+                        spare[entity].take().unwrap_or_else(|| FeatureRow {
                             entity: Arc::clone(&entities[entity]),
-                            id: key.to_string(),
-                            as_of_ms: lookup.as_of as i64,
-                            values: values.to_vec(),
+                            id: String::new(),
+                            as_of_ms: 0,
+                            values: Vec::new(),
                         })
-                    })
-                    .collect();
-                answer(next, found)?;
+                    });
+                    row.id.clear();
+                    row.id.push_str(key);
+                    row.as_of_ms = lookup.as_of as i64;
+                    row.values.clear();
+                    row.values.extend_from_slice(&values);
+                }
+                answer(next, &mut found)?;
                 next += 1;
             }
         }
@@ -209,43 +224,52 @@ fn worker_main(
         };
         let (lookups_in, lookups) = scope.new_collection::<(RowKey, u64), isize>();
         let mut reported = Some(0u64);
-        lookup_features(events, resolve, lookups, set, graph, WORK_PER_ACTIVATION)
-            .inner
-            .probe_with(&probe)
-            .sink(Pipeline, "Collect", move |(input, frontier)| {
-                // The join emits a lookup's rows at its time, before its
-                // frontier passes that time: forward them, then the frontier.
-                let mut found = Vec::new();
-                input.for_each(|_, data| {
-                    found.extend(data.drain(..).map(|(row, _, diff)| {
-                        debug_assert_eq!(diff, 1, "one row per key as of a time");
-                        row
-                    }));
-                });
-                if !found.is_empty() {
-                    let _ = tx.send(Note::Rows(found));
-                }
-                let bound = frontier.frontier().first().copied();
-                if bound != reported {
-                    reported = bound;
-                    let _ = tx.send(Note::Frontier {
-                        worker: index,
-                        frontier: bound,
-                    });
-                }
+        lookup_features(
+            events,
+            Spread::Replicated,
+            resolve,
+            lookups,
+            set,
+            graph,
+            WORK_PER_ACTIVATION,
+        )
+        .inner
+        .probe_with(&probe)
+        .sink(Pipeline, "Collect", move |(input, frontier)| {
+            // The join emits a lookup's rows at its time, before its
+            // frontier passes that time: forward them, then the frontier.
+            let mut found = Vec::new();
+            input.for_each(|_, data| {
+                found.extend(data.drain(..).map(|(row, _, diff)| {
+                    debug_assert_eq!(diff, 1, "one row per key as of a time");
+                    row
+                }));
             });
+            if !found.is_empty() {
+                let _ = tx.send(Note::Rows(found));
+            }
+            let bound = frontier.frontier().first().copied();
+            if bound != reported {
+                reported = bound;
+                let _ = tx.send(Note::Frontier {
+                    worker: index,
+                    frontier: bound,
+                });
+            }
+        });
         (events_in, lookups_in)
     });
 
-    // Every worker walks the whole log and feeds its share of the events
-    // and lookups (every `peers`-th), advancing at the same points.
+    // Every worker walks the whole log and feeds every event (the graph
+    // keeps the records of this worker's keys) and the lookups of its keys,
+    // advancing at the same points: no record crosses workers.
     let peers = worker.peers();
     let mut next = 0usize;
     let mut feed =
         |upto: usize, lookups_in: &mut differential_dataflow::input::InputSession<_, _, _>| {
             while let Some(lookup) = lookups.get(next).filter(|l| l.feed_at <= upto) {
-                if next % peers == index {
-                    for (entity, key) in &lookup.keys {
+                for (entity, key) in &lookup.keys {
+                    if worker_of(key, peers) == index {
                         let record = ((*entity, key.clone()), next as u64);
                         lookups_in.update_at(record, lookup.as_of, 1);
                     }
@@ -261,9 +285,7 @@ fn worker_main(
     for (i, (_, event)) in log.events.iter().enumerate() {
         feed(i, &mut lookups_in);
         time = graph.quantize(event.event_time()).max(time);
-        if i % peers == index {
-            events.update_at(i as u32, time, 1);
-        }
+        events.update_at(i as u32, time, 1);
         if i % FEED_BATCH == FEED_BATCH - 1 {
             events.advance_to(time);
             lookups_in.advance_to(time);

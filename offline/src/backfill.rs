@@ -169,15 +169,15 @@ pub fn run(
         ..Summary::default()
     };
     let mut scratch = Vec::new();
+    let mut context = Context::default();
     let (replayed, asked) = (Arc::clone(&log), Arc::clone(&lookups));
     rows_as_of(log, set, graph, config.workers, lookups, |i, rows| {
         let as_of = asked[i].as_of as i64;
         let (_, event) = &replayed.events[events[i]];
-        let mut context = Context {
-            rows,
-            frontier_ms: Some(as_of),
-            txn: TxnContext::default(),
-        };
+        // The context borrows the rows, and gives them back for the next.
+        std::mem::swap(&mut context.rows, rows);
+        context.frontier_ms = Some(as_of);
+        context.txn = TxnContext::default();
         match event {
             Event::Txn(txn) => {
                 context.txn = TxnContext {
@@ -226,6 +226,7 @@ pub fn run(
                 })?;
             }
         }
+        std::mem::swap(&mut context.rows, rows);
         if i % 1024 == 1023 {
             progress.inc(1024);
         }

@@ -295,24 +295,17 @@ pub fn check(
     };
     let lookups = Arc::new(lookups);
     let asked = Arc::clone(&lookups);
-    rows_as_of(
-        Arc::new(log),
-        set,
-        graph,
-        workers,
-        lookups,
-        |i, mut rows| {
-            bar.inc(1);
-            let p = &mut pending[owners[i]];
-            let (entity, _) = asked[i].keys[0];
-            p.rows[entity as usize] = rows[entity as usize].take();
-            p.waiting -= 1;
-            if p.waiting == 0 {
-                finish(p, &mut report);
-            }
-            Ok(())
-        },
-    )?;
+    rows_as_of(Arc::new(log), set, graph, workers, lookups, |i, rows| {
+        bar.inc(1);
+        let p = &mut pending[owners[i]];
+        let (entity, _) = asked[i].keys[0];
+        p.rows[entity as usize] = rows[entity as usize].take();
+        p.waiting -= 1;
+        if p.waiting == 0 {
+            finish(p, &mut report);
+        }
+        Ok(())
+    })?;
     bar.finish_and_clear();
 
     let rate = |n: u64, d: u64| if d == 0 { 0.0 } else { n as f64 / d as f64 };

@@ -387,9 +387,8 @@ where
             "work_per_activation must be positive"
         );
         let budget = work_per_activation;
-        let mut windows = Windows::new(name, windows, fold);
+        let mut keys = Queued::new(name, windows, fold);
         let scope = self.scope();
-        let operator = name.to_owned();
         self.inner
             .binary_frontier(
                 lookups.inner,
@@ -398,66 +397,60 @@ where
                 name,
                 move |_initial, info| {
                     let activator = scope.activator_for(info.address);
-                    // Received lookups by time, not yet answered.
-                    let mut asked: BTreeMap<u64, Vec<(K, L)>> = BTreeMap::new();
                     // Invariant: held iff a lookup is pending, at a time <= all of them.
                     let mut held: Option<Capability<u64>> = None;
+                    // The pass under way: the keys to visit and the time
+                    // before which their items are complete.
+                    let mut pass: Option<Pass> = None;
                     move |(events, events_frontier), (lookups, lookups_frontier), output| {
-                        events.for_each(|_, data| windows.receive(data));
+                        events.for_each(|_, data| keys.receive(data, Item::Event));
                         let port = output.output_index();
                         lookups.for_each(|cap, data| {
                             hold(&mut held, &cap, port);
-                            // Batches usually hold one time: one map entry per run.
-                            let mut run: Option<(u64, &mut Vec<(K, L)>)> = None;
-                            for (lookup, time, diff) in data.drain(..) {
-                                assert!(diff > 0, "{operator}: lookups are events (diff {diff})");
-                                let at = match run {
-                                    Some((t, at)) if t == time => at,
-                                    _ => asked.entry(time).or_default(),
-                                };
-                                for _ in 1..diff {
-                                    at.push(lookup.clone());
-                                }
-                                at.push(lookup);
-                                run = Some((time, at));
-                            }
+                            keys.receive(data, Item::Lookup);
                         });
-
+                        // Items before the earlier of the two frontiers are
+                        // complete (`u64::MAX`: both inputs closed).
+                        let complete = [events_frontier.frontier(), lookups_frontier.frontier()]
+                            .iter()
+                            .map(|f| f.first().copied().unwrap_or(u64::MAX))
+                            .min()
+                            .expect("two frontiers");
                         let mut work = 0;
                         loop {
-                            let next_lookup = asked.keys().next().copied();
-                            let Some(time) = min_some(windows.next_time(), next_lookup) else {
-                                break;
-                            };
-                            if events_frontier.less_equal(&time)
-                                || lookups_frontier.less_equal(&time)
-                            {
-                                break; // `time` may still receive input.
-                            }
-                            if work >= budget {
-                                activator.activate();
-                                break;
-                            }
-                            if next_lookup == Some(time) {
-                                // The windows hold the times `< time`: answer first.
-                                let cap = held.as_mut().expect("held while lookups are pending");
-                                cap.downgrade(&time);
-                                let mut session = output.session(cap);
-                                for (key, lookup) in asked.remove(&time).unwrap_or_default() {
-                                    work += 1;
-                                    if let Some(fold) = windows.store.fold_of(&key) {
-                                        session.give((answer(&key, lookup, fold.row()), time, 1));
-                                    }
+                            let current = match pass.as_mut() {
+                                Some(current) => current,
+                                None if keys.earliest.is_some_and(|t| t < complete) => {
+                                    pass.insert(keys.start(complete))
                                 }
-                                continue;
-                            }
-                            if !windows.advance(time, budget, &mut work) {
+                                None => break,
+                            };
+                            let mut session = held.as_ref().map(|cap| output.session(cap));
+                            let done = current.run(
+                                &mut keys,
+                                budget,
+                                &mut work,
+                                |key, lookup, row, time| {
+                                    session
+                                        .as_mut()
+                                        .expect("held while lookups are pending")
+                                        .give((answer(key, lookup, row), time, 1));
+                                },
+                            );
+                            drop(session);
+                            if !done {
                                 activator.activate();
-                                break; // Resume at `time`.
+                                break; // Resume the pass.
                             }
-                            windows.store.drain_touched(|_, _, _| {});
+                            // Every lookup before the pass's time is answered.
+                            let until = current.until;
+                            pass = None;
+                            if keys.lookups == 0 {
+                                held = None;
+                            } else if let Some(cap) = held.as_mut().filter(|c| *c.time() < until) {
+                                cap.downgrade(&until);
+                            }
                         }
-                        settle(&mut held, asked.keys().next().copied());
                     }
                 },
             )
@@ -501,6 +494,176 @@ fn min_some(a: Option<u64>, b: Option<u64>) -> Option<u64> {
     match (a, b) {
         (Some(a), Some(b)) => Some(a.min(b)),
         (a, b) => a.or(b),
+    }
+}
+
+/// An item queued for a key: a lookup, or a value entering its windows.
+/// At one time, lookups go first (they see the times before).
+#[derive(Clone)]
+enum Item<V, L> {
+    Lookup(L),
+    Event(V),
+}
+
+/// The state of a lookup operator: its windows, kept key by key
+/// ([`WindowStore::on_demand`]), and per key the items received and not
+/// yet done.
+struct Queued<K, V, L, F> {
+    operator: String,
+    store: WindowStore<K, V, F>,
+    /// By store slot: the key's items, in arrival order.
+    items: Vec<Vec<(u64, Item<V, L>)>>,
+    /// The slots with items for the next pass, each once (`listed`).
+    dirty: Vec<usize>,
+    listed: Vec<bool>,
+    /// The earliest time of a queued item (exact between passes).
+    earliest: Option<u64>,
+    /// Lookups received and not yet answered.
+    lookups: usize,
+}
+
+/// A pass over the keys with items: each key's items before `until` (the
+/// inputs' frontier when it started, so they are complete) are done in
+/// time order, key after key.
+struct Pass {
+    until: u64,
+    slots: Vec<usize>,
+    next: usize,
+}
+
+impl<K, V, L, F> Queued<K, V, L, F>
+where
+    K: Hash + Eq + Clone,
+    V: Clone,
+    L: Clone,
+    F: RowAggregate<V>,
+{
+    fn new(operator: &str, windows: &[u64], fold: F) -> Self {
+        Queued {
+            operator: operator.to_owned(),
+            store: WindowStore::on_demand(windows, fold),
+            items: Vec::new(),
+            dirty: Vec::new(),
+            listed: Vec::new(),
+            earliest: None,
+            lookups: 0,
+        }
+    }
+
+    /// Queues a batch of received events or lookups (`wrap` says which).
+    fn receive<T: Clone>(
+        &mut self,
+        data: &mut Vec<((K, T), u64, isize)>,
+        wrap: fn(T) -> Item<V, L>,
+    ) {
+        for ((key, x), time, diff) in data.drain(..) {
+            assert!(
+                diff > 0,
+                "{}: events and lookups are append-only (diff {diff})",
+                self.operator
+            );
+            let slot = self.store.slot_of(&key);
+            if slot >= self.items.len() {
+                self.items.resize_with(slot + 1, Vec::new);
+                self.listed.resize(slot + 1, false);
+            }
+            let item = wrap(x);
+            if matches!(item, Item::Lookup(_)) {
+                self.lookups += diff as usize;
+            }
+            let items = &mut self.items[slot];
+            for _ in 1..diff {
+                items.push((time, item.clone()));
+            }
+            items.push((time, item));
+            self.earliest = min_some(self.earliest, Some(time));
+            if !self.listed[slot] {
+                self.listed[slot] = true;
+                self.dirty.push(slot);
+            }
+        }
+    }
+
+    /// Starts a pass over the keys with items, for the items before `until`.
+    fn start(&mut self, until: u64) -> Pass {
+        // Recomputed by the pass, from the items it leaves and those received.
+        self.earliest = None;
+        Pass {
+            until,
+            slots: std::mem::take(&mut self.dirty),
+            next: 0,
+        }
+    }
+
+    /// Does `slot`'s items before `until` in time order, calling
+    /// `give(key, lookup, row, time)` for each lookup that finds a row.
+    /// Returns the units of work done.
+    fn visit(
+        &mut self,
+        slot: usize,
+        until: u64,
+        give: &mut impl FnMut(&K, L, F::Row, u64),
+    ) -> usize {
+        self.listed[slot] = false;
+        let mut items = std::mem::take(&mut self.items[slot]);
+        items.sort_by_key(|(time, item)| (*time, matches!(item, Item::Event(_))));
+        let ready = items.partition_point(|(time, _)| *time < until);
+        let mut work = ready;
+        for (time, item) in items.drain(..ready) {
+            match item {
+                Item::Lookup(lookup) => {
+                    // As of `time`: the values with `t + window >= time` stay.
+                    work += self.store.retract_key(slot, time.saturating_sub(1));
+                    self.lookups -= 1;
+                    if let Some((key, fold)) = self.store.at(slot) {
+                        give(key, lookup, fold.row(), time);
+                    }
+                }
+                Item::Event(value) => {
+                    work += self.store.retract_key(slot, time);
+                    self.store.insert_into(slot, time, value);
+                }
+            }
+        }
+        match items.first() {
+            Some(&(time, _)) => {
+                self.earliest = min_some(self.earliest, Some(time));
+                self.listed[slot] = true;
+                self.dirty.push(slot);
+            }
+            None => {
+                self.store.release_if_empty(slot);
+            }
+        }
+        self.items[slot] = items;
+        work
+    }
+}
+
+impl Pass {
+    /// Visits the pass's keys until `work` reaches `budget`; returns
+    /// whether every key was visited.
+    fn run<K, V, L, F>(
+        &mut self,
+        keys: &mut Queued<K, V, L, F>,
+        budget: usize,
+        work: &mut usize,
+        mut give: impl FnMut(&K, L, F::Row, u64),
+    ) -> bool
+    where
+        K: Hash + Eq + Clone,
+        V: Clone,
+        L: Clone,
+        F: RowAggregate<V>,
+    {
+        while let Some(&slot) = self.slots.get(self.next) {
+            if *work >= budget {
+                return false;
+            }
+            self.next += 1;
+            *work += keys.visit(slot, self.until, &mut give);
+        }
+        true
     }
 }
 

@@ -171,6 +171,9 @@ pub struct WindowStore<K, V, F> {
     last_insert: u64,
     /// The fold of a key with no values, cloned for each new key.
     prototype: F,
+    /// Whether departures are scheduled ([`WindowStore::new`]) or left to
+    /// the caller, key by key ([`WindowStore::on_demand`]).
+    scheduled: bool,
 }
 
 impl<K, V, F> WindowStore<K, V, F>
@@ -202,6 +205,22 @@ where
             batch_slots: Vec::new(),
             last_insert: 0,
             prototype,
+            scheduled: true,
+        }
+    }
+
+    /// A store whose departures happen key by key, when the caller asks
+    /// ([`Self::retract_key`]), instead of at their times: nothing is
+    /// queued per value and window, and no key is reported touched. The
+    /// time order is per key (each key's values are inserted in
+    /// non-decreasing time order), so the caller may visit the keys in any
+    /// order. A key keeps its values until it is next retracted and
+    /// released ([`Self::release_if_empty`]). For a replay that reads each
+    /// key's windows only at some times, key after key.
+    pub fn on_demand(windows: &[u64], prototype: F) -> Self {
+        WindowStore {
+            scheduled: false,
+            ..WindowStore::new(windows, prototype)
         }
     }
 
@@ -257,8 +276,9 @@ where
         self.batch_slots = slots;
     }
 
-    /// The slot of `key`, occupied for it if new.
-    fn slot_of(&mut self, key: &K) -> usize {
+    /// The slot of `key`, occupied for it if new. A slot stays `key`'s
+    /// until the key is released.
+    pub fn slot_of(&mut self, key: &K) -> usize {
         match self.index.get(key) {
             Some(&slot) => slot,
             None => self.occupy(key.clone()),
@@ -288,21 +308,32 @@ where
     }
 
     fn insert_at(&mut self, slot: usize, time: u64, value: V) {
-        debug_assert!(time >= self.last_insert, "insertions must be in time order");
+        debug_assert!(
+            !self.scheduled || time >= self.last_insert,
+            "insertions must be in time order"
+        );
         self.last_insert = time;
+        let windows = self.windows.len();
         let s = &mut self.slots[slot];
-        let all = (1u32 << self.windows.len()) - 1;
+        debug_assert!(
+            s.events.back().is_none_or(|(t, _)| *t <= time),
+            "a key's insertions must be in time order"
+        );
+        let all = (1u32 << windows) - 1;
         let member = s.fold.windows_of(&value) & all;
         debug_assert!(
             member & (1 << self.widest) != 0,
             "every value takes part in the widest window"
         );
-        for w in 0..self.windows.len() {
+        for w in 0..windows {
             if member & (1 << w) != 0 {
                 s.fold.enter(w, &value);
             }
         }
         s.events.push_back((time, value));
+        if !self.scheduled {
+            return;
+        }
         if s.scheduled_time != time {
             s.scheduled_time = time;
             s.scheduled = 0;
@@ -318,6 +349,60 @@ where
             s.touched = true;
             self.touched.push(slot);
         }
+    }
+
+    /// Inserts `value` at `time` into `slot` ([`Self::slot_of`]) of an
+    /// [`on_demand`](Self::on_demand) store; `time` is at least the key's
+    /// last insertion time.
+    pub fn insert_into(&mut self, slot: usize, time: u64, value: V) {
+        debug_assert!(!self.scheduled, "on-demand stores only");
+        self.insert_at(slot, time, value);
+    }
+
+    /// Removes the values of `slot` from the windows they have left by
+    /// `time` (those with `t + window <= time`), whatever the other keys'
+    /// times. Returns the number of departures.
+    pub fn retract_key(&mut self, slot: usize, time: u64) -> usize {
+        debug_assert!(!self.scheduled, "on-demand stores only");
+        let mut work = 0;
+        // Shortest windows first, as in `retract_until`.
+        for i in 0..self.order.len() {
+            work += self.advance(slot, self.order[i], time);
+        }
+        work
+    }
+
+    /// The key and fold of an occupied `slot`, or `None` when its windows
+    /// are all empty.
+    pub fn at(&self, slot: usize) -> Option<(&K, &F)> {
+        let s = &self.slots[slot];
+        if s.events.is_empty() {
+            return None;
+        }
+        Some((s.key.as_ref().expect("occupied"), &s.fold))
+    }
+
+    /// Releases `slot` if its windows are all empty; returns whether it did.
+    pub fn release_if_empty(&mut self, slot: usize) -> bool {
+        let empty = self.slots[slot].events.is_empty();
+        if empty {
+            self.release(slot);
+        }
+        empty
+    }
+
+    /// Forgets the key of an empty `slot` and frees its memory: a fresh
+    /// deque and fold.
+    fn release(&mut self, slot: usize) {
+        let s = &mut self.slots[slot];
+        let key = s.key.take().expect("occupied");
+        self.index.remove(&key);
+        s.events = VecDeque::new();
+        s.fold = self.prototype.clone();
+        s.base = 0;
+        s.cursors.iter_mut().for_each(|c| *c = 0);
+        s.scheduled = 0;
+        self.free.push(slot);
     }
 
     /// Removes values from windows they have left by `time` (those with
@@ -394,7 +479,7 @@ where
                 *c = (*c).max(s.base);
             }
         }
-        if left > 0 && !s.touched {
+        if left > 0 && self.scheduled && !s.touched {
             s.touched = true;
             self.touched.push(slot);
         }
@@ -418,15 +503,7 @@ where
             let empty = s.events.is_empty();
             each(key, &mut s.fold, empty);
             if empty {
-                let key = s.key.take().expect("occupied");
-                self.index.remove(&key);
-                // Free the memory of idle keys: a fresh deque and fold.
-                s.events = VecDeque::new();
-                s.fold = self.prototype.clone();
-                s.base = 0;
-                s.cursors.iter_mut().for_each(|c| *c = 0);
-                s.scheduled = 0;
-                self.free.push(slot);
+                self.release(slot);
             }
         }
         self.touched = touched;
