@@ -28,6 +28,7 @@ use std::time::Duration;
 
 use differential_dataflow::input::Input;
 use operators::aggregate::WORK_PER_ACTIVATION;
+use operators::window::prefetch;
 use timely::dataflow::channels::pact::Pipeline;
 use timely::dataflow::operators::generic::Operator;
 use timely::dataflow::operators::Probe;
@@ -71,6 +72,9 @@ enum Note {
         frontier: Option<u64>,
     },
 }
+
+/// How many lookups ahead of the one answered the collector prefetches rows.
+const PREFETCH_ROWS_AHEAD: usize = 16;
 
 /// Events fed per advance of the inputs' time.
 const FEED_BATCH: usize = 65_536;
@@ -164,6 +168,11 @@ pub fn rows_as_of(
             while let Some(lookup) = lookups.get(next).filter(|l| l.as_of < until) {
                 // This lookup's slots, one per entity, in entity order; a row
                 // is found only for an entity the lookup asked for.
+                // The rows a few lookups ahead were written by other
+                // threads: fetch them into the cache now.
+                if let Some(Some(ahead)) = rows.get(PREFETCH_ROWS_AHEAD * entities.len()) {
+                    prefetch(&ahead[..]);
+                }
                 for (entity, slot) in found.iter_mut().enumerate() {
                     let values = rows.pop_front().flatten();
                     let key = lookup.keys.iter().find(|(e, _)| *e as usize == entity);
