@@ -631,4 +631,59 @@ mod tests {
             }
         }
     }
+
+    /// On demand, keys are visited in any order, each at its own pace:
+    /// after `retract_key(slot, s)` a key's counts are those of a brute-force
+    /// recount at `s`, no key is ever reported touched, and a key is
+    /// released only when asked and empty.
+    #[test]
+    fn on_demand_departures_are_per_key_and_keys_are_released_when_asked() {
+        let windows = [3u64, 7, 20];
+        let mut store = WindowStore::<u8, u32, Masked>::on_demand(&windows, Masked::default());
+        let mut rng = 99u64;
+        let mut next = move |n: u64| {
+            rng = rng
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (rng >> 33) % n
+        };
+        // Per key: its own clock and the values inserted, (time, mask).
+        let mut clocks = [0u64; 4];
+        let mut log: [Vec<(u64, u32)>; 4] = Default::default();
+        let mut released = 0;
+        for _ in 0..2_000 {
+            let key = next(4) as usize;
+            // Mostly small steps; sometimes past the widest window.
+            clocks[key] += if next(10) == 0 { 25 } else { next(3) };
+            let now = clocks[key];
+            let slot = store.slot_of(&(key as u8));
+            store.retract_key(slot, now);
+            let mut expected = [0i64; 3];
+            for &(t, mask) in &log[key] {
+                for (w, len) in windows.iter().enumerate() {
+                    if (mask | 0b100) & (1 << w) != 0 && now < t + len {
+                        expected[w] += 1;
+                    }
+                }
+            }
+            let found = store.at(slot).map(|(k, fold)| (*k, fold.0));
+            let live = expected.iter().any(|c| *c > 0);
+            assert_eq!(
+                found,
+                live.then_some((key as u8, expected)),
+                "key {key} at {now}"
+            );
+            if next(3) == 0 {
+                let mask = next(4) as u32;
+                store.insert_into(slot, now, mask);
+                log[key].push((now, mask));
+            } else if store.release_if_empty(slot) {
+                assert!(!live, "only empty keys are released");
+                log[key].clear();
+                released += 1;
+            }
+            assert!(store.touched.is_empty() && store.due.iter().all(|q| q.is_empty()));
+        }
+        assert!(released > 20, "only {released} releases");
+    }
 }
