@@ -16,7 +16,7 @@ use std::time::Instant;
 use dataflow::compile::Event;
 use dataflow::GraphConfig;
 use operators::window::FxBuildHasher;
-use schemas::features::Schema;
+use schemas::features::{DatumRef, Schema};
 use schemas::{ClickAction, FeatureSet, Key, Label};
 use server::features::{Context, TxnContext};
 use server::model::{Model, ModelKind};
@@ -102,8 +102,8 @@ fn queries(log: &EventLog, set: &FeatureSet, graph: &GraphConfig) -> Queries {
         let Some(keys) = asks(event) else { continue };
         let keys = keys
             .iter()
-            .filter_map(|&(entity, field)| match event.field(field)? {
-                schemas::features::Datum::Str(key) => Some((entity, Key::from(key))),
+            .filter_map(|&(entity, field)| match event.field_ref(field)? {
+                DatumRef::Str(key) => Some((entity, Key::from(key))),
                 _ => None,
             })
             .collect();
