@@ -5,14 +5,16 @@
 //! parity` looks up each served row as of the time it was served as.
 //!
 //! The dataflow, per worker:
-//! - "Events": the log's events, at their event time quantized to the tick,
-//!   into the graph the stream job runs: the same projection, windows and
-//!   folds ([`dataflow::compile`]).
+//! - "Events": the whole log (every worker holds it and is fed every event,
+//!   as its index), at event time quantized to the tick, into the graph the
+//!   stream job runs: the same projection, windows and folds
+//!   ([`dataflow::compile`]). Each worker keeps the records of the keys it
+//!   owns ([`dataflow::Spread::Replicated`]), so no record crosses workers.
 //! - "Lookups": per lookup at F, one record per key ((entity, key), lookup)
-//!   at F, routed by key with the events into each entity's
-//!   "Features(entity)" operator. Where the stream job's operator emits
-//!   every row change, this one answers each lookup at F with the key's row
-//!   accumulated over the times `< F`, computed from its windows when asked
+//!   at F, fed on the key's worker, into each entity's "Features(entity)"
+//!   operator. Where the stream job's operator emits every row change, this
+//!   one answers each lookup at F with the key's row accumulated over the
+//!   times `< F`, computed from its windows when asked, key by key
 //!   ([`operators::aggregate::WindowedAggregate::windowed_lookup_with`]).
 //! - "Collect": sends the rows found to the caller's thread, then the
 //!   frontier.
@@ -288,7 +290,8 @@ fn worker_main(
         };
     // Each event goes in at its own time, but the inputs advance only once
     // per batch: one round of progress tracking covers a batch's thousands
-    // of ticks, where the stream job pays one per tick.
+    // of ticks, where the stream job pays one per tick, and the lookup
+    // operators visit each key once per batch.
     let mut time = 0u64;
     let mut previous = 0u64;
     for (i, (_, event)) in log.events.iter().enumerate() {

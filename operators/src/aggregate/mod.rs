@@ -233,18 +233,24 @@ pub trait WindowedAggregate<'scope, K, V> {
     /// key's row accumulated over the times `< F` (strictly before: the
     /// values at `F` are not in it); nothing when the key has no row then.
     ///
-    /// The windows are maintained exactly as for the row changes (same
-    /// store, same fold, same time order), but a row is computed only when
-    /// a lookup asks for it, and no change is emitted. A replay that needs
-    /// the rows only at some times (a backfill asks at each event's own
-    /// time) so skips most of the work: every value leaving a window
-    /// changes a row, and most changed rows are never asked for.
+    /// The windows are the same store and fold as for the row changes,
+    /// but a row is computed only when a lookup asks for it, and no change
+    /// is emitted. A replay that needs the rows only at some times (a
+    /// backfill asks at each event's own time) so skips most of the work:
+    /// every value leaving a window changes a row, and most changed rows
+    /// are never asked for.
     ///
-    /// Lookups are routed by the same hash as the events. Lookups at `F`
-    /// are answered once neither input can receive anything at `F` any
-    /// more, before the values at `F` enter and those due at `F` leave. The
-    /// operator holds a capability only while a lookup is pending; lookup
-    /// differences must be positive (a difference `n` is `n` lookups).
+    /// Lookups are routed by the same hash as the events. The operator
+    /// works key by key ([`WindowStore::on_demand`]): once both inputs'
+    /// frontiers have passed some times, it visits each key with events or
+    /// lookups at those times and does them in time order, the lookups at
+    /// `F` before the values at `F` enter, each lookup after the key's
+    /// values due by then have left. So a key's windows are touched once
+    /// per visit rather than once per time, and no queue of departures by
+    /// time is kept; a key's expired values stay until its next visit. The
+    /// operator holds a capability only while a lookup is pending; event
+    /// and lookup differences must be positive (a difference `n` is `n`
+    /// copies).
     fn windowed_lookup_with<F, L, D, E>(
         self,
         lookups: VecCollection<'scope, u64, (K, L), isize>,
