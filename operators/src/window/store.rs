@@ -234,11 +234,6 @@ where
         self.index.len()
     }
 
-    /// The fold of `key`, if it has a value inside some window.
-    pub fn fold_of(&self, key: &K) -> Option<&F> {
-        self.index.get(key).map(|&slot| &self.slots[slot].fold)
-    }
-
     /// The earliest time at which some value leaves some window.
     pub fn next_due(&self) -> Option<u64> {
         self.due
@@ -565,6 +560,17 @@ mod tests {
         assert_eq!(store.live_keys(), 1);
     }
 
+    /// A deterministic generator of numbers below `n` (an LCG from `seed`).
+    fn below(seed: u64) -> impl FnMut(u64) -> u64 {
+        let mut state = seed;
+        move |n| {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (state >> 33) % n
+        }
+    }
+
     /// A fold whose values say which windows they take part in.
     #[derive(Default, Clone)]
     struct Masked([i64; 3]);
@@ -589,13 +595,7 @@ mod tests {
     fn values_outside_some_windows_never_enter_nor_leave_them() {
         let windows = [3u64, 7, 20];
         for budget in [1usize, 2, 5, usize::MAX] {
-            let mut rng = 12345u64;
-            let mut next = move |n: u64| {
-                rng = rng
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                (rng >> 33) % n
-            };
+            let mut next = below(12345);
             let mut store = WindowStore::<u8, u32, Masked>::new(&windows, Masked::default());
             let mut log: Vec<(u64, u8, u32)> = Vec::new();
             let mut rows: std::collections::BTreeMap<u8, [i64; 3]> = Default::default();
@@ -640,13 +640,7 @@ mod tests {
     fn on_demand_departures_are_per_key_and_keys_are_released_when_asked() {
         let windows = [3u64, 7, 20];
         let mut store = WindowStore::<u8, u32, Masked>::on_demand(&windows, Masked::default());
-        let mut rng = 99u64;
-        let mut next = move |n: u64| {
-            rng = rng
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            (rng >> 33) % n
-        };
+        let mut next = below(99);
         // Per key: its own clock and the values inserted, (time, mask).
         let mut clocks = [0u64; 4];
         let mut log: [Vec<(u64, u32)>; 4] = Default::default();
