@@ -1,7 +1,7 @@
 //! The Kafka source: exact per-partition progress in event time.
 //!
 //! Every worker of every process computes the same partition assignment from
-//! the topic metadata ([`assign`]) and reads its partitions with `assign`
+//! the topic metadata ([`assign()`](fn@assign)) and reads its partitions with `assign`
 //! (never a group subscription, never auto-commit). Each partition has a
 //! [`PartitionClock`]: its watermark is the largest event time seen minus the
 //! allowed lateness, quantized down to the tick, and the source holds its
