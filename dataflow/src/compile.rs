@@ -330,9 +330,9 @@ impl EntityPlan {
         if cells == 0 {
             return None;
         }
-        let Some(DatumRef::Str(key)) = event.field_ref(projection.key) else {
-            unreachable!("validated: keys are required string fields");
-        };
+        let key = self
+            .key(source, event)
+            .expect("validated: keys are required string fields");
         let columns = projection
             .columns
             .iter()

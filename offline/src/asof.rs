@@ -30,7 +30,6 @@ use std::time::Duration;
 
 use differential_dataflow::input::Input;
 use operators::aggregate::WORK_PER_ACTIVATION;
-use operators::window::prefetch;
 use timely::dataflow::channels::pact::Pipeline;
 use timely::dataflow::operators::generic::Operator;
 use timely::dataflow::operators::Probe;
@@ -74,9 +73,6 @@ enum Note {
         frontier: Option<u64>,
     },
 }
-
-/// How many lookups ahead of the one answered the collector prefetches rows.
-const PREFETCH_ROWS_AHEAD: usize = 16;
 
 /// Events fed per advance of the inputs' time.
 const FEED_BATCH: usize = 65_536;
@@ -170,11 +166,6 @@ pub fn rows_as_of(
             while let Some(lookup) = lookups.get(next).filter(|l| l.as_of < until) {
                 // This lookup's slots, one per entity, in entity order; a row
                 // is found only for an entity the lookup asked for.
-                // The rows a few lookups ahead were written by other
-                // threads: fetch them into the cache now.
-                if let Some(Some(ahead)) = rows.get(PREFETCH_ROWS_AHEAD * entities.len()) {
-                    prefetch(&ahead[..]);
-                }
                 for (entity, slot) in found.iter_mut().enumerate() {
                     let values = rows.pop_front().flatten();
                     let key = lookup.keys.iter().find(|(e, _)| *e as usize == entity);
@@ -247,8 +238,8 @@ fn worker_main(
         .inner
         .probe_with(&probe)
         .sink(Pipeline, "Collect", move |(input, frontier)| {
-            // The join emits a lookup's rows at its time, before its
-            // frontier passes that time: forward them, then the frontier.
+            // The lookup operators emit a lookup's rows at its time, before
+            // their frontier passes that time: forward them, then the frontier.
             let mut found = Vec::new();
             input.for_each(|_, data| {
                 found.extend(data.drain(..).map(|(row, _, diff)| {
