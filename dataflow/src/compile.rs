@@ -315,6 +315,16 @@ impl EntityPlan {
     /// source does not feed the entity or the event meets no feature's
     /// condition.
     pub fn project(&self, source: usize, event: &Event) -> Option<(Key, Record)> {
+        let record = self.record(source, event)?;
+        let key = self
+            .key(source, event)
+            .expect("validated: keys are required string fields");
+        Some((Key::from(key), record))
+    }
+
+    /// The record of an event of source `source` (its key is
+    /// [`Self::key`]); `None` as for [`Self::project`].
+    pub fn record(&self, source: usize, event: &Event) -> Option<Record> {
         let projection = self.projections.get(source)?.as_ref()?;
         debug_assert_eq!(projection.schema, event.schema());
         let widest = self.windows.len() - 1;
@@ -330,23 +340,17 @@ impl EntityPlan {
         if cells == 0 {
             return None;
         }
-        let key = self
-            .key(source, event)
-            .expect("validated: keys are required string fields");
         let columns = projection
             .columns
             .iter()
             .map(|f| Column::of(event.field_ref(*f).unwrap_or(DatumRef::Int(0))))
             .collect();
-        Some((
-            Key::from(key),
-            Record {
-                time: event.event_time(),
-                windows,
-                cells,
-                columns,
-            },
-        ))
+        Some(Record {
+            time: event.event_time(),
+            windows,
+            cells,
+            columns,
+        })
     }
 
     /// The fold of a key with no records.

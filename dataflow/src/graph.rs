@@ -25,7 +25,7 @@ use timely::dataflow::operators::generic::Operator;
 use timely::dataflow::operators::vec::{Filter, Partition};
 use timely::dataflow::StreamVec;
 
-use operators::aggregate::{WindowedAggregate, WORK_PER_ACTIVATION};
+use operators::aggregate::{windowed_lookup, Events, WindowedAggregate, WORK_PER_ACTIVATION};
 use operators::window::key_hash;
 use schemas::{FeatureSet, Key, Row, Value};
 
@@ -106,13 +106,7 @@ pub fn build_features_budgeted<'scope>(
     work_per_activation: usize,
 ) -> VecCollection<'scope, u64, Row, isize> {
     let scope = events.scope();
-    let parts = project(
-        events,
-        Spread::Partitioned,
-        set,
-        config,
-        |(source, event), f| f(*source, event),
-    );
+    let parts = project(events, set, config);
     let mut rows = Vec::with_capacity(parts.len());
     for (plan, part) in parts {
         let entity = plan.index;
@@ -138,18 +132,6 @@ pub type RowKey = (u8, Key);
 /// A row found for a lookup: (lookup, entity index, values).
 pub type Found = (u64, u8, Arc<[Value]>);
 
-/// How a graph's events reach its workers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Spread {
-    /// Each event is fed to one worker, any: the records are routed to
-    /// their keys' workers.
-    Partitioned,
-    /// Each event is fed to every worker, and each keeps the records of the
-    /// keys it owns ([`worker_of`]): no record crosses workers. For a
-    /// replay whose workers all hold the log.
-    Replicated,
-}
-
 /// The worker of `peers` that owns `key`: where the graph routes its
 /// records and lookups.
 pub fn worker_of(key: &str, peers: usize) -> usize {
@@ -162,20 +144,20 @@ pub fn worker_of(key: &str, peers: usize) -> usize {
 /// holds for the key accumulated over the times `< F` (the row "as of F"),
 /// output at F as `(lookup, entity, values)`; nothing when the key has no
 /// row then. The same projection, windows and folds as
-/// [`build_features`], in the same operators
-/// ([`WindowedAggregate::windowed_lookup_with`]), but rows are computed only
+/// [`build_features`], in the same kind of operator per entity
+/// ([`operators::aggregate::windowed_lookup`]), but rows are computed only
 /// for lookups and no row change is emitted. Lookups of an entity with no
 /// features find nothing.
 ///
-/// The events are handles `E` that `resolve(handle, f)` turns into the
-/// source event, calling `f(source, &event)` (a replay holds its log in
-/// memory and feeds indices into it, where the stream job's events are
-/// decoded records: [`SourceEvent`], resolved by `|(s, e), f| f(*s, e)`).
-/// A lookup is answered on its key's worker ([`worker_of`]); fed there, it
-/// crosses no worker either.
-pub fn lookup_features<'scope, E: timely::ExchangeData>(
+/// For a replay whose workers all hold the log: every worker is fed every
+/// event, as a handle `E` that `resolve(handle, f)` turns into the source
+/// event, calling `f(source, &event)` (an index into the log). Each
+/// entity's operator keeps the events of the keys its worker owns
+/// ([`worker_of`]: where the lookups are routed) and projects them itself,
+/// so no record crosses workers or channels. A lookup is answered on its
+/// key's worker; fed there, it crosses no worker either.
+pub fn lookup_features<'scope, E: Clone + 'static>(
     events: VecCollection<'scope, u64, E, isize>,
-    spread: Spread,
     resolve: impl Fn(&E, &mut dyn FnMut(usize, &Event)) + 'static,
     lookups: VecCollection<'scope, u64, (RowKey, u64), isize>,
     set: &FeatureSet,
@@ -183,22 +165,43 @@ pub fn lookup_features<'scope, E: timely::ExchangeData>(
     work_per_activation: usize,
 ) -> VecCollection<'scope, u64, Found, isize> {
     let scope = events.scope();
-    let parts = project(events, spread, set, config, resolve);
-    let entities = parts.len() as u64;
+    let plans = plans(set, config);
+    let entities = plans.len() as u64;
     let asked = lookups
         .inner
         .filter(move |((key, _), _, _)| u64::from(key.0) < entities)
         .partition(entities, |(((entity, key), lookup), time, diff)| {
             (u64::from(entity), ((key, lookup), time, diff))
         });
-    let mut found = Vec::with_capacity(parts.len());
-    for ((plan, part), asked) in parts.into_iter().zip(asked) {
-        let entity = plan.index;
-        let fold = plan.fold();
-        found.push(part.windowed_lookup_with(
+    let (index, peers) = (scope.index(), scope.peers());
+    let resolve = Rc::new(resolve);
+    let mut found = Vec::with_capacity(plans.len());
+    for (plan, asked) in plans.into_iter().zip(asked) {
+        let (entity, fold) = (plan.index, plan.fold());
+        let (name, windows) = (format!("Features({})", plan.name), plan.windows.clone());
+        let resolve = Rc::clone(&resolve);
+        let split = move |handle: &E, each: &mut dyn FnMut(&str, Record)| {
+            resolve(handle, &mut |source, event| {
+                let Some(key) = plan.key(source, event) else {
+                    return;
+                };
+                if worker_of(key, peers) == index {
+                    if let Some(record) = plan.record(source, event) {
+                        each(key, record);
+                    }
+                }
+            });
+        };
+        found.push(windowed_lookup(
+            Events {
+                collection: events.clone(),
+                pact: Pipeline,
+                split,
+                own: |key: &str| Key::from(key),
+            },
             asked.as_collection(),
-            &format!("Features({})", plan.name),
-            &plan.windows,
+            &name,
+            &windows,
             fold,
             work_per_activation,
             move |_: &Key, lookup, values| (lookup, entity, values),
@@ -207,48 +210,40 @@ pub fn lookup_features<'scope, E: timely::ExchangeData>(
     differential_dataflow::collection::concatenate(scope, found)
 }
 
+/// The compiled plans of `set`. Panics on a tick that does not divide
+/// every window.
+fn plans(set: &FeatureSet, config: &GraphConfig) -> Vec<Rc<EntityPlan>> {
+    if let Err(e) = config.validate(set) {
+        panic!("invalid graph config: {e}");
+    }
+    compile(set)
+}
+
 /// An entity's window records, keyed.
 type Records<'scope> = VecCollection<'scope, u64, (Key, Record), isize>;
 
 /// The plans of `set`, each with its "Project"ed part of `events`: each
-/// event (resolved from its handle) to a record per entity it feeds. Panics
-/// on a tick that does not divide every window.
-fn project<'scope, E: timely::ExchangeData>(
-    events: VecCollection<'scope, u64, E, isize>,
-    spread: Spread,
+/// event to a record per entity it feeds. Panics on a tick that does not
+/// divide every window.
+fn project<'scope>(
+    events: VecCollection<'scope, u64, SourceEvent, isize>,
     set: &FeatureSet,
     config: &GraphConfig,
-    resolve: impl Fn(&E, &mut dyn FnMut(usize, &Event)) + 'static,
 ) -> Vec<(Rc<EntityPlan>, Records<'scope>)> {
-    if let Err(e) = config.validate(set) {
-        panic!("invalid graph config: {e}");
-    }
-    let plans = compile(set);
+    let plans = plans(set, config);
     let project = plans.clone();
-    let (index, peers) = (events.scope().index(), events.scope().peers());
-    let mine = move |plan: &EntityPlan, source: usize, event: &Event| match spread {
-        Spread::Partitioned => true,
-        Spread::Replicated => plan
-            .key(source, event)
-            .is_some_and(|key| worker_of(key, peers) == index),
-    };
     let parts = events
         .inner
         .unary(Pipeline, "Project", move |_, _| {
             move |input, output| {
                 input.for_each(|cap, data| {
                     let mut session = output.session(&cap);
-                    for (handle, time, diff) in data.drain(..) {
-                        resolve(&handle, &mut |source, event| {
-                            for plan in project.iter() {
-                                if !mine(plan, source, event) {
-                                    continue;
-                                }
-                                if let Some(part) = plan.project(source, event) {
-                                    session.give(((plan.index, part), time, diff));
-                                }
+                    for ((source, event), time, diff) in data.drain(..) {
+                        for plan in project.iter() {
+                            if let Some(part) = plan.project(source, &event) {
+                                session.give(((plan.index, part), time, diff));
                             }
-                        });
+                        }
                     }
                 });
             }

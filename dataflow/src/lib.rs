@@ -14,5 +14,5 @@ pub mod worker;
 
 pub use graph::{
     build_features, events_collection, lookup_features, worker_of, Found, GraphConfig, RowKey,
-    SourceEvent, Spread,
+    SourceEvent,
 };

@@ -36,7 +36,7 @@ use timely::dataflow::operators::Probe;
 use timely::dataflow::ProbeHandle;
 
 use dataflow::compile::Event;
-use dataflow::{lookup_features, worker_of, Found, GraphConfig, RowKey, Spread};
+use dataflow::{lookup_features, worker_of, Found, GraphConfig, RowKey};
 use schemas::features::{FeatureRow, Value};
 use schemas::{FeatureSet, Key};
 
@@ -226,39 +226,31 @@ fn worker_main(
         };
         let (lookups_in, lookups) = scope.new_collection::<(RowKey, u64), isize>();
         let mut reported = Some(0u64);
-        lookup_features(
-            events,
-            Spread::Replicated,
-            resolve,
-            lookups,
-            set,
-            graph,
-            WORK_PER_ACTIVATION,
-        )
-        .inner
-        .probe_with(&probe)
-        .sink(Pipeline, "Collect", move |(input, frontier)| {
-            // The lookup operators emit a lookup's rows at its time, before
-            // their frontier passes that time: forward them, then the frontier.
-            let mut found = Vec::new();
-            input.for_each(|_, data| {
-                found.extend(data.drain(..).map(|(row, _, diff)| {
-                    debug_assert_eq!(diff, 1, "one row per key as of a time");
-                    row
-                }));
-            });
-            if !found.is_empty() {
-                let _ = tx.send(Note::Rows(found));
-            }
-            let bound = frontier.frontier().first().copied();
-            if bound != reported {
-                reported = bound;
-                let _ = tx.send(Note::Frontier {
-                    worker: index,
-                    frontier: bound,
+        lookup_features(events, resolve, lookups, set, graph, WORK_PER_ACTIVATION)
+            .inner
+            .probe_with(&probe)
+            .sink(Pipeline, "Collect", move |(input, frontier)| {
+                // The lookup operators emit a lookup's rows at its time, before
+                // their frontier passes that time: forward them, then the frontier.
+                let mut found = Vec::new();
+                input.for_each(|_, data| {
+                    found.extend(data.drain(..).map(|(row, _, diff)| {
+                        debug_assert_eq!(diff, 1, "one row per key as of a time");
+                        row
+                    }));
                 });
-            }
-        });
+                if !found.is_empty() {
+                    let _ = tx.send(Note::Rows(found));
+                }
+                let bound = frontier.frontier().first().copied();
+                if bound != reported {
+                    reported = bound;
+                    let _ = tx.send(Note::Frontier {
+                        worker: index,
+                        frontier: bound,
+                    });
+                }
+            });
         (events_in, lookups_in)
     });
 

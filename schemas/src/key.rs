@@ -1,5 +1,6 @@
 //! [`Key`]: an entity key (`card_id`, `user_id`, ...) held inline when short.
 
+use std::borrow::Borrow;
 use std::cmp::Ordering;
 use std::fmt;
 use std::hash::{Hash, Hasher};
@@ -73,6 +74,14 @@ impl Deref for Key {
     type Target = str;
     #[inline]
     fn deref(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl Borrow<str> for Key {
+    /// Sound for maps: a key's equality and hash are its string's.
+    #[inline]
+    fn borrow(&self) -> &str {
         self.as_str()
     }
 }

@@ -14,11 +14,12 @@ pub mod functions;
 
 pub use functions::{Aggregate, Count, DistinctCount, LastTime, Max, Min, Mode, Moments, Sum};
 
+use std::borrow::Borrow;
 use std::collections::BTreeMap;
 use std::hash::Hash;
 
 use differential_dataflow::{AsCollection, VecCollection};
-use timely::dataflow::channels::pact::Exchange;
+use timely::dataflow::channels::pact::{Exchange, ParallelizationContract};
 use timely::dataflow::operators::generic::Operator;
 use timely::dataflow::operators::{Capability, InputCapability};
 use timely::ExchangeData;
@@ -380,7 +381,7 @@ where
         windows: &[u64],
         fold: F,
         work_per_activation: usize,
-        mut answer: E,
+        answer: E,
     ) -> VecCollection<'scope, u64, D, isize>
     where
         F: RowAggregate<V>,
@@ -388,80 +389,141 @@ where
         D: Clone + 'static,
         E: FnMut(&K, L, F::Row) -> D + 'static,
     {
-        assert!(
-            work_per_activation > 0,
-            "work_per_activation must be positive"
-        );
-        let budget = work_per_activation;
-        let mut keys = Queued::new(name, windows, fold);
-        let scope = self.scope();
-        self.inner
-            .binary_frontier(
-                lookups.inner,
-                route::<K, V>(),
-                route::<K, L>(),
-                name,
-                move |_initial, info| {
-                    let activator = scope.activator_for(info.address);
-                    // Invariant: held iff a lookup is pending, at a time <= all of them.
-                    let mut held: Option<Capability<u64>> = None;
-                    // The pass under way: the keys to visit and the time
-                    // before which their items are complete.
-                    let mut pass: Option<Pass> = None;
-                    move |(events, events_frontier), (lookups, lookups_frontier), output| {
-                        events.for_each(|_, data| keys.receive(data, Item::Event));
-                        let port = output.output_index();
-                        lookups.for_each(|cap, data| {
-                            hold(&mut held, &cap, port);
-                            keys.receive(data, Item::Lookup);
-                        });
-                        // Items before the earlier of the two frontiers are
-                        // complete (`u64::MAX`: both inputs closed).
-                        let complete = [events_frontier.frontier(), lookups_frontier.frontier()]
-                            .iter()
-                            .map(|f| f.first().copied().unwrap_or(u64::MAX))
-                            .min()
-                            .expect("two frontiers");
-                        let mut work = 0;
-                        loop {
-                            let current = match pass.as_mut() {
-                                Some(current) => current,
-                                None if keys.earliest.is_some_and(|t| t < complete) => {
-                                    pass.insert(keys.start(complete))
-                                }
-                                None => break,
-                            };
-                            let mut session = held.as_ref().map(|cap| output.session(cap));
-                            let done = current.run(
-                                &mut keys,
-                                budget,
-                                &mut work,
-                                |key, lookup, row, time| {
-                                    session
-                                        .as_mut()
-                                        .expect("held while lookups are pending")
-                                        .give((answer(key, lookup, row), time, 1));
-                                },
-                            );
-                            drop(session);
-                            if !done {
-                                activator.activate();
-                                break; // Resume the pass.
+        windowed_lookup(
+            Events {
+                collection: self,
+                pact: route::<K, V>(),
+                split: |(key, value): &(K, V), each: &mut dyn FnMut(&K, V)| {
+                    each(key, value.clone())
+                },
+                own: K::clone,
+            },
+            lookups,
+            name,
+            windows,
+            fold,
+            work_per_activation,
+            answer,
+        )
+    }
+}
+
+/// The events of a lookup operator ([`windowed_lookup`]): a collection of
+/// handles `H` that reach the operator by `pact`, each split into its
+/// `(key, value)`s by `split(handle, each)` calling `each(&key, value)`
+/// (zero or more times). `own` turns a borrowed key into the stored one.
+pub struct Events<'scope, H: 'static, P, S, Q: ?Sized, K> {
+    pub collection: VecCollection<'scope, u64, H, isize>,
+    pub pact: P,
+    pub split: S,
+    pub own: fn(&Q) -> K,
+}
+
+/// [`WindowedAggregate::windowed_lookup_with`] over events given as
+/// handles ([`Events`]): a replay whose workers all hold the log feeds each
+/// worker every event as an index into it, by a [`Pipeline`], and its
+/// `split` keeps the events of the keys that the lookups' route (the key's
+/// hash) brings to that worker, projected there. Its values then go
+/// straight from the log into the keys' queues, instead of through an
+/// operator of their own and a channel. The lookups are routed by the
+/// key's hash, and an event's key must be routed, or kept, likewise.
+pub fn windowed_lookup<'scope, H, P, S, Q, K, V, L, F, D, E>(
+    events: Events<'scope, H, P, S, Q, K>,
+    lookups: VecCollection<'scope, u64, (K, L), isize>,
+    name: &str,
+    windows: &[u64],
+    fold: F,
+    work_per_activation: usize,
+    mut answer: E,
+) -> VecCollection<'scope, u64, D, isize>
+where
+    H: Clone + 'static,
+    P: ParallelizationContract<u64, Vec<(H, u64, isize)>>,
+    S: FnMut(&H, &mut dyn FnMut(&Q, V)) + 'static,
+    Q: ?Sized + Hash + Eq + 'static,
+    K: ExchangeData + Hash + Eq + Clone + Borrow<Q>,
+    V: Clone + 'static,
+    L: ExchangeData + Clone,
+    F: RowAggregate<V>,
+    D: Clone + 'static,
+    E: FnMut(&K, L, F::Row) -> D + 'static,
+{
+    assert!(
+        work_per_activation > 0,
+        "work_per_activation must be positive"
+    );
+    let budget = work_per_activation;
+    let Events {
+        collection,
+        pact,
+        mut split,
+        own,
+    } = events;
+    let mut keys = Queued::new(name, windows, fold);
+    let scope = collection.scope();
+    collection
+        .inner
+        .binary_frontier(
+            lookups.inner,
+            pact,
+            route::<K, L>(),
+            name,
+            move |_initial, info| {
+                let activator = scope.activator_for(info.address);
+                // Invariant: held iff a lookup is pending, at a time <= all of them.
+                let mut held: Option<Capability<u64>> = None;
+                // The pass under way: the keys to visit and the time
+                // before which their items are complete.
+                let mut pass: Option<Pass> = None;
+                move |(events, events_frontier), (lookups, lookups_frontier), output| {
+                    events.for_each(|_, data| keys.receive_events(data, &mut split, own));
+                    let port = output.output_index();
+                    lookups.for_each(|cap, data| {
+                        hold(&mut held, &cap, port);
+                        keys.receive_lookups(data);
+                    });
+                    // Items before the earlier of the two frontiers are
+                    // complete (`u64::MAX`: both inputs closed).
+                    let complete = [events_frontier.frontier(), lookups_frontier.frontier()]
+                        .iter()
+                        .map(|f| f.first().copied().unwrap_or(u64::MAX))
+                        .min()
+                        .expect("two frontiers");
+                    let mut work = 0;
+                    loop {
+                        let current = match pass.as_mut() {
+                            Some(current) => current,
+                            None if keys.earliest.is_some_and(|t| t < complete) => {
+                                pass.insert(keys.start(complete))
                             }
-                            // Every lookup before the pass's time is answered.
-                            let until = current.until;
-                            pass = None;
-                            if keys.lookups == 0 {
-                                held = None;
-                            } else if let Some(cap) = held.as_mut().filter(|c| *c.time() < until) {
-                                cap.downgrade(&until);
-                            }
+                            None => break,
+                        };
+                        let mut session = held.as_ref().map(|cap| output.session(cap));
+                        let done =
+                            current.run(&mut keys, budget, &mut work, |key, lookup, row, time| {
+                                session
+                                    .as_mut()
+                                    .expect("held while lookups are pending")
+                                    .give((answer(key, lookup, row), time, 1));
+                            });
+                        drop(session);
+                        if !done {
+                            activator.activate();
+                            break; // Resume the pass.
+                        }
+                        // Every lookup before the pass's time is answered.
+                        let until = current.until;
+                        pass = None;
+                        if keys.lookups == 0 {
+                            held = None;
+                        } else if let Some(cap) = held.as_mut().filter(|c| *c.time() < until) {
+                            cap.downgrade(&until);
                         }
                     }
-                },
-            )
-            .as_collection()
-    }
+                }
+            },
+        )
+        .as_collection()
 }
 
 /// Retains `cap` for output `port` in `held` if it is earlier than what is held.
@@ -503,22 +565,17 @@ fn min_some(a: Option<u64>, b: Option<u64>) -> Option<u64> {
     }
 }
 
-/// An item queued for a key: a lookup, or a value entering its windows.
-/// At one time, lookups go first (they see the times before).
-#[derive(Clone)]
-enum Item<V, L> {
-    Lookup(L),
-    Event(V),
-}
-
 /// The state of a lookup operator: its windows, kept key by key
-/// ([`WindowStore::on_demand`]), and per key the items received and not
-/// yet done.
+/// ([`WindowStore::on_demand`]), and per key the events and lookups
+/// received and not yet done.
 struct Queued<K, V, L, F> {
     operator: String,
     store: WindowStore<K, V, F>,
-    /// By store slot: the key's items, in arrival order.
-    items: Vec<Vec<(u64, Item<V, L>)>>,
+    /// By store slot: the key's values to insert, `(time, value)`, in
+    /// arrival order.
+    events: Vec<Vec<(u64, V)>>,
+    /// By store slot: the key's lookups, `(time, lookup)`, in arrival order.
+    asked: Vec<Vec<(u64, L)>>,
     /// The slots with items for the next pass, each once (`listed`).
     dirty: Vec<usize>,
     listed: Vec<bool>,
@@ -548,7 +605,8 @@ where
         Queued {
             operator: operator.to_owned(),
             store: WindowStore::on_demand(windows, fold),
-            items: Vec::new(),
+            events: Vec::new(),
+            asked: Vec::new(),
             dirty: Vec::new(),
             listed: Vec::new(),
             earliest: None,
@@ -556,37 +614,68 @@ where
         }
     }
 
-    /// Queues a batch of received events or lookups (`wrap` says which).
-    fn receive<T: Clone>(
+    /// The slot of `key`, listed for the next pass, with an item at `time`.
+    fn enlist<Q>(&mut self, key: &Q, own: fn(&Q) -> K, time: u64) -> usize
+    where
+        Q: ?Sized + Hash + Eq,
+        K: Borrow<Q>,
+    {
+        let slot = self.store.slot_for(key, own);
+        if slot >= self.listed.len() {
+            self.events.resize_with(slot + 1, Vec::new);
+            self.asked.resize_with(slot + 1, Vec::new);
+            self.listed.resize(slot + 1, false);
+        }
+        self.earliest = min_some(self.earliest, Some(time));
+        if !self.listed[slot] {
+            self.listed[slot] = true;
+            self.dirty.push(slot);
+        }
+        slot
+    }
+
+    /// Queues the values of a batch of received event handles.
+    fn receive_events<H, Q>(
         &mut self,
-        data: &mut Vec<((K, T), u64, isize)>,
-        wrap: fn(T) -> Item<V, L>,
-    ) {
-        for ((key, x), time, diff) in data.drain(..) {
+        data: &mut Vec<(H, u64, isize)>,
+        split: &mut impl FnMut(&H, &mut dyn FnMut(&Q, V)),
+        own: fn(&Q) -> K,
+    ) where
+        Q: ?Sized + Hash + Eq,
+        K: Borrow<Q>,
+    {
+        for (handle, time, diff) in data.drain(..) {
             assert!(
                 diff > 0,
-                "{}: events and lookups are append-only (diff {diff})",
+                "{}: events are append-only (diff {diff})",
                 self.operator
             );
-            let slot = self.store.slot_of(&key);
-            if slot >= self.items.len() {
-                self.items.resize_with(slot + 1, Vec::new);
-                self.listed.resize(slot + 1, false);
-            }
-            let item = wrap(x);
-            if matches!(item, Item::Lookup(_)) {
-                self.lookups += diff as usize;
-            }
-            let items = &mut self.items[slot];
+            split(&handle, &mut |key, value| {
+                let slot = self.enlist(key, own, time);
+                let events = &mut self.events[slot];
+                for _ in 1..diff {
+                    events.push((time, value.clone()));
+                }
+                events.push((time, value));
+            });
+        }
+    }
+
+    /// Queues a batch of received lookups.
+    fn receive_lookups(&mut self, data: &mut Vec<((K, L), u64, isize)>) {
+        for ((key, lookup), time, diff) in data.drain(..) {
+            assert!(
+                diff > 0,
+                "{}: lookups are append-only (diff {diff})",
+                self.operator
+            );
+            let slot = self.enlist(&key, K::clone, time);
+            self.lookups += diff as usize;
+            let asked = &mut self.asked[slot];
             for _ in 1..diff {
-                items.push((time, item.clone()));
+                asked.push((time, lookup.clone()));
             }
-            items.push((time, item));
-            self.earliest = min_some(self.earliest, Some(time));
-            if !self.listed[slot] {
-                self.listed[slot] = true;
-                self.dirty.push(slot);
-            }
+            asked.push((time, lookup));
         }
     }
 
@@ -601,9 +690,9 @@ where
         }
     }
 
-    /// Does `slot`'s items before `until` in time order, calling
-    /// `give(key, lookup, row, time)` for each lookup that finds a row.
-    /// Returns the units of work done.
+    /// Does `slot`'s items before `until` in time order, the lookups at a
+    /// time before the values at it, calling `give(key, lookup, row, time)`
+    /// for each lookup that finds a row. Returns the units of work done.
     fn visit(
         &mut self,
         slot: usize,
@@ -611,28 +700,42 @@ where
         give: &mut impl FnMut(&K, L, F::Row, u64),
     ) -> usize {
         self.listed[slot] = false;
-        let mut items = std::mem::take(&mut self.items[slot]);
-        items.sort_by_key(|(time, item)| (*time, matches!(item, Item::Event(_))));
-        let ready = items.partition_point(|(time, _)| *time < until);
-        let mut work = ready;
-        for (time, item) in items.drain(..ready) {
-            match item {
-                Item::Lookup(lookup) => {
-                    // As of `time`: the values with `t + window >= time` stay.
-                    work += self.store.retract_key(slot, time.saturating_sub(1));
-                    self.lookups -= 1;
-                    if let Some((key, fold)) = self.store.at(slot) {
-                        give(key, lookup, fold.row(), time);
-                    }
-                }
-                Item::Event(value) => {
-                    work += self.store.retract_key(slot, time);
-                    self.store.insert_into(slot, time, value);
-                }
+        let mut events = std::mem::take(&mut self.events[slot]);
+        let mut asked = std::mem::take(&mut self.asked[slot]);
+        // Each input arrives in time order when fed so (a replay's are);
+        // otherwise, sort (stably: a key's values keep their order).
+        if !events.is_sorted_by_key(|(time, _)| *time) {
+            events.sort_by_key(|(time, _)| *time);
+        }
+        if !asked.is_sorted_by_key(|(time, _)| *time) {
+            asked.sort_by_key(|(time, _)| *time);
+        }
+        let ready_events = events.partition_point(|(time, _)| *time < until);
+        let ready_asked = asked.partition_point(|(time, _)| *time < until);
+        let mut work = ready_events + ready_asked;
+        let mut values = events.drain(..ready_events).peekable();
+        for (time, lookup) in asked.drain(..ready_asked) {
+            while let Some((at, value)) = values.next_if(|(at, _)| *at < time) {
+                work += self.store.retract_key(slot, at);
+                self.store.insert_into(slot, at, value);
+            }
+            // As of `time`: the values with `t + window >= time` stay.
+            work += self.store.retract_key(slot, time.saturating_sub(1));
+            self.lookups -= 1;
+            if let Some((key, fold)) = self.store.at(slot) {
+                give(key, lookup, fold.row(), time);
             }
         }
-        match items.first() {
-            Some(&(time, _)) => {
+        for (at, value) in values {
+            work += self.store.retract_key(slot, at);
+            self.store.insert_into(slot, at, value);
+        }
+        let left = min_some(
+            events.first().map(|(t, _)| *t),
+            asked.first().map(|(t, _)| *t),
+        );
+        match left {
+            Some(time) => {
                 self.earliest = min_some(self.earliest, Some(time));
                 self.listed[slot] = true;
                 self.dirty.push(slot);
@@ -641,7 +744,8 @@ where
                 self.store.release_if_empty(slot);
             }
         }
-        self.items[slot] = items;
+        self.events[slot] = events;
+        self.asked[slot] = asked;
         work
     }
 }

@@ -1,5 +1,6 @@
 //! `WindowStore`: per-key FIFO of timed values with one cursor per sliding window.
 
+use std::borrow::Borrow;
 use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasherDefault, Hash, Hasher};
 
@@ -274,9 +275,20 @@ where
     /// The slot of `key`, occupied for it if new. A slot stays `key`'s
     /// until the key is released.
     pub fn slot_of(&mut self, key: &K) -> usize {
+        self.slot_for(key, K::clone)
+    }
+
+    /// [`Self::slot_of`] by a borrowed form of the key; `own` makes the
+    /// key stored for a new one.
+    #[inline]
+    pub fn slot_for<Q>(&mut self, key: &Q, own: impl FnOnce(&Q) -> K) -> usize
+    where
+        Q: ?Sized + Hash + Eq,
+        K: Borrow<Q>,
+    {
         match self.index.get(key) {
             Some(&slot) => slot,
-            None => self.occupy(key.clone()),
+            None => self.occupy(own(key)),
         }
     }
 
