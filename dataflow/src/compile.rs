@@ -471,6 +471,14 @@ fn saturate(sum: i128) -> i64 {
 impl EntityFold {
     /// The value of output `(cell, aggregation)`.
     #[inline]
+    /// The row's values, in feature order.
+    pub fn values(&self) -> impl ExactSizeIterator<Item = Value> + '_ {
+        self.plan
+            .outputs
+            .iter()
+            .map(|o| self.value(o.cell, o.aggregation))
+    }
+
     fn value(&self, cell: usize, aggregation: Aggregation) -> Value {
         match (&self.states[cell], aggregation) {
             (State::Count(n), _) => Value::Int(*n),
@@ -492,11 +500,7 @@ impl RowAggregate<Record> for EntityFold {
     /// Shared: the `+1` of a change and the `-1` of the next are one allocation.
     type Row = Arc<[Value]>;
     fn row(&self) -> Arc<[Value]> {
-        self.plan
-            .outputs
-            .iter()
-            .map(|o| self.value(o.cell, o.aggregation))
-            .collect()
+        self.values().collect()
     }
 
     #[inline]

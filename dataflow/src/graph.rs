@@ -16,10 +16,10 @@
 //! "Features(name)" ([`WindowedAggregate`]).
 
 use std::rc::Rc;
-use std::sync::Arc;
 
 use differential_dataflow::{AsCollection, VecCollection};
 use serde::{Deserialize, Serialize};
+use smallvec::SmallVec;
 use timely::dataflow::channels::pact::Pipeline;
 use timely::dataflow::operators::generic::Operator;
 use timely::dataflow::operators::vec::{Filter, Partition};
@@ -29,7 +29,7 @@ use operators::aggregate::{windowed_lookup, Events, WindowedAggregate, WORK_PER_
 use operators::window::key_hash;
 use schemas::{FeatureSet, Key, Row, Value};
 
-use crate::compile::{compile, EntityPlan, Event, Record};
+use crate::compile::{compile, EntityFold, EntityPlan, Event, Record};
 
 /// Configuration of the feature graph.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -130,7 +130,10 @@ pub fn build_features_budgeted<'scope>(
 pub type RowKey = (u8, Key);
 
 /// A row found for a lookup: (lookup, entity index, values).
-pub type Found = (u64, u8, Arc<[Value]>);
+pub type Found = (u64, u8, RowValues);
+
+/// A found row's values, inline up to 16 (no allocation per row).
+pub type RowValues = SmallVec<[Value; 16]>;
 
 /// The worker of `peers` that owns `key`: where the graph routes its
 /// records and lookups.
@@ -204,7 +207,7 @@ pub fn lookup_features<'scope, E: Clone + 'static>(
             &windows,
             fold,
             work_per_activation,
-            move |_: &Key, lookup, values| (lookup, entity, values),
+            move |_: &Key, lookup, fold: &EntityFold| (lookup, entity, fold.values().collect()),
         ));
     }
     differential_dataflow::collection::concatenate(scope, found)

@@ -64,14 +64,31 @@ pub fn feed_position(log: &EventLog, graph: &GraphConfig, as_of: u64) -> usize {
 
 /// From the workers to the caller's thread.
 enum Note {
-    /// Rows found: (lookup, entity, values), the row of `entity` as of
-    /// `lookup`'s time.
-    Rows(Vec<Found>),
+    /// Rows found, ordered by lookup then entity: each lookup's rows from
+    /// this worker, of the lookups before the frontier its next note
+    /// reports, not yet sent.
+    Rows { worker: usize, rows: Rows },
     /// Worker `worker` will send nothing more before `frontier` (`None`: done).
     Frontier {
         worker: usize,
         frontier: Option<u64>,
     },
+}
+
+/// Rows found, flat: `(lookup, entity, length)` per row, and the rows'
+/// values one after the other.
+#[derive(Default)]
+struct Rows {
+    heads: Vec<(u64, u8, u32)>,
+    values: Vec<Value>,
+}
+
+/// A worker's rows being read in order: the next row is `heads[row]`, its
+/// values at `values[value..]`.
+struct Reading {
+    rows: Rows,
+    row: usize,
+    value: usize,
 }
 
 /// Events fed per advance of the inputs' time.
@@ -98,6 +115,13 @@ pub fn rows_as_of(
     );
     let workers = workers.max(1);
     let (tx, rx) = mpsc::channel::<Note>();
+    // Per worker, the row buffers read, given back to be filled again.
+    let (returns, spares): (Vec<_>, Vec<_>) = (0..workers)
+        .map(|_| {
+            let (give, take) = mpsc::channel::<Rows>();
+            (give, Some(take))
+        })
+        .unzip();
     let done = Arc::new(AtomicBool::new(false));
     let guards = {
         let (log, lookups, set, done) = (
@@ -107,6 +131,7 @@ pub fn rows_as_of(
             Arc::clone(&done),
         );
         let tx = std::sync::Mutex::new(tx);
+        let spares = std::sync::Mutex::new(spares);
         let config = if workers > 1 {
             timely::Config::process(workers)
         } else {
@@ -114,7 +139,10 @@ pub fn rows_as_of(
         };
         timely::execute(config, move |worker| {
             let tx = tx.lock().expect("sender").clone();
-            worker_main(worker, &log, &lookups, &set, &graph, tx, &done);
+            let spare = spares.lock().expect("spares")[worker.index()]
+                .take()
+                .expect("one worker per index");
+            worker_main(worker, &log, &lookups, &set, &graph, (tx, spare), &done);
         })
         .map_err(|e| anyhow::anyhow!("timely: {e}"))?
     };
@@ -124,13 +152,13 @@ pub fn rows_as_of(
     let mut frontiers: Vec<Option<u64>> = vec![Some(0); workers];
     let mut next = 0usize;
     let entities = set.entities.clone();
-    // The rows found for the lookups from `next` on: lookup `next + i`'s
-    // row of entity `e` at `i * entities.len() + e`.
-    let mut rows: VecDeque<Option<Arc<[Value]>>> = VecDeque::new();
+    // Per worker, its rows not yet read, in lookup order.
+    let mut pending: Vec<VecDeque<Reading>> = (0..workers).map(|_| VecDeque::new()).collect();
     // The rows handed to `answer`, refilled in place from lookup to lookup
     // (no allocation per row); `spare` keeps those of entities not found.
     let mut found: Vec<Option<FeatureRow>> = vec![None; entities.len()];
     let mut spare: Vec<Option<FeatureRow>> = vec![None; entities.len()];
+    let mut have: Vec<bool> = vec![false; entities.len()];
     let result = (|| {
         while next < lookups.len() {
             let note = match rx.recv_timeout(Duration::from_secs(60)) {
@@ -141,19 +169,12 @@ pub fn rows_as_of(
                 }
             };
             match note {
-                Note::Rows(found) => {
-                    for (lookup, entity, values) in found {
-                        // A worker sends a lookup's rows before the frontier
-                        // past its time, so never for one already answered.
-                        let ahead = (lookup as usize)
-                            .checked_sub(next)
-                            .expect("a lookup's rows arrive before it is answered");
-                        let at = ahead * entities.len() + entity as usize;
-                        if rows.len() <= at {
-                            rows.resize(at + 1, None);
-                        }
-                        rows[at] = Some(values);
-                    }
+                Note::Rows { worker, rows } => {
+                    pending[worker].push_back(Reading {
+                        rows,
+                        row: 0,
+                        value: 0,
+                    });
                     continue;
                 }
                 Note::Frontier { worker, frontier } => frontiers[worker] = frontier,
@@ -164,30 +185,54 @@ pub fn rows_as_of(
                 .min()
                 .unwrap_or(u64::MAX);
             while let Some(lookup) = lookups.get(next).filter(|l| l.as_of < until) {
-                // This lookup's slots, one per entity, in entity order; a row
-                // is found only for an entity the lookup asked for.
+                // This lookup's rows: at the head of the workers' rows, as a
+                // worker sends a lookup's rows before its frontier passes it.
+                have.iter_mut().for_each(|h| *h = false);
+                for (worker, queue) in pending.iter_mut().enumerate() {
+                    while let Some(reading) = queue.front_mut() {
+                        let Some(&(at, entity, len)) = reading.rows.heads.get(reading.row) else {
+                            let mut rows = queue.pop_front().expect("read").rows;
+                            rows.heads.clear();
+                            rows.values.clear();
+                            let _ = returns[worker].send(rows);
+                            continue;
+                        };
+                        debug_assert!(at as usize >= next, "rows come in lookup order");
+                        if at as usize != next {
+                            break;
+                        }
+                        let values = &reading.rows.values[reading.value..][..len as usize];
+                        reading.row += 1;
+                        reading.value += len as usize;
+                        // A row is found only for an entity the lookup asked for.
+                        let entity = entity as usize;
+                        let Some((_, key)) =
+                            lookup.keys.iter().find(|(e, _)| *e as usize == entity)
+                        else {
+                            continue;
+                        };
+                        have[entity] = true;
+                        let row = found[entity].get_or_insert_with(|| {
+                            spare[entity].take().unwrap_or_else(|| FeatureRow {
+                                entity: Arc::clone(&entities[entity]),
+                                id: String::new(),
+                                as_of_ms: 0,
+                                values: Vec::new(),
+                            })
+                        });
+                        row.id.clear();
+                        row.id.push_str(key);
+                        row.as_of_ms = lookup.as_of as i64;
+                        row.values.clear();
+                        row.values.extend_from_slice(values);
+                    }
+                }
                 for (entity, slot) in found.iter_mut().enumerate() {
-                    let values = rows.pop_front().flatten();
-                    let key = lookup.keys.iter().find(|(e, _)| *e as usize == entity);
-                    let (Some(values), Some((_, key))) = (values, key) else {
+                    if !have[entity] {
                         if let Some(row) = slot.take() {
                             spare[entity] = Some(row);
                         }
-                        continue;
-                    };
-                    let row = slot.get_or_insert_with(|| {
-                        spare[entity].take().unwrap_or_else(|| FeatureRow {
-                            entity: Arc::clone(&entities[entity]),
-                            id: String::new(),
-                            as_of_ms: 0,
-                            values: Vec::new(),
-                        })
-                    });
-                    row.id.clear();
-                    row.id.push_str(key);
-                    row.as_of_ms = lookup.as_of as i64;
-                    row.values.clear();
-                    row.values.extend_from_slice(&values);
+                    }
                 }
                 answer(next, &mut found)?;
                 next += 1;
@@ -203,6 +248,75 @@ pub fn rows_as_of(
     result
 }
 
+/// A worker's "Collect": the rows found and not yet sent to the caller's
+/// thread, and the buffers it has read and given back.
+struct Collector {
+    worker: usize,
+    tx: mpsc::Sender<Note>,
+    spare: mpsc::Receiver<Rows>,
+    /// (time, row) as received.
+    found: Vec<(u64, Found)>,
+    /// Scratch: (lookup, entity, index into `found`) of the rows to send.
+    order: Vec<(u64, u8, u32)>,
+    /// The frontier last sent.
+    reported: Option<u64>,
+}
+
+impl Collector {
+    fn receive(&mut self, data: &mut Vec<(Found, u64, isize)>) {
+        self.found.extend(data.drain(..).map(|(row, time, diff)| {
+            debug_assert_eq!(diff, 1, "one row per key as of a time");
+            (time, row)
+        }));
+    }
+
+    /// The lookup operators emit a lookup's rows at its time, before their
+    /// frontier passes that time: once it has (`bound`), sends them, in
+    /// lookup order, then the frontier.
+    fn advance(&mut self, bound: Option<u64>) {
+        if bound == self.reported {
+            return;
+        }
+        self.reported = bound;
+        let complete = |time: u64| bound.is_none_or(|b| time < b);
+        self.order.clear();
+        self.order.extend(
+            self.found
+                .iter()
+                .enumerate()
+                .filter(|(_, (time, _))| complete(*time))
+                .map(|(i, (_, (lookup, entity, _)))| (*lookup, *entity, i as u32)),
+        );
+        if !self.order.is_empty() {
+            self.order.sort_unstable();
+            // A buffer the caller has read, emptied, if any: no fresh
+            // memory per batch.
+            let mut rows = self.spare.try_recv().unwrap_or_default();
+            rows.heads.reserve(self.order.len());
+            let width: usize = self
+                .order
+                .iter()
+                .map(|&(_, _, i)| self.found[i as usize].1 .2.len())
+                .sum();
+            rows.values.reserve(width);
+            for &(lookup, entity, i) in &self.order {
+                let values = &self.found[i as usize].1 .2;
+                rows.heads.push((lookup, entity, values.len() as u32));
+                rows.values.extend_from_slice(values);
+            }
+            self.found.retain(|(time, _)| !complete(*time));
+            let _ = self.tx.send(Note::Rows {
+                worker: self.worker,
+                rows,
+            });
+        }
+        let _ = self.tx.send(Note::Frontier {
+            worker: self.worker,
+            frontier: bound,
+        });
+    }
+}
+
 /// One worker: feeds its share of the log and the lookups, and runs its
 /// part of the graph and the collection until the caller has every answer.
 fn worker_main(
@@ -211,7 +325,7 @@ fn worker_main(
     lookups: &[Lookup],
     set: &FeatureSet,
     graph: &GraphConfig,
-    tx: mpsc::Sender<Note>,
+    (tx, spare): (mpsc::Sender<Note>, mpsc::Receiver<Rows>),
     done: &AtomicBool,
 ) {
     let index = worker.index();
@@ -225,31 +339,20 @@ fn worker_main(
             f(*source, event);
         };
         let (lookups_in, lookups) = scope.new_collection::<(RowKey, u64), isize>();
-        let mut reported = Some(0u64);
+        let mut collect = Collector {
+            worker: index,
+            tx,
+            spare,
+            found: Vec::new(),
+            order: Vec::new(),
+            reported: Some(0),
+        };
         lookup_features(events, resolve, lookups, set, graph, WORK_PER_ACTIVATION)
             .inner
             .probe_with(&probe)
             .sink(Pipeline, "Collect", move |(input, frontier)| {
-                // The lookup operators emit a lookup's rows at its time, before
-                // their frontier passes that time: forward them, then the frontier.
-                let mut found = Vec::new();
-                input.for_each(|_, data| {
-                    found.extend(data.drain(..).map(|(row, _, diff)| {
-                        debug_assert_eq!(diff, 1, "one row per key as of a time");
-                        row
-                    }));
-                });
-                if !found.is_empty() {
-                    let _ = tx.send(Note::Rows(found));
-                }
-                let bound = frontier.frontier().first().copied();
-                if bound != reported {
-                    reported = bound;
-                    let _ = tx.send(Note::Frontier {
-                        worker: index,
-                        frontier: bound,
-                    });
-                }
+                input.for_each(|_, data| collect.receive(data));
+                collect.advance(frontier.frontier().first().copied());
             });
         (events_in, lookups_in)
     });

@@ -389,6 +389,7 @@ where
         D: Clone + 'static,
         E: FnMut(&K, L, F::Row) -> D + 'static,
     {
+        let mut answer = answer;
         windowed_lookup(
             Events {
                 collection: self,
@@ -403,7 +404,7 @@ where
             windows,
             fold,
             work_per_activation,
-            answer,
+            move |key: &K, lookup, fold: &F| answer(key, lookup, fold.row()),
         )
     }
 }
@@ -427,6 +428,8 @@ pub struct Events<'scope, H: 'static, P, S, Q: ?Sized, K> {
 /// straight from the log into the keys' queues, instead of through an
 /// operator of their own and a channel. The lookups are routed by the
 /// key's hash, and an event's key must be routed, or kept, likewise.
+/// `answer(key, lookup, fold)` is given the key's fold as of the lookup's
+/// time, to read the row from as it needs.
 pub fn windowed_lookup<'scope, H, P, S, Q, K, V, L, F, D, E>(
     events: Events<'scope, H, P, S, Q, K>,
     lookups: VecCollection<'scope, u64, (K, L), isize>,
@@ -446,7 +449,7 @@ where
     L: ExchangeData + Clone,
     F: RowAggregate<V>,
     D: Clone + 'static,
-    E: FnMut(&K, L, F::Row) -> D + 'static,
+    E: FnMut(&K, L, &F) -> D + 'static,
 {
     assert!(
         work_per_activation > 0,
@@ -691,14 +694,9 @@ where
     }
 
     /// Does `slot`'s items before `until` in time order, the lookups at a
-    /// time before the values at it, calling `give(key, lookup, row, time)`
+    /// time before the values at it, calling `give(key, lookup, fold, time)`
     /// for each lookup that finds a row. Returns the units of work done.
-    fn visit(
-        &mut self,
-        slot: usize,
-        until: u64,
-        give: &mut impl FnMut(&K, L, F::Row, u64),
-    ) -> usize {
+    fn visit(&mut self, slot: usize, until: u64, give: &mut impl FnMut(&K, L, &F, u64)) -> usize {
         self.listed[slot] = false;
         let mut events = std::mem::take(&mut self.events[slot]);
         let mut asked = std::mem::take(&mut self.asked[slot]);
@@ -723,7 +721,7 @@ where
             work += self.store.retract_key(slot, time.saturating_sub(1));
             self.lookups -= 1;
             if let Some((key, fold)) = self.store.at(slot) {
-                give(key, lookup, fold.row(), time);
+                give(key, lookup, fold, time);
             }
         }
         for (at, value) in values {
@@ -758,7 +756,7 @@ impl Pass {
         keys: &mut Queued<K, V, L, F>,
         budget: usize,
         work: &mut usize,
-        mut give: impl FnMut(&K, L, F::Row, u64),
+        mut give: impl FnMut(&K, L, &F, u64),
     ) -> bool
     where
         K: Hash + Eq + Clone,
