@@ -39,6 +39,7 @@ use dataflow::compile::Event;
 use dataflow::{lookup_features, worker_of, Found, GraphConfig, RowKey};
 use schemas::features::{FeatureRow, Value};
 use schemas::{FeatureSet, Key};
+use smallvec::SmallVec;
 
 use crate::log::EventLog;
 
@@ -51,8 +52,9 @@ pub struct Lookup {
     /// (`events.len()`: after the last): no event before it may be later
     /// than `as_of` after quantization.
     pub feed_at: usize,
-    /// (entity index, key) per row to find.
-    pub keys: Vec<(u8, Key)>,
+    /// (entity index, key) per row to find (inline: no allocation per
+    /// lookup of up to two entities).
+    pub keys: SmallVec<[(u8, Key); 2]>,
 }
 
 /// The index of the first event of `log` at or after `as_of` (quantized):

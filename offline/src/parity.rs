@@ -214,7 +214,7 @@ pub fn check(
         .map(|(at, _, entity, id)| Lookup {
             as_of: at,
             feed_at: feed_position(&log, &graph, at),
-            keys: vec![(entity, id)],
+            keys: smallvec::smallvec![(entity, id)],
         })
         .collect();
 
