@@ -15,6 +15,7 @@
 //! "Project" (each event to a record per entity it feeds), and per entity
 //! "Features(name)" ([`WindowedAggregate`]).
 
+use std::hash::Hash;
 use std::rc::Rc;
 
 use differential_dataflow::{AsCollection, VecCollection};
@@ -126,8 +127,9 @@ pub fn build_features_budgeted<'scope>(
     differential_dataflow::collection::concatenate(scope, rows)
 }
 
-/// An entity's key: (entity index, key).
-pub type RowKey = (u8, Key);
+/// An entity's key in a replay: (entity index, the key's id, interned
+/// per entity: [`Replay::key`]).
+pub type RowKey = (u8, u32);
 
 /// A row found for a lookup: (lookup, entity index, values).
 pub type Found = (u64, u8, RowValues);
@@ -137,9 +139,20 @@ pub type RowValues = SmallVec<[Value; 16]>;
 
 /// The worker of `peers` that owns `key`: where the graph routes its
 /// records and lookups.
-pub fn worker_of(key: &str, peers: usize) -> usize {
-    // `Key` hashes as its string, and the exchange routes by `hash % peers`.
+pub fn worker_of<K: Hash + ?Sized>(key: &K, peers: usize) -> usize {
+    // The exchange routes by `key_hash(key) % peers`.
     (key_hash(key) % peers as u64) as usize
+}
+
+/// A log every worker of a replay holds, its events numbered in order,
+/// with each event's key of each entity interned as a number: the workers
+/// route, keep and index keys by number and never read a key's string.
+pub trait Replay: 'static {
+    /// The source index and the event numbered `event`.
+    fn event(&self, event: u32) -> (usize, &Event);
+    /// The id of the key of entity `entity` in event `event`, if its
+    /// source has the entity's key field; ids are per entity.
+    fn key(&self, event: u32, entity: u8) -> Option<u32>;
 }
 
 /// The feature graph of `set` queried rather than reported: for each lookup
@@ -152,16 +165,15 @@ pub fn worker_of(key: &str, peers: usize) -> usize {
 /// for lookups and no row change is emitted. Lookups of an entity with no
 /// features find nothing.
 ///
-/// For a replay whose workers all hold the log: every worker is fed every
-/// event, as a handle `E` that `resolve(handle, f)` turns into the source
-/// event, calling `f(source, &event)` (an index into the log). Each
-/// entity's operator keeps the events of the keys its worker owns
-/// ([`worker_of`]: where the lookups are routed) and projects them itself,
-/// so no record crosses workers or channels. A lookup is answered on its
-/// key's worker; fed there, it crosses no worker either.
-pub fn lookup_features<'scope, E: Clone + 'static>(
-    events: VecCollection<'scope, u64, E, isize>,
-    resolve: impl Fn(&E, &mut dyn FnMut(usize, &Event)) + 'static,
+/// For a replay: every worker holds `log` and is fed every event, by its
+/// number. Each entity's operator keeps the events of the keys its worker
+/// owns ([`worker_of`] the key's id: where the lookups are routed),
+/// reading no other event, and projects them itself, so no record crosses
+/// workers or channels. A lookup is answered on its key's worker; fed
+/// there, it crosses no worker either.
+pub fn lookup_features<'scope, R: Replay>(
+    events: VecCollection<'scope, u64, u32, isize>,
+    log: Rc<R>,
     lookups: VecCollection<'scope, u64, (RowKey, u64), isize>,
     set: &FeatureSet,
     config: &GraphConfig,
@@ -177,37 +189,35 @@ pub fn lookup_features<'scope, E: Clone + 'static>(
             (u64::from(entity), ((key, lookup), time, diff))
         });
     let (index, peers) = (scope.index(), scope.peers());
-    let resolve = Rc::new(resolve);
     let mut found = Vec::with_capacity(plans.len());
     for (plan, asked) in plans.into_iter().zip(asked) {
         let (entity, fold) = (plan.index, plan.fold());
         let (name, windows) = (format!("Features({})", plan.name), plan.windows.clone());
-        let resolve = Rc::clone(&resolve);
-        let split = move |handle: &E, each: &mut dyn FnMut(&str, Record)| {
-            resolve(handle, &mut |source, event| {
-                let Some(key) = plan.key(source, event) else {
-                    return;
-                };
-                if worker_of(key, peers) == index {
-                    if let Some(record) = plan.record(source, event) {
-                        each(key, record);
-                    }
+        let log = Rc::clone(&log);
+        let split = move |&event: &u32, each: &mut dyn FnMut(&u32, Record)| {
+            let Some(key) = log.key(event, entity) else {
+                return;
+            };
+            if worker_of(&key, peers) == index {
+                let (source, event) = log.event(event);
+                if let Some(record) = plan.record(source, event) {
+                    each(&key, record);
                 }
-            });
+            }
         };
         found.push(windowed_lookup(
             Events {
                 collection: events.clone(),
                 pact: Pipeline,
                 split,
-                own: |key: &str| Key::from(key),
+                own: |key: &u32| *key,
             },
             asked.as_collection(),
             &name,
             &windows,
             fold,
             work_per_activation,
-            move |_: &Key, lookup, fold: &EntityFold| (lookup, entity, fold.values().collect()),
+            move |_: &u32, lookup, fold: &EntityFold| (lookup, entity, fold.values().collect()),
         ));
     }
     differential_dataflow::collection::concatenate(scope, found)

@@ -13,6 +13,6 @@ pub mod stream;
 pub mod worker;
 
 pub use graph::{
-    build_features, events_collection, lookup_features, worker_of, Found, GraphConfig, RowKey,
-    SourceEvent,
+    build_features, events_collection, lookup_features, worker_of, Found, GraphConfig, Replay,
+    RowKey, SourceEvent,
 };

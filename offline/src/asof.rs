@@ -23,6 +23,7 @@
 //! worker's frontier has passed its time.
 
 use std::collections::VecDeque;
+use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
@@ -35,12 +36,12 @@ use timely::dataflow::operators::generic::Operator;
 use timely::dataflow::operators::Probe;
 use timely::dataflow::ProbeHandle;
 
-use dataflow::compile::Event;
 use dataflow::{lookup_features, worker_of, Found, GraphConfig, RowKey};
 use schemas::features::{FeatureRow, Value};
-use schemas::{FeatureSet, Key};
+use schemas::FeatureSet;
 use smallvec::SmallVec;
 
+use crate::keys::{KeyIds, Replayed};
 use crate::log::EventLog;
 
 /// The rows of some entities as of one time.
@@ -52,9 +53,9 @@ pub struct Lookup {
     /// (`events.len()`: after the last): no event before it may be later
     /// than `as_of` after quantization.
     pub feed_at: usize,
-    /// (entity index, key) per row to find (inline: no allocation per
-    /// lookup of up to two entities).
-    pub keys: SmallVec<[(u8, Key); 2]>,
+    /// (entity index, key id in the replay's [`KeyIds`]) per row to find
+    /// (inline: no allocation per lookup of up to two entities).
+    pub keys: SmallVec<[RowKey; 2]>,
 }
 
 /// The index of the first event of `log` at or after `as_of` (quantized):
@@ -102,6 +103,7 @@ const FEED_BATCH: usize = 65_536;
 /// the callback may take rows out, and the vector is refilled for the next.
 pub fn rows_as_of(
     log: Arc<EventLog>,
+    keys: Arc<KeyIds>,
     set: Arc<FeatureSet>,
     graph: GraphConfig,
     workers: usize,
@@ -126,12 +128,11 @@ pub fn rows_as_of(
         .unzip();
     let done = Arc::new(AtomicBool::new(false));
     let guards = {
-        let (log, lookups, set, done) = (
-            Arc::clone(&log),
-            Arc::clone(&lookups),
-            Arc::clone(&set),
-            Arc::clone(&done),
-        );
+        let replay = Replayed {
+            log: Arc::clone(&log),
+            keys: Arc::clone(&keys),
+        };
+        let (lookups, set, done) = (Arc::clone(&lookups), Arc::clone(&set), Arc::clone(&done));
         let tx = std::sync::Mutex::new(tx);
         let spares = std::sync::Mutex::new(spares);
         let config = if workers > 1 {
@@ -144,7 +145,7 @@ pub fn rows_as_of(
             let spare = spares.lock().expect("spares")[worker.index()]
                 .take()
                 .expect("one worker per index");
-            worker_main(worker, &log, &lookups, &set, &graph, (tx, spare), &done);
+            worker_main(worker, &replay, &lookups, &set, &graph, (tx, spare), &done);
         })
         .map_err(|e| anyhow::anyhow!("timely: {e}"))?
     };
@@ -207,12 +208,11 @@ pub fn rows_as_of(
                         reading.row += 1;
                         reading.value += len as usize;
                         // A row is found only for an entity the lookup asked for.
-                        let entity = entity as usize;
-                        let Some((_, key)) =
-                            lookup.keys.iter().find(|(e, _)| *e as usize == entity)
-                        else {
+                        let Some(&(_, id)) = lookup.keys.iter().find(|(e, _)| *e == entity) else {
                             continue;
                         };
+                        let key = keys.key(entity, id);
+                        let entity = entity as usize;
                         have[entity] = true;
                         let row = found[entity].get_or_insert_with(|| {
                             spare[entity].take().unwrap_or_else(|| FeatureRow {
@@ -323,7 +323,7 @@ impl Collector {
 /// part of the graph and the collection until the caller has every answer.
 fn worker_main(
     worker: &mut timely::worker::Worker,
-    log: &Arc<EventLog>,
+    replay: &Replayed,
     lookups: &[Lookup],
     set: &FeatureSet,
     graph: &GraphConfig,
@@ -333,13 +333,9 @@ fn worker_main(
     let index = worker.index();
     let probe = ProbeHandle::new();
     let (mut events, mut lookups_in) = worker.dataflow::<u64, _, _>(|scope| {
-        // Events are fed as indices into the log, which every worker holds.
+        // Events are fed by their number in the log, which every worker holds.
         let (events_in, events) = scope.new_collection::<u32, isize>();
-        let log = Arc::clone(log);
-        let resolve = move |i: &u32, f: &mut dyn FnMut(usize, &Event)| {
-            let (source, event) = &log.events[*i as usize];
-            f(*source, event);
-        };
+        let replay = Rc::new(replay.clone());
         let (lookups_in, lookups) = scope.new_collection::<(RowKey, u64), isize>();
         let mut collect = Collector {
             worker: index,
@@ -349,7 +345,7 @@ fn worker_main(
             order: Vec::new(),
             reported: Some(0),
         };
-        lookup_features(events, resolve, lookups, set, graph, WORK_PER_ACTIVATION)
+        lookup_features(events, replay, lookups, set, graph, WORK_PER_ACTIVATION)
             .inner
             .probe_with(&probe)
             .sink(Pipeline, "Collect", move |(input, frontier)| {
@@ -367,10 +363,9 @@ fn worker_main(
     let mut feed =
         |upto: usize, lookups_in: &mut differential_dataflow::input::InputSession<_, _, _>| {
             while let Some(lookup) = lookups.get(next).filter(|l| l.feed_at <= upto) {
-                for (entity, key) in &lookup.keys {
-                    if worker_of(key, peers) == index {
-                        let record = ((*entity, key.clone()), next as u64);
-                        lookups_in.update_at(record, lookup.as_of, 1);
+                for &key in &lookup.keys {
+                    if worker_of(&key.1, peers) == index {
+                        lookups_in.update_at((key, next as u64), lookup.as_of, 1);
                     }
                 }
                 next += 1;
@@ -382,7 +377,7 @@ fn worker_main(
     // operators visit each key once per batch.
     let mut time = 0u64;
     let mut previous = 0u64;
-    for (i, (_, event)) in log.events.iter().enumerate() {
+    for (i, (_, event)) in replay.log.events.iter().enumerate() {
         feed(i, &mut lookups_in);
         time = graph.quantize(event.event_time()).max(time);
         events.update_at(i as u32, time, 1);

@@ -16,12 +16,12 @@ use std::time::Instant;
 use dataflow::compile::Event;
 use dataflow::GraphConfig;
 use operators::window::FxBuildHasher;
-use schemas::features::{DatumRef, Schema};
-use schemas::{ClickAction, FeatureSet, Key, Label};
+use schemas::{ClickAction, FeatureSet, Label};
 use server::features::{Context, TxnContext};
 use server::model::{Model, ModelKind};
 
 use crate::asof::{rows_as_of, Lookup};
+use crate::keys::KeyIds;
 use crate::log::EventLog;
 use crate::output::{FraudRow, Output, ViewRow};
 
@@ -72,21 +72,20 @@ struct Queries {
     events: Vec<usize>,
 }
 
-/// The entities (index, key field per schema) a model's requests read.
-fn lookups_of(set: &FeatureSet, kind: ModelKind, schema: Schema) -> Vec<(u8, usize)> {
+/// The entities a model's requests read.
+fn lookups_of(set: &FeatureSet, kind: ModelKind) -> Vec<u8> {
     kind.entities()
         .iter()
-        .filter_map(|name| {
-            let index = set.entity_index(name)?;
-            let (field, _) = schema.field(&set.entities[index].key)?;
-            Some((index as u8, field))
-        })
+        .filter_map(|name| Some(set.entity_index(name)? as u8))
         .collect()
 }
 
+/// The lookups of `log`'s transactions and product views, their keys'
+/// ids left to [`Queries::identify`] (so that the keys are interned
+/// meanwhile).
 fn queries(log: &EventLog, set: &FeatureSet, graph: &GraphConfig) -> Queries {
-    let fraud = lookups_of(set, ModelKind::Fraud, Schema::Txn);
-    let views = lookups_of(set, ModelKind::Propensity, Schema::Click);
+    let fraud = lookups_of(set, ModelKind::Fraud);
+    let views = lookups_of(set, ModelKind::Propensity);
     // The entities a transaction or a product view asks for; other clicks: none.
     let asks = |event: &Event| match event {
         Event::Txn(_) => Some(&fraud),
@@ -99,14 +98,10 @@ fn queries(log: &EventLog, set: &FeatureSet, graph: &GraphConfig) -> Queries {
         events: Vec::with_capacity(n),
     };
     for (i, (_, event)) in log.events.iter().enumerate() {
-        let Some(keys) = asks(event) else { continue };
-        let keys = keys
-            .iter()
-            .filter_map(|&(entity, field)| match event.field_ref(field)? {
-                DatumRef::Str(key) => Some((entity, Key::from(key))),
-                _ => None,
-            })
-            .collect();
+        let Some(entities) = asks(event) else {
+            continue;
+        };
+        let keys = entities.iter().map(|&entity| (entity, 0)).collect();
         queries.lookups.push(Lookup {
             // The event's own time, quantized down to the tick: its rows
             // aggregate earlier ticks only, never the event itself.
@@ -117,6 +112,24 @@ fn queries(log: &EventLog, set: &FeatureSet, graph: &GraphConfig) -> Queries {
         queries.events.push(i);
     }
     queries
+}
+
+impl Queries {
+    /// Sets each lookup's key ids, leaving out the entities whose key its
+    /// event lacks.
+    fn identify(&mut self, keys: &KeyIds) {
+        for (lookup, &event) in self.lookups.iter_mut().zip(&self.events) {
+            lookup
+                .keys
+                .retain(|(entity, id)| match keys.of(event as u32, *entity) {
+                    Some(key) => {
+                        *id = key;
+                        true
+                    }
+                    None => false,
+                });
+        }
+    }
 }
 
 /// Runs the backfill of `log` into `output`.
@@ -136,11 +149,14 @@ pub fn run(
     let log_end_ms = log.end_ms().unwrap_or(0);
     let cutoff = config.label_cutoff_ms.unwrap_or(log_end_ms);
     let labels = Labels::new(&log.labels, cutoff);
-    // Both walk the whole log: side by side.
-    let (mut purchases, Queries { lookups, events }) = std::thread::scope(|s| {
+    // All walk the whole log: side by side (the keys, one thread per entity).
+    let (mut purchases, keys, Queries { lookups, events }) = std::thread::scope(|s| {
         let purchases = s.spawn(|| Purchases::new(&log));
-        let queries = queries(&log, &set, &graph);
-        (purchases.join().expect("purchases"), queries)
+        let keys = s.spawn(|| KeyIds::build(&log, &set));
+        let mut queries = queries(&log, &set, &graph);
+        let keys = keys.join().expect("keys");
+        queries.identify(&keys);
+        (purchases.join().expect("purchases"), keys, queries)
     });
     let lookups_total = lookups.len() as u64;
     let lookups = Arc::new(lookups);
@@ -171,67 +187,75 @@ pub fn run(
     let mut scratch = Vec::new();
     let mut context = Context::default();
     let (replayed, asked) = (Arc::clone(&log), Arc::clone(&lookups));
-    rows_as_of(log, set, graph, config.workers, lookups, |i, rows| {
-        let as_of = asked[i].as_of as i64;
-        let (_, event) = &replayed.events[events[i]];
-        // The context borrows the rows, and gives them back for the next.
-        std::mem::swap(&mut context.rows, rows);
-        context.frontier_ms = Some(as_of);
-        context.txn = TxnContext::default();
-        match event {
-            Event::Txn(txn) => {
-                context.txn = TxnContext {
-                    amount_minor: txn.amount_minor,
-                    country: Some(txn.country.clone()),
-                    channel: Some(txn.channel),
-                    time_ms: txn.event_time,
-                };
-                context.vector(&fraud_model.plan, &mut scratch);
-                let label = labels.of(&txn.event_id, txn.event_time, config);
-                match label.status {
-                    LabelStatus::Fraud => summary.fraud += 1,
-                    LabelStatus::Legit => summary.legit += 1,
-                    LabelStatus::Pending => summary.pending += 1,
+    rows_as_of(
+        log,
+        Arc::new(keys),
+        set,
+        graph,
+        config.workers,
+        lookups,
+        |i, rows| {
+            let as_of = asked[i].as_of as i64;
+            let (_, event) = &replayed.events[events[i]];
+            // The context borrows the rows, and gives them back for the next.
+            std::mem::swap(&mut context.rows, rows);
+            context.frontier_ms = Some(as_of);
+            context.txn = TxnContext::default();
+            match event {
+                Event::Txn(txn) => {
+                    context.txn = TxnContext {
+                        amount_minor: txn.amount_minor,
+                        country: Some(txn.country.clone()),
+                        channel: Some(txn.channel),
+                        time_ms: txn.event_time,
+                    };
+                    context.vector(&fraud_model.plan, &mut scratch);
+                    let label = labels.of(&txn.event_id, txn.event_time, config);
+                    match label.status {
+                        LabelStatus::Fraud => summary.fraud += 1,
+                        LabelStatus::Legit => summary.legit += 1,
+                        LabelStatus::Pending => summary.pending += 1,
+                    }
+                    summary.transactions += 1;
+                    output.fraud(FraudRow {
+                        txn,
+                        as_of_ms: as_of,
+                        context: &context,
+                        rules_score: f64::from(fraud_model.score(&scratch)?),
+                        label: label.status,
+                        fraud_type: label.fraud_type,
+                    })?;
                 }
-                summary.transactions += 1;
-                output.fraud(FraudRow {
-                    txn,
-                    as_of_ms: as_of,
-                    context: &context,
-                    rules_score: f64::from(fraud_model.score(&scratch)?),
-                    label: label.status,
-                    fraud_type: label.fraud_type,
-                })?;
-            }
-            Event::Click(click) => {
-                context.vector(&view_model.plan, &mut scratch);
-                let label = purchases.label(
-                    &click.user_id,
-                    click.event_time,
-                    config.purchase_window_ms,
-                    log_end_ms,
-                );
-                summary.views += 1;
-                match label {
-                    Some(true) => summary.views_purchased += 1,
-                    None => summary.views_pending += 1,
-                    Some(false) => {}
+                Event::Click(click) => {
+                    context.vector(&view_model.plan, &mut scratch);
+                    let label = purchases.label(
+                        events[i],
+                        click.event_time,
+                        config.purchase_window_ms,
+                        log_end_ms,
+                    );
+                    summary.views += 1;
+                    match label {
+                        Some(true) => summary.views_purchased += 1,
+                        None => summary.views_pending += 1,
+                        Some(false) => {}
+                    }
+                    output.view(ViewRow {
+                        click,
+                        as_of_ms: as_of,
+                        context: &context,
+                        rules_score: f64::from(view_model.score(&scratch)?),
+                        label,
+                    })?;
                 }
-                output.view(ViewRow {
-                    click,
-                    as_of_ms: as_of,
-                    context: &context,
-                    rules_score: f64::from(view_model.score(&scratch)?),
-                    label,
-                })?;
             }
-        }
-        std::mem::swap(&mut context.rows, rows);
-        if i % 1024 == 1023 {
-            progress.inc(1024);
-        }
-        Ok(())
-    })?;
+            std::mem::swap(&mut context.rows, rows);
+            if i % 1024 == 1023 {
+                progress.inc(1024);
+            }
+            Ok(())
+        },
+    )?;
     progress.set_position(lookups_total);
     progress.finish_and_clear();
     output.finish(&summary)?;
@@ -300,44 +324,58 @@ impl Labels {
 }
 
 /// Purchase times per user, ascending, with a cursor per user: the first
-/// purchase after the last view asked about.
-struct Purchases(HashMap<String, (Vec<i64>, usize), FxBuildHasher>);
+/// purchase after the last view asked about. Users are numbered as their
+/// first click comes, and each click knows its user's number, so labelling
+/// a view reads no string.
+struct Purchases {
+    /// Per event: its user's number if it is a click, else [`NO_USER`].
+    user_of: Vec<u32>,
+    /// Per user: purchase times, and the cursor.
+    users: Vec<(Vec<i64>, usize)>,
+}
+
+/// Not a click.
+const NO_USER: u32 = u32::MAX;
 
 impl Purchases {
     fn new(log: &EventLog) -> Purchases {
-        let mut by_user: HashMap<String, (Vec<i64>, usize), FxBuildHasher> = HashMap::default();
+        let mut number: HashMap<&str, u32, FxBuildHasher> = HashMap::default();
+        let mut purchases = Purchases {
+            user_of: Vec::with_capacity(log.events.len()),
+            users: Vec::new(),
+        };
         for (_, event) in &log.events {
-            if let Event::Click(c) = event {
-                if c.action == ClickAction::Purchase {
-                    match by_user.get_mut(c.user_id.as_str()) {
-                        Some((times, _)) => times.push(c.event_time),
-                        None => {
-                            by_user.insert(c.user_id.clone(), (vec![c.event_time], 0));
-                        }
-                    }
-                }
+            let Event::Click(c) = event else {
+                purchases.user_of.push(NO_USER);
+                continue;
+            };
+            let users = &mut purchases.users;
+            let user = *number.entry(c.user_id.as_str()).or_insert_with(|| {
+                users.push((Vec::new(), 0));
+                (users.len() - 1) as u32
+            });
+            if c.action == ClickAction::Purchase {
+                users[user as usize].0.push(c.event_time);
             }
+            purchases.user_of.push(user);
         }
-        Purchases(by_user)
+        purchases
     }
 
-    /// `Some(true)`: a purchase in (t, t + window]; `Some(false)`: none and
-    /// the window ended within the log; `None`: the window is not over.
-    /// Views come in time order, so the cursor only moves forward (a view
-    /// earlier than the last one asked about searches again).
-    fn label(&mut self, user: &str, t: i64, window: i64, log_end: i64) -> Option<bool> {
-        let next = match self.0.get_mut(user) {
-            Some((times, cursor)) => {
-                if *cursor > 0 && times[*cursor - 1] > t {
-                    *cursor = times.partition_point(|&p| p <= t);
-                }
-                while times.get(*cursor).is_some_and(|&p| p <= t) {
-                    *cursor += 1;
-                }
-                times.get(*cursor).copied()
-            }
-            None => None,
-        };
+    /// For the view that is event `event`, at `t`: `Some(true)`: a purchase
+    /// of its user in (t, t + window]; `Some(false)`: none and the window
+    /// ended within the log; `None`: the window is not over. Views come in
+    /// time order, so the cursor only moves forward (a view earlier than
+    /// the last one asked about searches again).
+    fn label(&mut self, event: usize, t: i64, window: i64, log_end: i64) -> Option<bool> {
+        let (times, cursor) = &mut self.users[self.user_of[event] as usize];
+        if *cursor > 0 && times[*cursor - 1] > t {
+            *cursor = times.partition_point(|&p| p <= t);
+        }
+        while times.get(*cursor).is_some_and(|&p| p <= t) {
+            *cursor += 1;
+        }
+        let next = times.get(*cursor).copied();
         if next.is_some_and(|p| p <= t + window) {
             Some(true)
         } else if t + window <= log_end {
@@ -404,16 +442,20 @@ mod tests {
 
     #[test]
     fn a_view_is_labelled_by_a_later_purchase_within_the_window() {
-        let times = [("u".to_owned(), (vec![100, 5_000], 0))];
-        let mut purchases = Purchases(times.into_iter().collect());
+        // Event 0 is a view of "u", who purchased at 100 and 5 000; event 1
+        // one of a user with no purchase.
+        let mut purchases = Purchases {
+            user_of: vec![0, 1],
+            users: vec![(vec![100, 5_000], 0), (vec![], 0)],
+        };
         // (t, t + window]: a purchase at the view's own time does not count.
         // Asked out of time order too: the cursor goes back.
-        assert_eq!(purchases.label("u", 100, 1_000, 10_000), Some(false));
-        assert_eq!(purchases.label("u", 99, 1_000, 10_000), Some(true));
-        assert_eq!(purchases.label("u", 4_000, 1_000, 10_000), Some(true));
-        assert_eq!(purchases.label("u", 3_999, 1_000, 10_000), Some(false));
+        assert_eq!(purchases.label(0, 100, 1_000, 10_000), Some(false));
+        assert_eq!(purchases.label(0, 99, 1_000, 10_000), Some(true));
+        assert_eq!(purchases.label(0, 4_000, 1_000, 10_000), Some(true));
+        assert_eq!(purchases.label(0, 3_999, 1_000, 10_000), Some(false));
         // The window runs past the end of the log: not known yet.
-        assert_eq!(purchases.label("u", 9_500, 1_000, 10_000), None);
-        assert_eq!(purchases.label("other", 9_000, 1_000, 10_000), Some(false));
+        assert_eq!(purchases.label(0, 9_500, 1_000, 10_000), None);
+        assert_eq!(purchases.label(1, 9_000, 1_000, 10_000), Some(false));
     }
 }

@@ -5,6 +5,7 @@
 pub mod asof;
 pub mod backfill;
 pub mod cli;
+pub mod keys;
 pub mod log;
 pub mod output;
 pub mod parity;

@@ -36,6 +36,7 @@ use serde::Serialize;
 use server::features::{resolve, Context, Source, TxnContext};
 
 use crate::asof::{feed_position, rows_as_of, Lookup};
+use crate::keys::KeyIds;
 use crate::log::EventLog;
 
 /// Mismatches kept as examples in the report.
@@ -209,12 +210,13 @@ pub fn check(
     // One lookup per row read, by time.
     asks.sort_by_key(|(at, p, _, _)| (*at, *p));
     let owners: Vec<usize> = asks.iter().map(|(_, p, _, _)| *p).collect();
+    let mut keys = KeyIds::build(&log, &set);
     let lookups: Vec<Lookup> = asks
         .into_iter()
         .map(|(at, _, entity, id)| Lookup {
             as_of: at,
             feed_at: feed_position(&log, &graph, at),
-            keys: smallvec::smallvec![(entity, id)],
+            keys: smallvec::smallvec![(entity, keys.id(entity, &id))],
         })
         .collect();
 
@@ -295,17 +297,25 @@ pub fn check(
     };
     let lookups = Arc::new(lookups);
     let asked = Arc::clone(&lookups);
-    rows_as_of(Arc::new(log), set, graph, workers, lookups, |i, rows| {
-        bar.inc(1);
-        let p = &mut pending[owners[i]];
-        let (entity, _) = asked[i].keys[0];
-        p.rows[entity as usize] = rows[entity as usize].take();
-        p.waiting -= 1;
-        if p.waiting == 0 {
-            finish(p, &mut report);
-        }
-        Ok(())
-    })?;
+    rows_as_of(
+        Arc::new(log),
+        Arc::new(keys),
+        set,
+        graph,
+        workers,
+        lookups,
+        |i, rows| {
+            bar.inc(1);
+            let p = &mut pending[owners[i]];
+            let (entity, _) = asked[i].keys[0];
+            p.rows[entity as usize] = rows[entity as usize].take();
+            p.waiting -= 1;
+            if p.waiting == 0 {
+                finish(p, &mut report);
+            }
+            Ok(())
+        },
+    )?;
     bar.finish_and_clear();
 
     let rate = |n: u64, d: u64| if d == 0 { 0.0 } else { n as f64 / d as f64 };
