@@ -5,18 +5,20 @@
 //! parity` looks up each served row as of the time it was served as.
 //!
 //! The dataflow, per worker:
-//! - "Events": the whole log (every worker holds it and is fed every event,
-//!   as its index), at event time quantized to the tick, into the graph the
-//!   stream job runs: the same projection, windows and folds
-//!   ([`dataflow::compile`]). Each worker keeps the records of the keys it
-//!   owns ([`dataflow::Spread::Replicated`]), so no record crosses workers.
-//! - "Lookups": per lookup at F, one record per key ((entity, key), lookup)
-//!   at F, fed on the key's worker, into each entity's "Features(entity)"
-//!   operator. Where the stream job's operator emits every row change, this
-//!   one answers each lookup at F with the key's row accumulated over the
-//!   times `< F`, computed from its windows when asked, key by key
-//!   ([`operators::aggregate::WindowedAggregate::windowed_lookup_with`]).
-//! - "Collect": sends the rows found to the caller's thread, then the
+//! - "Events": the whole log (every worker holds it, with its keys interned
+//!   per entity: [`KeyIds`], and is fed every event, by its number), at
+//!   event time quantized to the tick. Each entity's "Features(entity)"
+//!   operator keeps the events of the key ids its worker owns and projects
+//!   them itself, into the windows and folds the stream job runs
+//!   ([`dataflow::compile`]): no record crosses workers.
+//! - "Lookups": per lookup at F, one record per key ((entity, key id),
+//!   lookup) at F, fed on the key's worker, into the entity's operator.
+//!   Where the stream job's operator emits every row change, this one
+//!   answers each lookup at F with the key's row accumulated over the times
+//!   `< F`, computed from its windows when asked, key by key
+//!   ([`operators::aggregate::windowed_lookup`]).
+//! - "Collect": once the frontier passes some lookups, sends their rows to
+//!   the caller's thread in one flat buffer, in lookup order, then the
 //!   frontier.
 //!
 //! The caller's thread hands each lookup, in order, to a callback once every

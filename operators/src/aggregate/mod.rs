@@ -422,7 +422,8 @@ pub struct Events<'scope, H: 'static, P, S, Q: ?Sized, K> {
 
 /// [`WindowedAggregate::windowed_lookup_with`] over events given as
 /// handles ([`Events`]): a replay whose workers all hold the log feeds each
-/// worker every event as an index into it, by a [`Pipeline`], and its
+/// worker every event as an index into it, by a
+/// [`Pipeline`](timely::dataflow::channels::pact::Pipeline), and its
 /// `split` keeps the events of the keys that the lookups' route (the key's
 /// hash) brings to that worker, projected there. Its values then go
 /// straight from the log into the keys' queues, instead of through an
