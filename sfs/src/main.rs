@@ -3,10 +3,8 @@
 
 use clap::{Parser, Subcommand};
 
+mod allocator;
 mod inspect;
-
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// Streaming feature store with online inference.
 #[derive(Debug, Parser)]
@@ -115,11 +113,17 @@ fn main() {
             "check that Kafka answers at --brokers and the dead-letter topic exists, then run again",
         ),
         Command::Backfill(args) => (
-            offline::cli::run(args),
+            {
+                allocator::keep_freed_memory();
+                offline::cli::run(args)
+            },
             "check --input (the --out-dir of sfs generate --out avro|json) or that Kafka answers at --brokers with --from-kafka, then run again",
         ),
         Command::Parity(args) => (
-            offline::cli::run_parity(args),
+            {
+                allocator::keep_freed_memory();
+                offline::cli::run_parity(args)
+            },
             "check that Kafka answers at --brokers and that sfs serve logs scored requests to --scores-topic (score_log_sample_rate), then run again",
         ),
         Command::Feast(FeastCommand::Init(args)) => (
