@@ -500,7 +500,14 @@ impl RowAggregate<Record> for EntityFold {
     /// Shared: the `+1` of a change and the `-1` of the next are one allocation.
     type Row = Arc<[Value]>;
     fn row(&self) -> Arc<[Value]> {
-        self.values().collect()
+        // Not through `values()`: collecting a slice's `map` (a trusted
+        // length) allocates the `Arc` once, where an opaque iterator goes
+        // through a `Vec` first.
+        self.plan
+            .outputs
+            .iter()
+            .map(|o| self.value(o.cell, o.aggregation))
+            .collect()
     }
 
     #[inline]
