@@ -469,8 +469,6 @@ fn saturate(sum: i128) -> i64 {
 }
 
 impl EntityFold {
-    /// The value of output `(cell, aggregation)`.
-    #[inline]
     /// The row's values, in feature order.
     pub fn values(&self) -> impl ExactSizeIterator<Item = Value> + '_ {
         self.plan
@@ -479,6 +477,8 @@ impl EntityFold {
             .map(|o| self.value(o.cell, o.aggregation))
     }
 
+    /// The value of output `(cell, aggregation)`.
+    #[inline]
     fn value(&self, cell: usize, aggregation: Aggregation) -> Value {
         match (&self.states[cell], aggregation) {
             (State::Count(n), _) => Value::Int(*n),

@@ -6,7 +6,7 @@
 //!
 //! The dataflow, per worker:
 //! - "Events": the whole log (every worker holds it, with its keys interned
-//!   per entity: [`KeyIds`], and is fed every event, by its number), at
+//!   per entity: [`KeyIds`](crate::keys::KeyIds), and is fed every event, by its number), at
 //!   event time quantized to the tick. Each entity's "Features(entity)"
 //!   operator keeps the events of the key ids its worker owns and projects
 //!   them itself, into the windows and folds the stream job runs
@@ -43,7 +43,7 @@ use schemas::features::{FeatureRow, Value};
 use schemas::FeatureSet;
 use smallvec::SmallVec;
 
-use crate::keys::{KeyIds, Replayed};
+use crate::keys::Replayed;
 use crate::log::EventLog;
 
 /// The rows of some entities as of one time.
@@ -55,7 +55,7 @@ pub struct Lookup {
     /// (`events.len()`: after the last): no event before it may be later
     /// than `as_of` after quantization.
     pub feed_at: usize,
-    /// (entity index, key id in the replay's [`KeyIds`]) per row to find
+    /// (entity index, key id in the replay's [`KeyIds`](crate::keys::KeyIds)) per row to find
     /// (inline: no allocation per lookup of up to two entities).
     pub keys: SmallVec<[RowKey; 2]>,
 }
@@ -99,13 +99,12 @@ struct Reading {
 /// Events fed per advance of the inputs' time.
 const FEED_BATCH: usize = 65_536;
 
-/// Answers `lookups` (ordered by `as_of`, then `feed_at`) over `log` with
-/// `workers` threads. `answer(i, rows)` is called for each lookup in order,
+/// Answers `lookups` (ordered by `as_of`, then `feed_at`) over the log of
+/// `replay` with `workers` threads. `answer(i, rows)` is called for each lookup in order,
 /// `rows` indexed by entity (`None`: no row as of its time, or not asked);
 /// the callback may take rows out, and the vector is refilled for the next.
 pub fn rows_as_of(
-    log: Arc<EventLog>,
-    keys: Arc<KeyIds>,
+    replay: Replayed,
     set: Arc<FeatureSet>,
     graph: GraphConfig,
     workers: usize,
@@ -114,10 +113,10 @@ pub fn rows_as_of(
 ) -> anyhow::Result<()> {
     debug_assert!(lookups.windows(2).all(|w| w[0].as_of <= w[1].as_of));
     anyhow::ensure!(
-        u32::try_from(log.events.len()).is_ok(),
+        u32::try_from(replay.log.events.len()).is_ok(),
         "a replay holds at most {} events in memory ({} given)",
         u32::MAX,
-        log.events.len()
+        replay.log.events.len()
     );
     let workers = workers.max(1);
     let (tx, rx) = mpsc::channel::<Note>();
@@ -129,11 +128,8 @@ pub fn rows_as_of(
         })
         .unzip();
     let done = Arc::new(AtomicBool::new(false));
+    let keys = Arc::clone(&replay.keys);
     let guards = {
-        let replay = Replayed {
-            log: Arc::clone(&log),
-            keys: Arc::clone(&keys),
-        };
         let (lookups, set, done) = (Arc::clone(&lookups), Arc::clone(&set), Arc::clone(&done));
         let tx = std::sync::Mutex::new(tx);
         let spares = std::sync::Mutex::new(spares);

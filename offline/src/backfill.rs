@@ -21,7 +21,7 @@ use server::features::{Context, TxnContext};
 use server::model::{Model, ModelKind};
 
 use crate::asof::{rows_as_of, Lookup};
-use crate::keys::KeyIds;
+use crate::keys::{KeyIds, Replayed};
 use crate::log::EventLog;
 use crate::output::{FraudRow, Output, ViewRow};
 
@@ -187,75 +187,71 @@ pub fn run(
     let mut scratch = Vec::new();
     let mut context = Context::default();
     let (replayed, asked) = (Arc::clone(&log), Arc::clone(&lookups));
-    rows_as_of(
+    let replay = Replayed {
         log,
-        Arc::new(keys),
-        set,
-        graph,
-        config.workers,
-        lookups,
-        |i, rows| {
-            let as_of = asked[i].as_of as i64;
-            let (_, event) = &replayed.events[events[i]];
-            // The context borrows the rows, and gives them back for the next.
-            std::mem::swap(&mut context.rows, rows);
-            context.frontier_ms = Some(as_of);
-            context.txn = TxnContext::default();
-            match event {
-                Event::Txn(txn) => {
-                    context.txn = TxnContext {
-                        amount_minor: txn.amount_minor,
-                        country: Some(txn.country.clone()),
-                        channel: Some(txn.channel),
-                        time_ms: txn.event_time,
-                    };
-                    context.vector(&fraud_model.plan, &mut scratch);
-                    let label = labels.of(&txn.event_id, txn.event_time, config);
-                    match label.status {
-                        LabelStatus::Fraud => summary.fraud += 1,
-                        LabelStatus::Legit => summary.legit += 1,
-                        LabelStatus::Pending => summary.pending += 1,
-                    }
-                    summary.transactions += 1;
-                    output.fraud(FraudRow {
-                        txn,
-                        as_of_ms: as_of,
-                        context: &context,
-                        rules_score: f64::from(fraud_model.score(&scratch)?),
-                        label: label.status,
-                        fraud_type: label.fraud_type,
-                    })?;
+        keys: Arc::new(keys),
+    };
+    rows_as_of(replay, set, graph, config.workers, lookups, |i, rows| {
+        let as_of = asked[i].as_of as i64;
+        let (_, event) = &replayed.events[events[i]];
+        // The context borrows the rows, and gives them back for the next.
+        std::mem::swap(&mut context.rows, rows);
+        context.frontier_ms = Some(as_of);
+        context.txn = TxnContext::default();
+        match event {
+            Event::Txn(txn) => {
+                context.txn = TxnContext {
+                    amount_minor: txn.amount_minor,
+                    country: Some(txn.country.clone()),
+                    channel: Some(txn.channel),
+                    time_ms: txn.event_time,
+                };
+                context.vector(&fraud_model.plan, &mut scratch);
+                let label = labels.of(&txn.event_id, txn.event_time, config);
+                match label.status {
+                    LabelStatus::Fraud => summary.fraud += 1,
+                    LabelStatus::Legit => summary.legit += 1,
+                    LabelStatus::Pending => summary.pending += 1,
                 }
-                Event::Click(click) => {
-                    context.vector(&view_model.plan, &mut scratch);
-                    let label = purchases.label(
-                        events[i],
-                        click.event_time,
-                        config.purchase_window_ms,
-                        log_end_ms,
-                    );
-                    summary.views += 1;
-                    match label {
-                        Some(true) => summary.views_purchased += 1,
-                        None => summary.views_pending += 1,
-                        Some(false) => {}
-                    }
-                    output.view(ViewRow {
-                        click,
-                        as_of_ms: as_of,
-                        context: &context,
-                        rules_score: f64::from(view_model.score(&scratch)?),
-                        label,
-                    })?;
+                summary.transactions += 1;
+                output.fraud(FraudRow {
+                    txn,
+                    as_of_ms: as_of,
+                    context: &context,
+                    rules_score: f64::from(fraud_model.score(&scratch)?),
+                    label: label.status,
+                    fraud_type: label.fraud_type,
+                })?;
+            }
+            Event::Click(click) => {
+                context.vector(&view_model.plan, &mut scratch);
+                let label = purchases.label(
+                    events[i],
+                    click.event_time,
+                    config.purchase_window_ms,
+                    log_end_ms,
+                );
+                summary.views += 1;
+                match label {
+                    Some(true) => summary.views_purchased += 1,
+                    None => summary.views_pending += 1,
+                    Some(false) => {}
                 }
+                output.view(ViewRow {
+                    click,
+                    as_of_ms: as_of,
+                    context: &context,
+                    rules_score: f64::from(view_model.score(&scratch)?),
+                    label,
+                })?;
             }
-            std::mem::swap(&mut context.rows, rows);
-            if i % 1024 == 1023 {
-                progress.inc(1024);
-            }
-            Ok(())
-        },
-    )?;
+        }
+        std::mem::swap(&mut context.rows, rows);
+        if i % 1024 == 1023 {
+            progress.inc(1024);
+        }
+        Ok(())
+    })?;
     progress.set_position(lookups_total);
     progress.finish_and_clear();
     output.finish(&summary)?;

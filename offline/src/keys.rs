@@ -1,6 +1,5 @@
 //! The keys of a replayed log, interned: each event's key of each entity
-//! as a dense number per entity, found once, when the log is read into a
-//! replay. The replay's workers then route, keep and index keys by number
+//! as a dense number per entity, found once, as a replay starts. The replay's workers then route, keep and index keys by number
 //! ([`dataflow::Replay`]) and never read a key's string: in a replay that
 //! reads every event on every worker, that string was most of the cost of
 //! skipping the events of another worker's keys.

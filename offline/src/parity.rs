@@ -36,7 +36,7 @@ use serde::Serialize;
 use server::features::{resolve, Context, Source, TxnContext};
 
 use crate::asof::{feed_position, rows_as_of, Lookup};
-use crate::keys::KeyIds;
+use crate::keys::{KeyIds, Replayed};
 use crate::log::EventLog;
 
 /// Mismatches kept as examples in the report.
@@ -297,25 +297,21 @@ pub fn check(
     };
     let lookups = Arc::new(lookups);
     let asked = Arc::clone(&lookups);
-    rows_as_of(
-        Arc::new(log),
-        Arc::new(keys),
-        set,
-        graph,
-        workers,
-        lookups,
-        |i, rows| {
-            bar.inc(1);
-            let p = &mut pending[owners[i]];
-            let (entity, _) = asked[i].keys[0];
-            p.rows[entity as usize] = rows[entity as usize].take();
-            p.waiting -= 1;
-            if p.waiting == 0 {
-                finish(p, &mut report);
-            }
-            Ok(())
-        },
-    )?;
+    let replay = Replayed {
+        log: Arc::new(log),
+        keys: Arc::new(keys),
+    };
+    rows_as_of(replay, set, graph, workers, lookups, |i, rows| {
+        bar.inc(1);
+        let p = &mut pending[owners[i]];
+        let (entity, _) = asked[i].keys[0];
+        p.rows[entity as usize] = rows[entity as usize].take();
+        p.waiting -= 1;
+        if p.waiting == 0 {
+            finish(p, &mut report);
+        }
+        Ok(())
+    })?;
     bar.finish_and_clear();
 
     let rate = |n: u64, d: u64| if d == 0 { 0.0 } else { n as f64 / d as f64 };

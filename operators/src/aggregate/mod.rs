@@ -381,7 +381,7 @@ where
         windows: &[u64],
         fold: F,
         work_per_activation: usize,
-        answer: E,
+        mut answer: E,
     ) -> VecCollection<'scope, u64, D, isize>
     where
         F: RowAggregate<V>,
@@ -389,7 +389,6 @@ where
         D: Clone + 'static,
         E: FnMut(&K, L, F::Row) -> D + 'static,
     {
-        let mut answer = answer;
         windowed_lookup(
             Events {
                 collection: self,
@@ -504,11 +503,11 @@ where
                         };
                         let mut session = held.as_ref().map(|cap| output.session(cap));
                         let done =
-                            current.run(&mut keys, budget, &mut work, |key, lookup, row, time| {
+                            current.run(&mut keys, budget, &mut work, |key, lookup, fold, time| {
                                 session
                                     .as_mut()
                                     .expect("held while lookups are pending")
-                                    .give((answer(key, lookup, row), time, 1));
+                                    .give((answer(key, lookup, fold), time, 1));
                             });
                         drop(session);
                         if !done {
