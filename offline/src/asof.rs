@@ -254,20 +254,40 @@ struct Collector {
     worker: usize,
     tx: mpsc::Sender<Note>,
     spare: mpsc::Receiver<Rows>,
-    /// (time, row) as received.
-    found: Vec<(u64, Found)>,
-    /// Scratch: (lookup, entity, index into `found`) of the rows to send.
+    /// The rows received, flat: their values one after the other (a row's
+    /// values are copied once, not its whole inline vector).
+    staged: Vec<Staged>,
+    values: Vec<Value>,
+    /// Scratch: (lookup, entity, index into `staged`) of the rows to send.
     order: Vec<(u64, u8, u32)>,
     /// The frontier last sent.
     reported: Option<u64>,
 }
 
+/// A row received: its time, lookup, entity and values, at
+/// `values[start..][..len]` of the [`Collector`].
+struct Staged {
+    time: u64,
+    lookup: u64,
+    entity: u8,
+    start: usize,
+    len: usize,
+}
+
 impl Collector {
     fn receive(&mut self, data: &mut Vec<(Found, u64, isize)>) {
-        self.found.extend(data.drain(..).map(|(row, time, diff)| {
-            debug_assert_eq!(diff, 1, "one row per key as of a time");
-            (time, row)
-        }));
+        for ((lookup, entity, row), time, diff) in data.iter() {
+            debug_assert_eq!(*diff, 1, "one row per key as of a time");
+            self.staged.push(Staged {
+                time: *time,
+                lookup: *lookup,
+                entity: *entity,
+                start: self.values.len(),
+                len: row.len(),
+            });
+            self.values.extend_from_slice(row);
+        }
+        data.clear();
     }
 
     /// The lookup operators emit a lookup's rows at its time, before their
@@ -281,11 +301,11 @@ impl Collector {
         let complete = |time: u64| bound.is_none_or(|b| time < b);
         self.order.clear();
         self.order.extend(
-            self.found
+            self.staged
                 .iter()
                 .enumerate()
-                .filter(|(_, (time, _))| complete(*time))
-                .map(|(i, (_, (lookup, entity, _)))| (*lookup, *entity, i as u32)),
+                .filter(|(_, row)| complete(row.time))
+                .map(|(i, row)| (row.lookup, row.entity, i as u32)),
         );
         if !self.order.is_empty() {
             self.order.sort_unstable();
@@ -293,18 +313,25 @@ impl Collector {
             // memory per batch.
             let mut rows = self.spare.try_recv().unwrap_or_default();
             rows.heads.reserve(self.order.len());
-            let width: usize = self
-                .order
-                .iter()
-                .map(|&(_, _, i)| self.found[i as usize].1 .2.len())
-                .sum();
-            rows.values.reserve(width);
             for &(lookup, entity, i) in &self.order {
-                let values = &self.found[i as usize].1 .2;
-                rows.heads.push((lookup, entity, values.len() as u32));
-                rows.values.extend_from_slice(values);
+                let row = &self.staged[i as usize];
+                rows.heads.push((lookup, entity, row.len as u32));
+                rows.values
+                    .extend_from_slice(&self.values[row.start..][..row.len]);
             }
-            self.found.retain(|(time, _)| !complete(*time));
+            // Keep the rows not sent, their values moved to the front.
+            let mut kept = 0;
+            let values = &mut self.values;
+            self.staged.retain_mut(|row| {
+                if complete(row.time) {
+                    return false;
+                }
+                values.copy_within(row.start..row.start + row.len, kept);
+                row.start = kept;
+                kept += row.len;
+                true
+            });
+            values.truncate(kept);
             let _ = self.tx.send(Note::Rows {
                 worker: self.worker,
                 rows,
@@ -339,7 +366,8 @@ fn worker_main(
             worker: index,
             tx,
             spare,
-            found: Vec::new(),
+            staged: Vec::new(),
+            values: Vec::new(),
             order: Vec::new(),
             reported: Some(0),
         };
