@@ -134,8 +134,10 @@ pub type RowKey = (u8, u32);
 /// A row found for a lookup: (lookup, entity index, values).
 pub type Found = (u64, u8, RowValues);
 
-/// A found row's values, inline up to 16 (no allocation per row).
-pub type RowValues = SmallVec<[Value; 16]>;
+/// A found row's values as their bits ([`Value::to_bits`]; each value's
+/// kind is its feature's), inline up to 16: no allocation per row, and half
+/// the bytes of the values to move from the operator to the caller.
+pub type RowValues = SmallVec<[u64; 16]>;
 
 /// The worker of `peers` that owns `key`: where the graph routes its
 /// records and lookups.
@@ -217,7 +219,9 @@ pub fn lookup_features<'scope, R: Replay>(
             &windows,
             fold,
             work_per_activation,
-            move |_: &u32, lookup, fold: &EntityFold| (lookup, entity, fold.values().collect()),
+            move |_: &u32, lookup, fold: &EntityFold| {
+                (lookup, entity, fold.values().map(Value::to_bits).collect())
+            },
         ));
     }
     differential_dataflow::collection::concatenate(scope, found)

@@ -39,7 +39,7 @@ use timely::dataflow::operators::Probe;
 use timely::dataflow::ProbeHandle;
 
 use dataflow::{lookup_features, worker_of, Found, GraphConfig, RowKey};
-use schemas::features::{FeatureRow, Value};
+use schemas::features::{FeatureRow, Value, ValueKind};
 use schemas::FeatureSet;
 use smallvec::SmallVec;
 
@@ -85,7 +85,7 @@ enum Note {
 #[derive(Default)]
 struct Rows {
     heads: Vec<(u64, u8, u32)>,
-    values: Vec<Value>,
+    values: Vec<u64>,
 }
 
 /// A worker's rows being read in order: the next row is `heads[row]`, its
@@ -153,6 +153,11 @@ pub fn rows_as_of(
     let mut frontiers: Vec<Option<u64>> = vec![Some(0); workers];
     let mut next = 0usize;
     let entities = set.entities.clone();
+    // Per entity, its values' kinds, to read the bits rows come as.
+    let kinds: Vec<Vec<ValueKind>> = entities
+        .iter()
+        .map(|e| e.features.iter().map(|f| f.kind()).collect())
+        .collect();
     // Per worker, its rows not yet read, in lookup order.
     let mut pending: Vec<VecDeque<Reading>> = (0..workers).map(|_| VecDeque::new()).collect();
     // The rows handed to `answer`, refilled in place from lookup to lookup
@@ -224,7 +229,12 @@ pub fn rows_as_of(
                         row.id.push_str(key);
                         row.as_of_ms = lookup.as_of as i64;
                         row.values.clear();
-                        row.values.extend_from_slice(values);
+                        row.values.extend(
+                            values
+                                .iter()
+                                .zip(&kinds[entity])
+                                .map(|(&bits, &kind)| Value::from_bits(kind, bits)),
+                        );
                     }
                 }
                 for (entity, slot) in found.iter_mut().enumerate() {
@@ -257,7 +267,7 @@ struct Collector {
     /// The rows received, flat: their values one after the other (a row's
     /// values are copied once, not its whole inline vector).
     staged: Vec<Staged>,
-    values: Vec<Value>,
+    values: Vec<u64>,
     /// Scratch: (lookup, entity, index into `staged`) of the rows to send.
     order: Vec<(u64, u8, u32)>,
     /// The frontier last sent.

@@ -1288,6 +1288,23 @@ impl Value {
         }
     }
 
+    /// The value's 64 bits: an integer's two's complement, a float's IEEE
+    /// 754 bits. Its kind is its feature's ([`FeatureDef::kind`]).
+    pub fn to_bits(self) -> u64 {
+        match self {
+            Value::Int(v) => v as u64,
+            Value::Float(v) => v.to_bits(),
+        }
+    }
+
+    /// The value of `kind` whose bits ([`Value::to_bits`]) are `bits`.
+    pub fn from_bits(kind: ValueKind, bits: u64) -> Value {
+        match kind {
+            ValueKind::Int => Value::Int(bits as i64),
+            ValueKind::Float => Value::Float(f64::from_bits(bits)),
+        }
+    }
+
     /// Parses the Redis encoding of a value of `kind`.
     pub fn decode(kind: ValueKind, raw: &str) -> Option<Value> {
         match kind {
@@ -1685,6 +1702,16 @@ source = "txn"
     }
 
     proptest! {
+        #[test]
+        fn values_round_trip_through_their_bits(int in any::<i64>(), float in any::<f64>()) {
+            // Every float, NaNs and -0.0 included: `Value` equality is bitwise.
+            prop_assert_eq!(Value::from_bits(ValueKind::Int, Value::Int(int).to_bits()), Value::Int(int));
+            prop_assert_eq!(
+                Value::from_bits(ValueKind::Float, Value::Float(float).to_bits()),
+                Value::Float(float)
+            );
+        }
+
         #[test]
         fn rows_round_trip_bit_exactly(
             ints in proptest::collection::vec(any::<i64>(), 1..14),
