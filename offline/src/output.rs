@@ -28,6 +28,12 @@ use crate::backfill::{LabelStatus, Summary};
 /// Rows buffered per record batch (and row group slice).
 const BATCH_ROWS: usize = 65_536;
 
+/// The most a column chunk's dictionary holds before the column falls back
+/// to plain encoding (the default is 1 MiB): a column with more distinct
+/// values than this (32k floats) is continuous, and hashing each value
+/// into a dictionary costs more than it saves.
+const DICTIONARY_BYTES: usize = 256 << 10;
+
 /// A transaction's row.
 #[derive(Debug)]
 pub struct FraudRow<'a> {
@@ -132,6 +138,7 @@ impl Table {
         let mut props = WriterProperties::builder()
             .set_compression(Compression::SNAPPY)
             .set_statistics_enabled(EnabledStatistics::None)
+            .set_dictionary_page_size_limit(DICTIONARY_BYTES)
             .set_key_value_metadata(Some(
                 metadata
                     .iter()
