@@ -92,10 +92,11 @@ fn queries(log: &EventLog, set: &FeatureSet, graph: &GraphConfig) -> Queries {
         Event::Click(c) if c.action == ClickAction::View => Some(&views),
         Event::Click(_) => None,
     };
-    let n = log.events.iter().filter(|(_, e)| asks(e).is_some()).count();
+    // Room for every event (a bound: the memory past the lookups is never
+    // touched), where counting them first would read the whole log again.
     let mut queries = Queries {
-        lookups: Vec::with_capacity(n),
-        events: Vec::with_capacity(n),
+        lookups: Vec::with_capacity(log.events.len()),
+        events: Vec::with_capacity(log.events.len()),
     };
     for (i, (_, event)) in log.events.iter().enumerate() {
         let Some(entities) = asks(event) else {
@@ -149,15 +150,29 @@ pub fn run(
     let log_end_ms = log.end_ms().unwrap_or(0);
     let cutoff = config.label_cutoff_ms.unwrap_or(log_end_ms);
     let labels = Labels::new(&log.labels, cutoff);
+    // The clicks' users are numbered by the key ids of an entity keyed by
+    // `user_id`, if there is one (so no click's user is hashed twice).
+    let clicks_user = set
+        .entities
+        .iter()
+        .position(|e| e.key == CLICK_USER_FIELD)
+        .map(|e| e as u8);
     // All walk the whole log: side by side (the keys, one thread per entity).
-    let (mut purchases, keys, Queries { lookups, events }) = std::thread::scope(|s| {
-        let purchases = s.spawn(|| Purchases::new(&log));
+    let (keys, mut queries, numbered) = std::thread::scope(|s| {
         let keys = s.spawn(|| KeyIds::build(&log, &set));
-        let mut queries = queries(&log, &set, &graph);
+        let numbered = s.spawn(|| clicks_user.is_none().then(|| Purchases::new(&log, None)));
+        let queries = queries(&log, &set, &graph);
         let keys = keys.join().expect("keys");
-        queries.identify(&keys);
-        (purchases.join().expect("purchases"), keys, queries)
+        (keys, queries, numbered.join().expect("purchases"))
     });
+    let mut purchases = std::thread::scope(|s| {
+        let purchases = s.spawn(|| {
+            numbered.unwrap_or_else(|| Purchases::new(&log, clicks_user.map(|e| (&keys, e))))
+        });
+        queries.identify(&keys);
+        purchases.join().expect("purchases")
+    });
+    let Queries { lookups, events } = queries;
     let lookups_total = lookups.len() as u64;
     let lookups = Arc::new(lookups);
     let log = Arc::new(log);
@@ -320,9 +335,8 @@ impl Labels {
 }
 
 /// Purchase times per user, ascending, with a cursor per user: the first
-/// purchase after the last view asked about. Users are numbered as their
-/// first click comes, and each click knows its user's number, so labelling
-/// a view reads no string.
+/// purchase after the last view asked about. Each click knows its user's
+/// number, so labelling a view reads no string.
 struct Purchases {
     /// Per event: its user's number if it is a click, else [`NO_USER`].
     user_of: Vec<u32>,
@@ -333,23 +347,37 @@ struct Purchases {
 /// Not a click.
 const NO_USER: u32 = u32::MAX;
 
+/// The field of a click that names its user.
+const CLICK_USER_FIELD: &str = "user_id";
+
 impl Purchases {
-    fn new(log: &EventLog) -> Purchases {
+    /// `ids`: the key ids of an entity keyed by [`CLICK_USER_FIELD`], which
+    /// number every click's user (its field in the click schema); without,
+    /// users are numbered here as their first click comes.
+    fn new(log: &EventLog, ids: Option<(&KeyIds, u8)>) -> Purchases {
         let mut number: HashMap<&str, u32, FxBuildHasher> = HashMap::default();
         let mut purchases = Purchases {
             user_of: Vec::with_capacity(log.events.len()),
             users: Vec::new(),
         };
-        for (_, event) in &log.events {
+        for (i, (_, event)) in log.events.iter().enumerate() {
             let Event::Click(c) = event else {
                 purchases.user_of.push(NO_USER);
                 continue;
             };
+            let user = match ids {
+                Some((keys, entity)) => keys
+                    .of(i as u32, entity)
+                    .expect("a click's user_id is interned"),
+                None => {
+                    let next = number.len() as u32;
+                    *number.entry(c.user_id.as_str()).or_insert(next)
+                }
+            };
             let users = &mut purchases.users;
-            let user = *number.entry(c.user_id.as_str()).or_insert_with(|| {
-                users.push((Vec::new(), 0));
-                (users.len() - 1) as u32
-            });
+            if users.len() <= user as usize {
+                users.resize_with(user as usize + 1, Default::default);
+            }
             if c.action == ClickAction::Purchase {
                 users[user as usize].0.push(c.event_time);
             }
@@ -434,6 +462,67 @@ mod tests {
         assert_eq!(status("flipped", 990), LabelStatus::Fraud);
         assert_eq!(status("unlabelled", 600), LabelStatus::Legit);
         assert_eq!(status("unlabelled", 700), LabelStatus::Pending);
+    }
+
+    #[test]
+    fn views_get_the_same_labels_whether_users_are_numbered_by_key_ids_or_here() {
+        let set = FeatureSet::parse("features.toml", include_str!("../../features.toml")).unwrap();
+        let user = set.entity_index("user").unwrap() as u8;
+        assert_eq!(set.entities[user as usize].key, CLICK_USER_FIELD);
+        let source = |name: &str| set.sources.iter().position(|s| s.name == name).unwrap();
+        let click = |user: &str, action, at| {
+            let c = schemas::Click {
+                event_id: format!("{user}@{at}"),
+                user_id: user.into(),
+                session_id: "s".into(),
+                item_id: "i".into(),
+                category: "books".into(),
+                action,
+                event_time: at,
+                dwell_ms: None,
+            };
+            (source("click"), Event::Click(c))
+        };
+        let txn = |user: &str, at| {
+            let t = schemas::Txn {
+                event_id: format!("t{at}"),
+                card_id: "c".into(),
+                user_id: user.into(),
+                merchant_id: "m".into(),
+                mcc: 5411,
+                amount_minor: 100,
+                currency: "EUR".into(),
+                country: "DE".into(),
+                channel: schemas::Channel::Pos,
+                event_time: at,
+                device_id: None,
+                ip_country: None,
+            };
+            (source("txn"), Event::Txn(t))
+        };
+        use ClickAction::{Purchase, View};
+        // "t" only pays (its key id comes first), "a" buys 500 after a view,
+        // "b" only views.
+        let log = EventLog {
+            events: vec![
+                txn("t", 0),
+                click("b", View, 10),
+                click("a", View, 100),
+                txn("a", 150),
+                click("a", Purchase, 600),
+                click("b", View, 700),
+                click("a", View, 800),
+            ],
+            ..EventLog::default()
+        };
+        let keys = KeyIds::build(&log, &set);
+        let labels = |mut purchases: Purchases| {
+            [(1, 10), (2, 100), (5, 700), (6, 800)]
+                .map(|(event, t)| purchases.label(event, t, 1_000, 10_000))
+        };
+        let expected = [Some(false), Some(true), Some(false), Some(false)];
+        assert_eq!(labels(Purchases::new(&log, None)), expected);
+        assert_eq!(labels(Purchases::new(&log, Some((&keys, user)))), expected);
     }
 
     #[test]
