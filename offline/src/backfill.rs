@@ -160,17 +160,24 @@ pub fn run(
     // All walk the whole log: side by side (the keys, one thread per entity).
     let (keys, mut queries, numbered) = std::thread::scope(|s| {
         let keys = s.spawn(|| KeyIds::build(&log, &set));
-        let numbered = s.spawn(|| clicks_user.is_none().then(|| Purchases::new(&log, None)));
+        let numbered = s.spawn(|| {
+            clicks_user
+                .is_none()
+                .then(|| ViewLabels::new(&log, None, config.purchase_window_ms, log_end_ms))
+        });
         let queries = queries(&log, &set, &graph);
         let keys = keys.join().expect("keys");
-        (keys, queries, numbered.join().expect("purchases"))
+        (keys, queries, numbered.join().expect("view labels"))
     });
-    let mut purchases = std::thread::scope(|s| {
-        let purchases = s.spawn(|| {
-            numbered.unwrap_or_else(|| Purchases::new(&log, clicks_user.map(|e| (&keys, e))))
+    let view_labels = std::thread::scope(|s| {
+        let labels = s.spawn(|| {
+            numbered.unwrap_or_else(|| {
+                let ids = clicks_user.map(|e| (&keys, e));
+                ViewLabels::new(&log, ids, config.purchase_window_ms, log_end_ms)
+            })
         });
         queries.identify(&keys);
-        purchases.join().expect("purchases")
+        labels.join().expect("view labels")
     });
     let Queries { lookups, events } = queries;
     let lookups_total = lookups.len() as u64;
@@ -240,12 +247,7 @@ pub fn run(
             }
             Event::Click(click) => {
                 context.vector(&view_model.plan, &mut scratch);
-                let label = purchases.label(
-                    events[i],
-                    click.event_time,
-                    config.purchase_window_ms,
-                    log_end_ms,
-                );
+                let label = view_labels.0[events[i]];
                 summary.views += 1;
                 match label {
                     Some(true) => summary.views_purchased += 1,
@@ -334,35 +336,30 @@ impl Labels {
     }
 }
 
-/// Purchase times per user, ascending, with a cursor per user: the first
-/// purchase after the last view asked about. Each click knows its user's
-/// number, so labelling a view reads no string.
-struct Purchases {
-    /// Per event: its user's number if it is a click, else [`NO_USER`].
-    user_of: Vec<u32>,
-    /// Per user: purchase times, and the cursor.
-    users: Vec<(Vec<i64>, usize)>,
-}
-
-/// Not a click.
-const NO_USER: u32 = u32::MAX;
+/// The label of each product view: `Some(true)` when its user purchased
+/// within the window after it, in (t, t + window]; `Some(false)` when not
+/// and the window ended within the log; `None` when the window is not over.
+/// Indexed by event (`None` for any other event).
+struct ViewLabels(Vec<Option<bool>>);
 
 /// The field of a click that names its user.
 const CLICK_USER_FIELD: &str = "user_id";
 
-impl Purchases {
+impl ViewLabels {
+    /// Labels the views of `log` (ordered by event time) in one sweep from
+    /// its end, keeping per user only its two earliest purchase times
+    /// after the sweep (the second for a view at the time of the first).
     /// `ids`: the key ids of an entity keyed by [`CLICK_USER_FIELD`], which
     /// number every click's user (its field in the click schema); without,
-    /// users are numbered here as their first click comes.
-    fn new(log: &EventLog, ids: Option<(&KeyIds, u8)>) -> Purchases {
+    /// users are numbered here.
+    fn new(log: &EventLog, ids: Option<(&KeyIds, u8)>, window: i64, log_end: i64) -> ViewLabels {
         let mut number: HashMap<&str, u32, FxBuildHasher> = HashMap::default();
-        let mut purchases = Purchases {
-            user_of: Vec::with_capacity(log.events.len()),
-            users: Vec::new(),
-        };
-        for (i, (_, event)) in log.events.iter().enumerate() {
+        // Per user: its two earliest distinct purchase times after the
+        // sweep, `i64::MAX` for none.
+        let mut next: Vec<[i64; 2]> = Vec::new();
+        let mut labels = vec![None; log.events.len()];
+        for (i, (_, event)) in log.events.iter().enumerate().rev() {
             let Event::Click(c) = event else {
-                purchases.user_of.push(NO_USER);
                 continue;
             };
             let user = match ids {
@@ -370,43 +367,32 @@ impl Purchases {
                     .of(i as u32, entity)
                     .expect("a click's user_id is interned"),
                 None => {
-                    let next = number.len() as u32;
-                    *number.entry(c.user_id.as_str()).or_insert(next)
+                    let fresh = number.len() as u32;
+                    *number.entry(c.user_id.as_str()).or_insert(fresh)
                 }
-            };
-            let users = &mut purchases.users;
-            if users.len() <= user as usize {
-                users.resize_with(user as usize + 1, Default::default);
+            } as usize;
+            if next.len() <= user {
+                next.resize(user + 1, [i64::MAX; 2]);
             }
-            if c.action == ClickAction::Purchase {
-                users[user as usize].0.push(c.event_time);
+            let [first, second] = &mut next[user];
+            let t = c.event_time;
+            match c.action {
+                ClickAction::Purchase if t < *first => (*first, *second) = (t, *first),
+                ClickAction::View => {
+                    // Every purchase after the sweep is at `t` or later.
+                    let after = if *first > t { *first } else { *second };
+                    labels[i] = if after <= t.saturating_add(window) {
+                        Some(true)
+                    } else if t.saturating_add(window) <= log_end {
+                        Some(false)
+                    } else {
+                        None
+                    };
+                }
+                _ => {}
             }
-            purchases.user_of.push(user);
         }
-        purchases
-    }
-
-    /// For the view that is event `event`, at `t`: `Some(true)`: a purchase
-    /// of its user in (t, t + window]; `Some(false)`: none and the window
-    /// ended within the log; `None`: the window is not over. Views come in
-    /// time order, so the cursor only moves forward (a view earlier than
-    /// the last one asked about searches again).
-    fn label(&mut self, event: usize, t: i64, window: i64, log_end: i64) -> Option<bool> {
-        let (times, cursor) = &mut self.users[self.user_of[event] as usize];
-        if *cursor > 0 && times[*cursor - 1] > t {
-            *cursor = times.partition_point(|&p| p <= t);
-        }
-        while times.get(*cursor).is_some_and(|&p| p <= t) {
-            *cursor += 1;
-        }
-        let next = times.get(*cursor).copied();
-        if next.is_some_and(|p| p <= t + window) {
-            Some(true)
-        } else if t + window <= log_end {
-            Some(false)
-        } else {
-            None
-        }
+        ViewLabels(labels)
     }
 }
 
@@ -464,16 +450,29 @@ mod tests {
         assert_eq!(status("unlabelled", 700), LabelStatus::Pending);
     }
 
-    #[test]
-    fn views_get_the_same_labels_whether_users_are_numbered_by_key_ids_or_here() {
-        let set = FeatureSet::parse("features.toml", include_str!("../../features.toml")).unwrap();
-        let user = set.entity_index("user").unwrap() as u8;
-        assert_eq!(set.entities[user as usize].key, CLICK_USER_FIELD);
+    /// A log of clicks, `(user, action, time)`, ordered by time, with a
+    /// transaction first (so the users' key ids do not start at 0).
+    fn clicks(set: &FeatureSet, clicks: &[(u8, ClickAction, i64)]) -> EventLog {
         let source = |name: &str| set.sources.iter().position(|s| s.name == name).unwrap();
-        let click = |user: &str, action, at| {
+        let txn = schemas::Txn {
+            event_id: "t".into(),
+            card_id: "c".into(),
+            user_id: "payer".into(),
+            merchant_id: "m".into(),
+            mcc: 5411,
+            amount_minor: 100,
+            currency: "EUR".into(),
+            country: "DE".into(),
+            channel: schemas::Channel::Pos,
+            event_time: clicks.first().map_or(0, |c| c.2),
+            device_id: None,
+            ip_country: None,
+        };
+        let mut events = vec![(source("txn"), Event::Txn(txn))];
+        events.extend(clicks.iter().enumerate().map(|(i, &(user, action, at))| {
             let c = schemas::Click {
-                event_id: format!("{user}@{at}"),
-                user_id: user.into(),
+                event_id: format!("c{i}"),
+                user_id: format!("u{user}"),
                 session_id: "s".into(),
                 item_id: "i".into(),
                 category: "books".into(),
@@ -482,65 +481,104 @@ mod tests {
                 dwell_ms: None,
             };
             (source("click"), Event::Click(c))
-        };
-        let txn = |user: &str, at| {
-            let t = schemas::Txn {
-                event_id: format!("t{at}"),
-                card_id: "c".into(),
-                user_id: user.into(),
-                merchant_id: "m".into(),
-                mcc: 5411,
-                amount_minor: 100,
-                currency: "EUR".into(),
-                country: "DE".into(),
-                channel: schemas::Channel::Pos,
-                event_time: at,
-                device_id: None,
-                ip_country: None,
-            };
-            (source("txn"), Event::Txn(t))
-        };
-        use ClickAction::{Purchase, View};
-        // "t" only pays (its key id comes first), "a" buys 500 after a view,
-        // "b" only views.
-        let log = EventLog {
-            events: vec![
-                txn("t", 0),
-                click("b", View, 10),
-                click("a", View, 100),
-                txn("a", 150),
-                click("a", Purchase, 600),
-                click("b", View, 700),
-                click("a", View, 800),
-            ],
+        }));
+        EventLog {
+            events,
             ..EventLog::default()
+        }
+    }
+
+    /// The label of each view by brute force: any purchase of its user in
+    /// (t, t + window]; else known only once the window is over.
+    fn labels_by_search(log: &EventLog, window: i64, log_end: i64) -> Vec<Option<bool>> {
+        let click = |e: &Event| match e {
+            Event::Click(c) => Some(c.clone()),
+            Event::Txn(_) => None,
         };
-        let keys = KeyIds::build(&log, &set);
-        let labels = |mut purchases: Purchases| {
-            [(1, 10), (2, 100), (5, 700), (6, 800)]
-                .map(|(event, t)| purchases.label(event, t, 1_000, 10_000))
-        };
-        let expected = [Some(false), Some(true), Some(false), Some(false)];
-        assert_eq!(labels(Purchases::new(&log, None)), expected);
-        assert_eq!(labels(Purchases::new(&log, Some((&keys, user)))), expected);
+        log.events
+            .iter()
+            .map(|(_, e)| {
+                let view = click(e).filter(|c| c.action == ClickAction::View)?;
+                let t = view.event_time;
+                let bought = log.events.iter().filter_map(|(_, e)| click(e)).any(|p| {
+                    p.user_id == view.user_id
+                        && p.action == ClickAction::Purchase
+                        && t < p.event_time
+                        && p.event_time <= t + window
+                });
+                if bought {
+                    Some(true)
+                } else if t + window <= log_end {
+                    Some(false)
+                } else {
+                    None
+                }
+            })
+            .collect()
+    }
+
+    fn shipped_set() -> FeatureSet {
+        FeatureSet::parse("features.toml", include_str!("../../features.toml")).unwrap()
     }
 
     #[test]
     fn a_view_is_labelled_by_a_later_purchase_within_the_window() {
-        // Event 0 is a view of "u", who purchased at 100 and 5 000; event 1
-        // one of a user with no purchase.
-        let mut purchases = Purchases {
-            user_of: vec![0, 1],
-            users: vec![(vec![100, 5_000], 0), (vec![], 0)],
-        };
-        // (t, t + window]: a purchase at the view's own time does not count.
-        // Asked out of time order too: the cursor goes back.
-        assert_eq!(purchases.label(0, 100, 1_000, 10_000), Some(false));
-        assert_eq!(purchases.label(0, 99, 1_000, 10_000), Some(true));
-        assert_eq!(purchases.label(0, 4_000, 1_000, 10_000), Some(true));
-        assert_eq!(purchases.label(0, 3_999, 1_000, 10_000), Some(false));
-        // The window runs past the end of the log: not known yet.
-        assert_eq!(purchases.label(0, 9_500, 1_000, 10_000), None);
-        assert_eq!(purchases.label(1, 9_000, 1_000, 10_000), Some(false));
+        use ClickAction::{Purchase, View};
+        let set = shipped_set();
+        // Events 1.. are the clicks.
+        let log = clicks(
+            &set,
+            &[
+                (0, View, 99),
+                (0, View, 100),
+                (0, Purchase, 100),
+                (1, View, 200),
+                (0, View, 3_999),
+                (0, View, 4_000),
+                (0, Purchase, 5_000),
+                (0, View, 9_500),
+            ],
+        );
+        let labels = ViewLabels::new(&log, None, 1_000, 10_000).0;
+        // (t, t + window]: a purchase at the view's own time does not count;
+        // the window running past the end of the log: not known yet.
+        assert_eq!(
+            labels,
+            [
+                None,
+                Some(true),
+                Some(false),
+                None,
+                Some(false),
+                Some(false),
+                Some(true),
+                None,
+                None
+            ]
+        );
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn views_are_labelled_as_a_search_of_the_purchases_finds(
+            mut steps in proptest::collection::vec((0u8..4, 0u8..3, 0i64..20), 0..60),
+            window in 0i64..40,
+            past_end in 0i64..30,
+        ) {
+            let set = shipped_set();
+            let user = set.entity_index("user").unwrap() as u8;
+            assert_eq!(set.entities[user as usize].key, CLICK_USER_FIELD);
+            steps.sort_by_key(|s| s.2);
+            let action = |a| [ClickAction::View, ClickAction::Purchase, ClickAction::AddToCart][a as usize];
+            let steps: Vec<_> = steps.into_iter().map(|(u, a, t)| (u, action(a), t)).collect();
+            let log = clicks(&set, &steps);
+            let log_end = steps.last().map_or(0, |s| s.2) + past_end;
+            let expected = labels_by_search(&log, window, log_end);
+            // Users numbered here, and by the user entity's key ids.
+            proptest::prop_assert_eq!(&ViewLabels::new(&log, None, window, log_end).0, &expected);
+            let keys = KeyIds::build(&log, &set);
+            let by_ids = ViewLabels::new(&log, Some((&keys, user)), window, log_end).0;
+            proptest::prop_assert_eq!(&by_ids, &expected);
+        }
     }
 }
