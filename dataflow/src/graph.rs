@@ -27,7 +27,7 @@ use timely::dataflow::operators::vec::{Filter, Partition};
 use timely::dataflow::StreamVec;
 
 use operators::aggregate::{windowed_lookup, Events, WindowedAggregate, WORK_PER_ACTIVATION};
-use operators::window::key_hash;
+use operators::window::{key_hash, prefetch};
 use schemas::{FeatureSet, Key, Row, Value};
 
 use crate::compile::{compile, EntityFold, EntityPlan, Event, Record};
@@ -134,6 +134,10 @@ pub type RowKey = (u8, u32);
 /// A row found for a lookup: (lookup, entity index, values).
 pub type Found = (u64, u8, RowValues);
 
+/// How many events ahead of the one it projects a replay's lookup operator
+/// prefetches the next it will project.
+const PREFETCH_EVENTS: u32 = 8;
+
 /// A found row's values as their bits ([`Value::to_bits`]; each value's
 /// kind is its feature's), inline up to 16: no allocation per row, and half
 /// the bytes of the values to move from the operator to the caller.
@@ -153,7 +157,8 @@ pub trait Replay: 'static {
     /// The source index and the event numbered `event`.
     fn event(&self, event: u32) -> (usize, &Event);
     /// The id of the key of entity `entity` in event `event`, if its
-    /// source has the entity's key field; ids are per entity.
+    /// source has the entity's key field (`None` past the end of the log);
+    /// ids are per entity.
     fn key(&self, event: u32, entity: u8) -> Option<u32>;
 }
 
@@ -197,14 +202,22 @@ pub fn lookup_features<'scope, R: Replay>(
         let (name, windows) = (format!("Features({})", plan.name), plan.windows.clone());
         let log = Rc::clone(&log);
         let split = move |&event: &u32, each: &mut dyn FnMut(&u32, Record)| {
-            let Some(key) = log.key(event, entity) else {
+            let owned = |event: u32| {
+                log.key(event, entity)
+                    .filter(|key| worker_of(key, peers) == index)
+            };
+            // Events come in order: fetch the one a few ahead, if this
+            // worker projects it, while this one is done.
+            let ahead = event.saturating_add(PREFETCH_EVENTS);
+            if owned(ahead).is_some() {
+                prefetch(log.event(ahead).1);
+            }
+            let Some(key) = owned(event) else {
                 return;
             };
-            if worker_of(&key, peers) == index {
-                let (source, event) = log.event(event);
-                if let Some(record) = plan.record(source, event) {
-                    each(&key, record);
-                }
+            let (source, event) = log.event(event);
+            if let Some(record) = plan.record(source, event) {
+                each(&key, record);
             }
         };
         found.push(windowed_lookup(
