@@ -89,7 +89,8 @@ impl KeyIds {
         KeyIds { entities }
     }
 
-    /// The id of entity `entity`'s key in event `event`, if it has one.
+    /// The id of entity `entity`'s key in event `event`, if it has one
+    /// (`None` past the end of the log).
     #[inline]
     pub fn of(&self, event: u32, entity: u8) -> Option<u32> {
         let id = *self
