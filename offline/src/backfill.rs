@@ -403,6 +403,7 @@ impl ViewLabels {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::fixtures::{click, shipped, txn};
 
     fn label(id: &str, fraud: bool, at: i64) -> Label {
         Label {
@@ -457,35 +458,13 @@ mod tests {
     /// A log of clicks, `(user, action, time)`, ordered by time, with a
     /// transaction first (so the users' key ids do not start at 0).
     fn clicks(set: &FeatureSet, clicks: &[(u8, ClickAction, i64)]) -> EventLog {
-        let source = |name: &str| set.sources.iter().position(|s| s.name == name).unwrap();
-        let txn = schemas::Txn {
-            event_id: "t".into(),
-            card_id: "c".into(),
-            user_id: "payer".into(),
-            merchant_id: "m".into(),
-            mcc: 5411,
-            amount_minor: 100,
-            currency: "EUR".into(),
-            country: "DE".into(),
-            channel: schemas::Channel::Pos,
-            event_time: clicks.first().map_or(0, |c| c.2),
-            device_id: None,
-            ip_country: None,
-        };
-        let mut events = vec![(source("txn"), Event::Txn(txn))];
-        events.extend(clicks.iter().enumerate().map(|(i, &(user, action, at))| {
-            let c = schemas::Click {
-                event_id: format!("c{i}"),
-                user_id: format!("u{user}"),
-                session_id: "s".into(),
-                item_id: "i".into(),
-                category: "books".into(),
-                action,
-                event_time: at,
-                dwell_ms: None,
-            };
-            (source("click"), Event::Click(c))
-        }));
+        let start = clicks.first().map_or(0, |c| c.2);
+        let mut events = vec![txn(set, "c", "payer", start)];
+        events.extend(
+            clicks
+                .iter()
+                .map(|&(user, action, at)| click(set, &format!("u{user}"), action, at)),
+        );
         EventLog {
             events,
             ..EventLog::default()
@@ -521,14 +500,10 @@ mod tests {
             .collect()
     }
 
-    fn shipped_set() -> FeatureSet {
-        FeatureSet::parse("features.toml", include_str!("../../features.toml")).unwrap()
-    }
-
     #[test]
     fn a_view_is_labelled_by_a_later_purchase_within_the_window() {
         use ClickAction::{Purchase, View};
-        let set = shipped_set();
+        let set = shipped();
         // Events 1.. are the clicks.
         let log = clicks(
             &set,
@@ -569,7 +544,7 @@ mod tests {
             window in 0i64..40,
             past_end in 0i64..30,
         ) {
-            let set = shipped_set();
+            let set = shipped();
             let user = set.entity_index("user").unwrap() as u8;
             assert_eq!(set.entities[user as usize].key, CLICK_USER_FIELD);
             steps.sort_by_key(|s| s.2);

@@ -137,52 +137,22 @@ impl dataflow::Replay for Replayed {
 mod tests {
     use super::*;
 
-    const SHIPPED: &str = include_str!("../../features.toml");
+    use crate::fixtures::{click, shipped, txn};
+    use schemas::ClickAction::View;
 
     #[test]
     fn each_entity_numbers_its_keys_and_events_without_the_field_have_none() {
-        let set = FeatureSet::parse("features.toml", SHIPPED).unwrap();
+        let set = shipped();
         let (card, user) = (
             set.entity_index("card").unwrap() as u8,
             set.entity_index("user").unwrap() as u8,
         );
-        let source = |name: &str| set.sources.iter().position(|s| s.name == name).unwrap();
-        let txn = |card: &str, user: &str| {
-            let t = schemas::Txn {
-                event_id: "t".into(),
-                card_id: card.into(),
-                user_id: user.into(),
-                merchant_id: "m".into(),
-                mcc: 5411,
-                amount_minor: 100,
-                currency: "EUR".into(),
-                country: "DE".into(),
-                channel: schemas::Channel::Pos,
-                event_time: 0,
-                device_id: None,
-                ip_country: None,
-            };
-            (source("txn"), Event::Txn(t))
-        };
-        let click = |user: &str| {
-            let c = schemas::Click {
-                event_id: "c".into(),
-                user_id: user.into(),
-                session_id: "s".into(),
-                item_id: "i".into(),
-                category: "books".into(),
-                action: schemas::ClickAction::View,
-                event_time: 0,
-                dwell_ms: None,
-            };
-            (source("click"), Event::Click(c))
-        };
         let log = EventLog {
             events: vec![
-                txn("c1", "u1"),
-                click("u2"),
-                txn("c2", "u2"),
-                txn("c1", "u3"),
+                txn(&set, "c1", "u1", 0),
+                click(&set, "u2", View, 0),
+                txn(&set, "c2", "u2", 0),
+                txn(&set, "c1", "u3", 0),
             ],
             ..EventLog::default()
         };

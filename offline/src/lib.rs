@@ -5,6 +5,8 @@
 pub mod asof;
 pub mod backfill;
 pub mod cli;
+#[cfg(test)]
+mod fixtures;
 pub mod keys;
 pub mod log;
 pub mod output;
