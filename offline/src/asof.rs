@@ -81,7 +81,7 @@ enum Note {
 }
 
 /// Rows found, flat: `(lookup, entity, length)` per row, and the rows'
-/// values one after the other.
+/// values one after the other, as their bits ([`Value::to_bits`]).
 #[derive(Default)]
 struct Rows {
     heads: Vec<(u64, u8, u32)>,

@@ -158,22 +158,26 @@ pub fn run(
         .position(|e| e.key == CLICK_USER_FIELD)
         .map(|e| e as u8);
     // All walk the whole log: side by side (the keys, one thread per entity).
+    let window = config.purchase_window_ms;
     let (keys, mut queries, numbered) = std::thread::scope(|s| {
         let keys = s.spawn(|| KeyIds::build(&log, &set));
-        let numbered = s.spawn(|| {
-            clicks_user
-                .is_none()
-                .then(|| ViewLabels::new(&log, None, config.purchase_window_ms, log_end_ms))
-        });
+        // Without such an entity, the views are labelled meanwhile.
+        let numbered = clicks_user
+            .is_none()
+            .then(|| s.spawn(|| ViewLabels::new(&log, None, window, log_end_ms)));
         let queries = queries(&log, &set, &graph);
         let keys = keys.join().expect("keys");
-        (keys, queries, numbered.join().expect("view labels"))
+        (
+            keys,
+            queries,
+            numbered.map(|t| t.join().expect("view labels")),
+        )
     });
     let view_labels = std::thread::scope(|s| {
         let labels = s.spawn(|| {
             numbered.unwrap_or_else(|| {
                 let ids = clicks_user.map(|e| (&keys, e));
-                ViewLabels::new(&log, ids, config.purchase_window_ms, log_end_ms)
+                ViewLabels::new(&log, ids, window, log_end_ms)
             })
         });
         queries.identify(&keys);
@@ -474,16 +478,16 @@ mod tests {
     /// The label of each view by brute force: any purchase of its user in
     /// (t, t + window]; else known only once the window is over.
     fn labels_by_search(log: &EventLog, window: i64, log_end: i64) -> Vec<Option<bool>> {
-        let click = |e: &Event| match e {
+        let as_click = |e: &Event| match e {
             Event::Click(c) => Some(c.clone()),
             Event::Txn(_) => None,
         };
         log.events
             .iter()
             .map(|(_, e)| {
-                let view = click(e).filter(|c| c.action == ClickAction::View)?;
+                let view = as_click(e).filter(|c| c.action == ClickAction::View)?;
                 let t = view.event_time;
-                let bought = log.events.iter().filter_map(|(_, e)| click(e)).any(|p| {
+                let bought = log.events.iter().filter_map(|(_, e)| as_click(e)).any(|p| {
                     p.user_id == view.user_id
                         && p.action == ClickAction::Purchase
                         && t < p.event_time
