@@ -13,7 +13,7 @@ mod stream_support;
 
 use std::io::{Read, Write};
 use std::path::PathBuf;
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -126,8 +126,9 @@ impl Job {
         sum_samples(&self.scrape(), name)
     }
 
-    /// SIGTERM; waits for the exit. Returns the time it took, the status and stdout.
-    fn terminate(mut self) -> (Duration, ExitStatus, String) {
+    /// SIGTERM; waits for the exit, which must be a success (else the test
+    /// fails with the log's tail). Returns the time it took and stdout.
+    fn terminate(mut self) -> (Duration, String) {
         let start = Instant::now();
         let sent = Command::new("kill")
             .args(["-TERM", &self.child.id().to_string()])
@@ -149,6 +150,11 @@ impl Job {
             std::thread::sleep(Duration::from_millis(10));
         };
         let elapsed = start.elapsed();
+        assert!(
+            status.success(),
+            "the job exited with {status} {elapsed:.1?} after SIGTERM; log: {}",
+            self.tail_log()
+        );
         let mut out = String::new();
         self.child
             .stdout
@@ -156,7 +162,7 @@ impl Job {
             .unwrap()
             .read_to_string(&mut out)
             .unwrap();
-        (elapsed, status, out)
+        (elapsed, out)
     }
 
     fn tail_log(&self) -> String {
@@ -385,11 +391,7 @@ fn kafka_broker_restart_while_the_job_streams() {
     let consumer_errors = job.metric("sfs_source_consumer_errors_total");
     let dlq_errors = job.metric("sfs_dlq_producer_errors_total");
     let warnings = job.log_count("WARN");
-    let (took, status, stdout) = job.terminate();
-    assert!(
-        status.success(),
-        "the job exited with {status} after SIGTERM"
-    );
+    let (took, stdout) = job.terminate();
 
     let frontier = finish_and_check(&topics, &prefix);
     let polls = watcher.finish();
@@ -463,11 +465,7 @@ fn redis_restart_while_the_job_streams() {
         || page_says_stalled(&page) == Some(false),
     );
     drop(server);
-    let (took, status, _) = job.terminate();
-    assert!(
-        status.success(),
-        "the job exited with {status} after SIGTERM"
-    );
+    let (took, _) = job.terminate();
 
     let frontier = finish_and_check(&topics, &prefix);
     let polls = watcher.finish();
@@ -516,11 +514,7 @@ fn sigterm_drains_the_job() {
     );
     std::thread::sleep(Duration::from_millis(700));
     let before = progress_of(&prefix).unwrap();
-    let (took, status, stdout) = job.terminate();
-    assert!(
-        status.success(),
-        "the job exited with {status} after SIGTERM"
-    );
+    let (took, stdout) = job.terminate();
     assert!(took < Duration::from_secs(5), "the drain took {took:?}");
     let recorded = progress_of(&prefix).expect("progress recorded");
     assert!(

@@ -26,8 +26,7 @@ fn generated_events_through_kafka_and_the_job_equal_the_oracle() {
     let prefix = format!("{}:", unique("oracle"));
     let config = stream_config(&topics, &prefix, 2);
     let metrics = Metrics::new();
-    let summary =
-        dataflow::worker::run(config, shipped(), metrics.clone()).expect("the bounded job runs");
+    let summary = run_job(config, metrics.clone());
     let frontier = summary
         .progress
         .expect("worker 0 recorded progress")
@@ -174,12 +173,7 @@ fn poison_messages_land_in_the_dead_letter_topic_while_valid_traffic_flows() {
     producer.flush(Duration::from_secs(10)).unwrap();
 
     let prefix = format!("{}:", unique("poison"));
-    let summary = dataflow::worker::run(
-        stream_config(&topics, &prefix, 2),
-        shipped(),
-        Metrics::new(),
-    )
-    .expect("the job runs");
+    let summary = run_job(stream_config(&topics, &prefix, 2), Metrics::new());
     let frontier = summary.progress.unwrap().frontier_ms;
 
     let letters = read_all(&schemas::event::dlq_topic(&topics.txn));

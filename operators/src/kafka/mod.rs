@@ -22,6 +22,7 @@
 
 pub mod assign;
 pub mod clock;
+pub mod close;
 pub mod decode;
 pub mod metrics;
 pub mod resume;
@@ -33,6 +34,7 @@ use serde::{Deserialize, Serialize};
 
 pub use assign::{assign, TopicPartition};
 pub use clock::{ClockConfig, PartitionClock, Placement, ResumePoint};
+pub use close::Detached;
 pub use decode::{Decoded, RecordDecoder};
 pub use metrics::SourceMetrics;
 pub use resume::ResumeTracker;
@@ -175,7 +177,7 @@ pub enum SourceError {
 /// what the sinks have made durable. The group is never subscribed: this
 /// consumer only commits.
 pub struct OffsetCommitter {
-    consumer: rdkafka::consumer::BaseConsumer,
+    consumer: Detached<rdkafka::consumer::BaseConsumer>,
 }
 
 impl std::fmt::Debug for OffsetCommitter {
@@ -192,7 +194,9 @@ impl OffsetCommitter {
             .set("group.id", group_id)
             .set("enable.auto.commit", "false")
             .create()?;
-        Ok(OffsetCommitter { consumer })
+        Ok(OffsetCommitter {
+            consumer: Detached::new(consumer, "offset committer"),
+        })
     }
 
     /// Commits `(topic, partition, next offset)` asynchronously; failures are

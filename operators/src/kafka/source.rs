@@ -34,8 +34,8 @@ use timely::dataflow::channels::pact::Pipeline;
 use super::decode::{decode_stage, DecodedRecord, RawRecord, RecordDecoder};
 use super::metrics::PartitionMetrics;
 use super::{
-    assign, DeadLetter, KafkaSourceConfig, PartitionClock, PartitionMark, Placement, Rejection,
-    ResumePoint, ResumeTracker, SourceError, SourceMetrics, StartFrom, TopicPartition,
+    assign, DeadLetter, Detached, KafkaSourceConfig, PartitionClock, PartitionMark, Placement,
+    Rejection, ResumePoint, ResumeTracker, SourceError, SourceMetrics, StartFrom, TopicPartition,
 };
 
 /// The streams of a Kafka source.
@@ -213,7 +213,7 @@ fn client_config(config: &KafkaSourceConfig) -> ClientConfig {
 /// The partitions this worker owns, opened at their start points.
 struct Opened {
     partitions: Vec<Partition>,
-    consumer: Option<BaseConsumer<StatsContext>>,
+    consumer: Option<Detached<BaseConsumer<StatsContext>>>,
 }
 
 /// Reads metadata, assigns partitions and positions the consumer.
@@ -226,8 +226,11 @@ fn open(
     let timeout = Duration::from_millis(config.metadata_timeout_ms);
     // Metadata first, with a plain consumer: the assignment must be known
     // before the stats context can name its partitions.
-    let probe_consumer: BaseConsumer = client_config(config).create()?;
-    let counts = partition_counts(&probe_consumer, &config.topics, timeout)?;
+    let probe_consumer = Detached::new(
+        client_config(config).create::<BaseConsumer>()?,
+        "metadata probe",
+    );
+    let counts = partition_counts(&*probe_consumer, &config.topics, timeout)?;
     let owned = assign(&counts, index, peers);
     let tick = config.clock.tick_ms.max(1);
     // Resume points need only be this fine: at most ~1024 entries per horizon.
@@ -287,7 +290,7 @@ fn open(
         let consumer: BaseConsumer<StatsContext> =
             client_config(config).create_with_context(StatsContext { high })?;
         consumer.assign(&tpl)?;
-        Some(consumer)
+        Some(Detached::new(consumer, "source consumer"))
     };
     Ok(Opened {
         partitions,
@@ -306,7 +309,7 @@ struct ReadPosition {
 
 /// Polls the consumer into raw records, in partition order.
 struct Reader {
-    consumer: Option<BaseConsumer<StatsContext>>,
+    consumer: Option<Detached<BaseConsumer<StatsContext>>>,
     positions: Vec<ReadPosition>,
     topics: Vec<String>,
     /// slots[topic index][partition] -> slot, for the hot path.
@@ -320,7 +323,7 @@ struct Reader {
 
 impl Reader {
     fn new(
-        consumer: Option<BaseConsumer<StatsContext>>,
+        consumer: Option<Detached<BaseConsumer<StatsContext>>>,
         partitions: &[Partition],
         config: &KafkaSourceConfig,
         in_flight: Rc<Cell<usize>>,

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use dataflow::config::StreamConfig;
+use dataflow::worker::RunSummary;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers, Message};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
@@ -247,6 +248,26 @@ pub fn stream_config(topics: &Topics, prefix: &str, workers: usize) -> StreamCon
     config.cluster.workers = workers;
     config.cluster.until_end = true;
     config
+}
+
+/// How long an in-process bounded job may take before its test fails.
+pub const JOB_LIMIT: Duration = Duration::from_secs(180);
+
+/// Runs a bounded job in this process, on a thread of its own: a job that
+/// does not end within [`JOB_LIMIT`] fails its test instead of holding the
+/// whole suite until CI's own limit.
+pub fn run_job(config: StreamConfig, metrics: dataflow::metrics::Metrics) -> RunSummary {
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    std::thread::Builder::new()
+        .name("test-job".into())
+        .spawn(move || {
+            let _ = done_tx.send(dataflow::worker::run(config, shipped(), metrics));
+        })
+        .expect("the job thread starts");
+    done_rx
+        .recv_timeout(JOB_LIMIT)
+        .unwrap_or_else(|_| panic!("the bounded job did not end within {JOB_LIMIT:?}"))
+        .expect("the bounded job runs")
 }
 
 pub fn redis() -> redis::Connection {

@@ -11,7 +11,7 @@
 use std::collections::BTreeMap;
 use std::fmt::Display;
 
-use operators::kafka::{DeadLetter, Rejection, TopicPartition};
+use operators::kafka::{DeadLetter, Detached, Rejection, TopicPartition};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -176,6 +176,7 @@ where
         let (_acks_out, acks) = builder.new_output::<Vec<()>>();
         let activator = scope.activator_for(info.address);
         let mut dlq_topics: BTreeMap<String, String> = BTreeMap::new();
+        let producer = Detached::new(producer, "dead-letter producer");
 
         builder.build(move |mut caps| {
             let mut held: Option<Capability<u64>> = caps.pop();
