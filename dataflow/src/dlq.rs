@@ -14,6 +14,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+use operators::kafka::Detached;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
@@ -93,14 +94,18 @@ fn retrying<T>(
 /// Replays `args.topic` to the end it had at start. Blocking.
 pub async fn replay(args: &ReplayArgs) -> anyhow::Result<ReplaySummary> {
     let timeout = Duration::from_secs(args.timeout_secs);
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", &args.brokers)
-        .set("group.id", &args.group_id)
-        .set("enable.auto.commit", "false")
-        .set("auto.offset.reset", "earliest")
-        .set("isolation.level", "read_committed")
-        .create()
-        .context("creating the dead-letter consumer")?;
+    // Closed on a thread of its own (its close has no time limit).
+    let consumer = Detached::new(
+        ClientConfig::new()
+            .set("bootstrap.servers", &args.brokers)
+            .set("group.id", &args.group_id)
+            .set("enable.auto.commit", "false")
+            .set("auto.offset.reset", "earliest")
+            .set("isolation.level", "read_committed")
+            .create::<BaseConsumer>()
+            .context("creating the dead-letter consumer")?,
+        "dead-letter reader",
+    );
     let producer: FutureProducer = ClientConfig::new()
         .set("bootstrap.servers", &args.brokers)
         .set("enable.idempotence", "true")

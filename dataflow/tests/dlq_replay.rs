@@ -49,11 +49,14 @@ fn dead_letter<'a>(
 
 /// Every record of `topic`, sorted: (key, payload, replayed-from header).
 fn read_all(topic: &str, expect: usize) -> Vec<(String, String, Option<String>)> {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers())
-        .set("group.id", unique("dlq-test-reader"))
-        .create()
-        .unwrap();
+    let consumer = operators::kafka::Detached::new(
+        ClientConfig::new()
+            .set("bootstrap.servers", brokers())
+            .set("group.id", unique("dlq-test-reader"))
+            .create::<BaseConsumer>()
+            .unwrap(),
+        "test reader",
+    );
     let metadata = consumer
         .fetch_metadata(Some(topic), Duration::from_secs(10))
         .unwrap();

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use dataflow::compile::Event;
+use operators::kafka::Detached;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::BorrowedMessage;
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
@@ -220,13 +221,17 @@ pub fn read_topics(
     topics: &[String],
     mut each: impl FnMut(usize, &BorrowedMessage<'_>),
 ) -> anyhow::Result<()> {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("group.id", "sfs-offline")
-        .set("enable.auto.commit", "false")
-        .set("enable.partition.eof", "false")
-        .create()
-        .with_context(|| format!("creating a Kafka consumer for {brokers}"))?;
+    // Closed on a thread of its own (its close has no time limit).
+    let consumer = Detached::new(
+        ClientConfig::new()
+            .set("bootstrap.servers", brokers)
+            .set("group.id", "sfs-offline")
+            .set("enable.auto.commit", "false")
+            .set("enable.partition.eof", "false")
+            .create::<BaseConsumer>()
+            .with_context(|| format!("creating a Kafka consumer for {brokers}"))?,
+        "log reader",
+    );
     let meta_timeout = Duration::from_secs(10);
     let mut assignment = TopicPartitionList::new();
     // (topic, partition) -> the high watermark at start: read up to it.

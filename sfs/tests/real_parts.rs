@@ -97,13 +97,16 @@ async fn transactional_round_trip_hides_aborted_records() {
         .commit_transaction(timeout)
         .expect("commit succeeds");
 
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers())
-        .set("group.id", unique("sfs-it-group"))
-        .set("isolation.level", "read_committed")
-        .set("enable.auto.commit", "false")
-        .create()
-        .expect("consumer config is valid");
+    let consumer = operators::kafka::Detached::new(
+        ClientConfig::new()
+            .set("bootstrap.servers", brokers())
+            .set("group.id", unique("sfs-it-group"))
+            .set("isolation.level", "read_committed")
+            .set("enable.auto.commit", "false")
+            .create::<BaseConsumer>()
+            .expect("consumer config is valid"),
+        "test reader",
+    );
     let mut assignment = TopicPartitionList::new();
     for p in 0..PARTITIONS {
         assignment

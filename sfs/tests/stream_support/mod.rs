@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 use dataflow::config::StreamConfig;
 use dataflow::worker::RunSummary;
+use operators::kafka::Detached;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers, Message};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
@@ -158,12 +159,16 @@ pub fn generate_from(topics: &Topics, events: u64, seed: u64, start_time: &str, 
 
 /// Every record of `topic`, from the start to the high watermarks now.
 pub fn read_all(topic: &str) -> Vec<rdkafka::message::OwnedMessage> {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers())
-        .set("group.id", unique("reader"))
-        .set("enable.auto.commit", "false")
-        .create()
-        .unwrap();
+    // Closed on a thread of its own, as the job closes its consumers.
+    let consumer = Detached::new(
+        ClientConfig::new()
+            .set("bootstrap.servers", brokers())
+            .set("group.id", unique("reader"))
+            .set("enable.auto.commit", "false")
+            .create::<BaseConsumer>()
+            .unwrap(),
+        "test reader",
+    );
     let timeout = Duration::from_secs(10);
     let metadata = consumer.fetch_metadata(Some(topic), timeout).unwrap();
     let partitions = metadata.topics()[0].partitions().len() as i32;
@@ -255,9 +260,10 @@ pub const JOB_LIMIT: Duration = Duration::from_secs(180);
 
 /// Runs a bounded job in this process, on a thread of its own: a job that
 /// does not end within [`JOB_LIMIT`] fails its test instead of holding the
-/// whole suite until CI's own limit.
+/// whole suite until CI's own limit. The failure shows the job's metrics.
 pub fn run_job(config: StreamConfig, metrics: dataflow::metrics::Metrics) -> RunSummary {
     let (done_tx, done_rx) = std::sync::mpsc::channel();
+    let watched = metrics.clone();
     std::thread::Builder::new()
         .name("test-job".into())
         .spawn(move || {
@@ -266,7 +272,18 @@ pub fn run_job(config: StreamConfig, metrics: dataflow::metrics::Metrics) -> Run
         .expect("the job thread starts");
     done_rx
         .recv_timeout(JOB_LIMIT)
-        .unwrap_or_else(|_| panic!("the bounded job did not end within {JOB_LIMIT:?}"))
+        .unwrap_or_else(|_| {
+            let samples: Vec<String> = watched
+                .encode()
+                .lines()
+                .filter(|l| !l.starts_with('#'))
+                .map(str::to_owned)
+                .collect();
+            panic!(
+                "the bounded job did not end within {JOB_LIMIT:?}; its metrics:\n{}",
+                samples.join("\n")
+            )
+        })
         .expect("the bounded job runs")
 }
 
