@@ -208,8 +208,30 @@ fn poison_messages_land_in_the_dead_letter_topic_while_valid_traffic_flows() {
     );
 }
 
-fn spawn_job(topics: &Topics, prefix: &str) -> Child {
-    spawn_stream(topics, prefix, &["-w", "2"])
+/// Jobs that read at most 100 records per activation, so that their frontier
+/// climbs in steps and they record progress several times before the end:
+/// with the default 10,000, a fast fetch took the whole log in one step and
+/// the first progress record was already the final one, so no kill could land
+/// between the two. The config file lives as long as this value.
+struct SmallSteps(std::path::PathBuf);
+
+impl SmallSteps {
+    fn new() -> SmallSteps {
+        let path = std::env::temp_dir().join(format!("{}.toml", unique("small-steps")));
+        std::fs::write(&path, "[kafka]\nmax_records_per_activation = 100\n").unwrap();
+        SmallSteps(path)
+    }
+
+    fn spawn(&self, topics: &Topics, prefix: &str) -> Child {
+        let config = self.0.to_str().expect("a UTF-8 temp path");
+        spawn_stream(topics, prefix, &["-w", "2", "--config", config])
+    }
+}
+
+impl Drop for SmallSteps {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
 }
 
 /// Polls every row under `prefix` and records any `_as_of` that went backwards.
@@ -259,12 +281,13 @@ fn watch(
 fn sigkill_at_random_moments_changes_nothing_and_no_row_regresses() {
     let topics = Topics::new("exactly-once");
     generate(&topics, 8000, 11);
+    let jobs = SmallSteps::new();
 
     // The uninterrupted run, timed: the random kills fall within its duration.
     let mut conn = redis();
     let reference = format!("{}:", unique("reference"));
     let started = std::time::Instant::now();
-    let status = spawn_job(&topics, &reference).wait().unwrap();
+    let status = jobs.spawn(&topics, &reference).wait().unwrap();
     let duration = started.elapsed().as_millis() as u64;
     assert!(status.success(), "uninterrupted run failed: {status}");
     let frontier = progress_frontier(&mut conn, &reference).unwrap();
@@ -292,7 +315,7 @@ fn sigkill_at_random_moments_changes_nothing_and_no_row_regresses() {
         seed = seed
             .wrapping_mul(6364136223846793005)
             .wrapping_add(1442695040888963407);
-        let mut child = spawn_job(&topics, &prefix);
+        let mut child = jobs.spawn(&topics, &prefix);
         let delay = if i == 0 {
             // The first kill lands the moment this run has recorded progress,
             // before its end: the next run starts over a half-written one.
@@ -337,7 +360,7 @@ fn sigkill_at_random_moments_changes_nothing_and_no_row_regresses() {
         let recorded = progress_frontier(&mut conn, &prefix);
         kills.push((delay, running, recorded, write_ceiling(&mut conn, &prefix)));
     }
-    let status = spawn_job(&topics, &prefix).wait().unwrap();
+    let status = jobs.spawn(&topics, &prefix).wait().unwrap();
     assert!(status.success(), "final run failed: {status}");
     stop.store(true, Ordering::Relaxed);
     let polls = watcher.join().unwrap();
