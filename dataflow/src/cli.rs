@@ -273,6 +273,8 @@ pub fn run(args: StreamArgs) -> anyhow::Result<()> {
     let sink = metrics.sink.clone();
     let summary =
         crate::worker::run_until(config, std::sync::Arc::new(set), metrics, shutdown.clone())?;
+    // The last offset commit goes out with the committer's close.
+    operators::kafka::wait_for_closes(crate::shutdown::CLOSE_WAIT);
     if shutdown.requested() {
         tracing::info!("stream job stopped on request");
     }

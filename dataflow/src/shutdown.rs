@@ -14,6 +14,14 @@ pub const DRAIN_LIMIT: Duration = Duration::from_secs(3);
 /// (Redis down): exit code [`EXIT_FORCED`].
 pub const FORCE_EXIT_AFTER: Duration = Duration::from_millis(4_500);
 
+/// How long a stopped job waits for its Kafka clients to close (so that the
+/// last offset commit goes out) before it exits without them.
+pub const CLOSE_WAIT: Duration = Duration::from_secs(1);
+
+// A drain that ends at its limit still leaves the closes their time.
+const _: () =
+    assert!(DRAIN_LIMIT.as_millis() + CLOSE_WAIT.as_millis() < FORCE_EXIT_AFTER.as_millis());
+
 /// Exit code when the drain did not finish in time.
 pub const EXIT_FORCED: i32 = 3;
 

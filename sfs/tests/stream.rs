@@ -291,6 +291,31 @@ fn sigkill_at_random_moments_changes_nothing_and_no_row_regresses() {
     let duration = started.elapsed().as_millis() as u64;
     assert!(status.success(), "uninterrupted run failed: {status}");
     let frontier = progress_frontier(&mut conn, &reference).unwrap();
+    // Before it exited, its consumer group got the durable offsets of its last
+    // progress record (for lag tools): the last commit goes out with the close.
+    let offsets: String = redis::cmd("HGET")
+        .arg(format!("{reference}_progress"))
+        .arg("offsets")
+        .query(&mut conn)
+        .unwrap();
+    let offsets: Vec<serde_json::Value> = serde_json::from_str(&offsets).unwrap();
+    let mut checked = 0;
+    for topic in [&topics.txn, &topics.click] {
+        for (partition, end, committed) in committed_and_ends(&format!("{reference}group"), topic) {
+            let durable = offsets
+                .iter()
+                .find(|p| p["topic"] == **topic && p["partition"] == partition)
+                .and_then(|p| p["durable_offset"].as_i64());
+            assert_eq!(committed, durable, "{topic}/{partition}: committed offset");
+            assert!(durable.is_some_and(|d| d <= end), "{topic}/{partition}");
+            checked += 1;
+        }
+    }
+    assert_eq!(
+        checked,
+        offsets.len(),
+        "every recorded partition was checked"
+    );
 
     // The run killed again and again.
     let prefix = format!("{}:", unique("killed"));

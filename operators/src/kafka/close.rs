@@ -8,14 +8,44 @@
 //! worker blocked in it held the whole job: a bounded job never returned, and
 //! a draining job overran its forced-exit deadline. The job owes a closing
 //! client nothing (the durable offsets are in Redis and were committed
-//! before), so it hands the client to a closer thread and moves on; the
-//! process exits without waiting for that thread.
+//! before), so it hands the client to a closer thread and moves on. A
+//! command about to exit gives the closes a bounded time to end
+//! ([`wait_for_closes`]): a close that ends sends the last offset commit
+//! and leaves cleanly; one that does not is abandoned with the process.
 
 use std::ops::{Deref, DerefMut};
+use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 /// A close that takes longer than this is logged as a warning when it ends.
 const SLOW_CLOSE: Duration = Duration::from_secs(5);
+
+/// Closes under way in this process, and a signal when one ends.
+static PENDING: (Mutex<usize>, Condvar) = (Mutex::new(0), Condvar::new());
+
+fn pending() -> std::sync::MutexGuard<'static, usize> {
+    PENDING
+        .0
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Waits until every close begun in this process has ended, at most
+/// `limit`; returns whether they all did.
+pub fn wait_for_closes(limit: Duration) -> bool {
+    let (left, _) = PENDING
+        .1
+        .wait_timeout_while(pending(), limit, |n| *n > 0)
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    if *left > 0 {
+        tracing::warn!(
+            closes = *left,
+            waited_ms = limit.as_millis() as u64,
+            "kafka clients still closing: exiting without them"
+        );
+    }
+    *left == 0
+}
 
 /// Owns a Kafka client and drops it on a closer thread.
 #[derive(Debug)]
@@ -54,14 +84,18 @@ impl<T: Send + 'static> Drop for Detached<T> {
             return;
         };
         let what = self.what;
-        // Should the thread not start, the closure (and the client in it) is
-        // dropped here, on this thread: the old behaviour.
-        let _ = std::thread::Builder::new()
+        *pending() += 1;
+        let close = move || {
+            let start = Instant::now();
+            drop(client);
+            *pending() -= 1;
+            PENDING.1.notify_all();
+            start.elapsed()
+        };
+        let spawned = std::thread::Builder::new()
             .name("sfs-kafka-close".into())
             .spawn(move || {
-                let start = Instant::now();
-                drop(client);
-                let elapsed = start.elapsed();
+                let elapsed = close();
                 if elapsed >= SLOW_CLOSE {
                     tracing::warn!(
                         client = what,
@@ -76,6 +110,12 @@ impl<T: Send + 'static> Drop for Detached<T> {
                     );
                 }
             });
+        if spawned.is_err() {
+            // The closure, and the client in it, was dropped on this thread
+            // (the old behaviour): that close has ended.
+            *pending() -= 1;
+            PENDING.1.notify_all();
+        }
     }
 }
 
@@ -109,7 +149,15 @@ mod tests {
             dropped_rx.try_recv().is_err(),
             "not closed before the release"
         );
+        assert!(
+            !wait_for_closes(Duration::from_millis(50)),
+            "a close that has not ended is waited for"
+        );
         release_tx.send(()).unwrap();
+        assert!(
+            wait_for_closes(Duration::from_secs(10)),
+            "every close ends once released"
+        );
         let closer = dropped_rx
             .recv_timeout(Duration::from_secs(10))
             .expect("the client is closed once its close can finish");

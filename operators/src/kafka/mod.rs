@@ -34,7 +34,7 @@ use serde::{Deserialize, Serialize};
 
 pub use assign::{assign, TopicPartition};
 pub use clock::{ClockConfig, PartitionClock, Placement, ResumePoint};
-pub use close::Detached;
+pub use close::{wait_for_closes, Detached};
 pub use decode::{Decoded, RecordDecoder};
 pub use metrics::SourceMetrics;
 pub use resume::ResumeTracker;

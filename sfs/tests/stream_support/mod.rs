@@ -201,6 +201,41 @@ pub fn read_all(topic: &str) -> Vec<rdkafka::message::OwnedMessage> {
     out
 }
 
+/// Per partition of `topic`: its number, its high watermark now, and the
+/// offset `group` has committed (None: nothing committed).
+pub fn committed_and_ends(group: &str, topic: &str) -> Vec<(i32, i64, Option<i64>)> {
+    let consumer = Detached::new(
+        ClientConfig::new()
+            .set("bootstrap.servers", brokers())
+            .set("group.id", group)
+            .set("enable.auto.commit", "false")
+            .create::<BaseConsumer>()
+            .unwrap(),
+        "test committed-offsets reader",
+    );
+    let timeout = Duration::from_secs(10);
+    let metadata = consumer.fetch_metadata(Some(topic), timeout).unwrap();
+    let mut tpl = TopicPartitionList::new();
+    for p in metadata.topics()[0].partitions() {
+        tpl.add_partition(topic, p.id());
+    }
+    let committed = consumer.committed_offsets(tpl, timeout).unwrap();
+    committed
+        .elements()
+        .iter()
+        .map(|e| {
+            let (_, high) = consumer
+                .fetch_watermarks(topic, e.partition(), timeout)
+                .unwrap();
+            let offset = match e.offset() {
+                Offset::Offset(o) => Some(o),
+                _ => None,
+            };
+            (e.partition(), high, offset)
+        })
+        .collect()
+}
+
 /// The valid events of the topics, decoded as the job decodes them.
 pub fn read_events(topics: &Topics) -> (Vec<Txn>, Vec<Click>) {
     let mut decoder = Decoder::default();
