@@ -157,18 +157,21 @@ pub fn generate_from(topics: &Topics, events: u64, seed: u64, start_time: &str, 
     generator::run(cli.args).expect("the generator writes to kafka");
 }
 
+/// A consumer of `group` (never subscribed, no auto-commit), closed on a
+/// thread of its own as the job closes its consumers.
+fn group_consumer(group: &str) -> Detached<BaseConsumer> {
+    let consumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    Detached::new(consumer, "test consumer")
+}
+
 /// Every record of `topic`, from the start to the high watermarks now.
 pub fn read_all(topic: &str) -> Vec<rdkafka::message::OwnedMessage> {
-    // Closed on a thread of its own, as the job closes its consumers.
-    let consumer = Detached::new(
-        ClientConfig::new()
-            .set("bootstrap.servers", brokers())
-            .set("group.id", unique("reader"))
-            .set("enable.auto.commit", "false")
-            .create::<BaseConsumer>()
-            .unwrap(),
-        "test reader",
-    );
+    let consumer = group_consumer(&unique("reader"));
     let timeout = Duration::from_secs(10);
     let metadata = consumer.fetch_metadata(Some(topic), timeout).unwrap();
     let partitions = metadata.topics()[0].partitions().len() as i32;
@@ -204,15 +207,7 @@ pub fn read_all(topic: &str) -> Vec<rdkafka::message::OwnedMessage> {
 /// Per partition of `topic`: its number, its high watermark now, and the
 /// offset `group` has committed (None: nothing committed).
 pub fn committed_and_ends(group: &str, topic: &str) -> Vec<(i32, i64, Option<i64>)> {
-    let consumer = Detached::new(
-        ClientConfig::new()
-            .set("bootstrap.servers", brokers())
-            .set("group.id", group)
-            .set("enable.auto.commit", "false")
-            .create::<BaseConsumer>()
-            .unwrap(),
-        "test committed-offsets reader",
-    );
+    let consumer = group_consumer(group);
     let timeout = Duration::from_secs(10);
     let metadata = consumer.fetch_metadata(Some(topic), timeout).unwrap();
     let mut tpl = TopicPartitionList::new();
