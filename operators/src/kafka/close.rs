@@ -2,11 +2,12 @@
 //!
 //! Dropping an rdkafka consumer that has a `group.id` closes it: librdkafka
 //! stops its fetchers and terminates its group handle, and rust-rdkafka
-//! polls until that is done, with no time limit. In rare states (seen once a
-//! broker had restarted under the client, and at the end of a bounded run
-//! whose finished partitions were paused) that close did not end, and the
-//! worker blocked in it held the whole job: a bounded job never returned, and
-//! a draining job overran its forced-exit deadline. The job owes a closing
+//! polls until that is done, with no time limit. librdkafka's issues report
+//! that close hanging for good in rare states (after broker restarts, with
+//! paused partitions: a bounded source pauses its finished ones). A worker
+//! dropping its clients inline waited with it and held the whole job: in CI
+//! a bounded job never returned, and a draining job overran its forced-exit
+//! deadline after a broker restart. The job owes a closing
 //! client nothing (the durable offsets are in Redis and were committed
 //! before), so it hands the client to a closer thread and moves on. A
 //! command about to exit gives the closes a bounded time to end
@@ -28,6 +29,12 @@ fn pending() -> std::sync::MutexGuard<'static, usize> {
         .0
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// One close has ended.
+fn ended() {
+    *pending() -= 1;
+    PENDING.1.notify_all();
 }
 
 /// Waits until every close begun in this process has ended, at most
@@ -88,8 +95,7 @@ impl<T: Send + 'static> Drop for Detached<T> {
         let close = move || {
             let start = Instant::now();
             drop(client);
-            *pending() -= 1;
-            PENDING.1.notify_all();
+            ended();
             start.elapsed()
         };
         let spawned = std::thread::Builder::new()
@@ -113,8 +119,7 @@ impl<T: Send + 'static> Drop for Detached<T> {
         if spawned.is_err() {
             // The closure, and the client in it, was dropped on this thread
             // (the old behaviour): that close has ended.
-            *pending() -= 1;
-            PENDING.1.notify_all();
+            ended();
         }
     }
 }
